@@ -33,8 +33,8 @@ from lora_dpo import models
 from lora_dpo.data import PreferenceBatch
 from lora_dpo.plan import resolve_checkpointing
 from lora_dpo.recipe import Recipe, RecipeError, from_dict
-from lora_dpo.step import EncodedBatch, encode_batch
-from lora_dpo.train import build_policy, train_step
+from lora_dpo.step import EncodedBatch, encode_batch, make_accelerator
+from lora_dpo.train import build_policy, resolve_precision, train_step
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def build_base(arch: str, case: Case, weight_dtype: torch.dtype, device: torch.d
     from diffusers import DDPMScheduler
 
     live = case.encode == "live"
-    vae_dtype = models.DTYPES["no" if device.type == "cpu" else case.recipe.model.vae_dtype]
+    vae_dtype = models.DTYPES[case.recipe.model.vae_dtype]
     if arch == "recipe":
         base = models.load_base(case.recipe.model, with_encoders=live, weight_dtype=weight_dtype,
                                 vae_dtype=vae_dtype)
@@ -316,7 +316,7 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
         base = build_base(arch, case, weight_dtype, device)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         checkpointing, _ = resolve_checkpointing(recipe, free)
-        _, optimizer = build_policy(recipe, base.unet, device, checkpointing)
+        _, optimizer = build_policy(recipe, base.unet, device, checkpointing, accelerator.mixed_precision)
         unet, optimizer = accelerator.prepare(base.unet, optimizer)
         params = models.lora_parameters(_inner(unet))
         if case.compile:
@@ -336,8 +336,9 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
                 batch = cached
                 if case.encode == "live":
                     encode_time, batch = _timed(device, encode_batch, base, pixels, device)
-                seconds, out = _timed(device, train_step, accelerator, unet, base, batch, recipe, noise,
-                                      optimizer, params)
+                seconds, step = _timed(device, train_step, accelerator, unet, base, batch, recipe.objective,
+                                       recipe.train.max_grad_norm, noise, optimizer, params)
+                out = step.output
                 if case.encode == "live":
                     seconds += encode_time
                 bare, _ = _timed(device, bare_step, unet, inputs)
@@ -377,8 +378,6 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def run_bench(arch: str, cases: list[Case], steps: int = 5, warmup: int = 2) -> dict[str, Any]:
     """Measure every case in one process; returns {"settings", "machine", "results"}."""
-    from accelerate import Accelerator
-
     if arch not in ARCHS:
         raise RecipeError(f"--arch {arch!r}: choose from {', '.join(ARCHS)}")
     if steps < 1 or warmup < 0:
@@ -386,9 +385,8 @@ def run_bench(arch: str, cases: list[Case], steps: int = 5, warmup: int = 2) -> 
     recipe = cases[0].recipe
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    cpu = not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="no" if cpu else recipe.train.mixed_precision, cpu=cpu)
-    if cpu and any(case.max_memory_gb is not None for case in cases):
+    accelerator = make_accelerator(resolve_precision(recipe.train))
+    if accelerator.device.type == "cpu" and any(case.max_memory_gb is not None for case in cases):
         log.warning("--max-memory-gb caps CUDA memory; it has no effect on the CPU")
     results = [measure(arch, case, accelerator, steps, warmup) for case in cases]
     model = recipe.model.base if arch == "recipe" else f"{arch} (random weights)"

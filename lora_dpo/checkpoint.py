@@ -1,9 +1,10 @@
 """Resumable checkpoints, written atomically and only as safetensors and JSON (never pickles).
 
-A checkpoint is a folder `checkpoint-<step>/` with the LoRA weights, the optimizer state flattened into
-tensors, and `state.json` (step, micro-steps consumed = the data position, scheduler state, recipe fingerprint,
-history). It is written to a temporary folder, flushed and renamed (`files.publish_folder`), so a crash or a
-SIGKILL at any moment leaves either the whole checkpoint or none; the newest `keep` are kept.
+A checkpoint is a folder `checkpoint-<step>/` with the LoRA weights, the whole optimizer state (at any nesting
+depth: bitsandbytes' 8-bit state included) as tensors, and `state.json` (where each of those tensors goes, step,
+micro-steps consumed = the data position, scheduler and fp16 loss-scaler states, recipe fingerprint, history).
+It is written to a temporary folder, flushed and renamed (`files.publish_folder`), so a crash or a SIGKILL at
+any moment leaves either the whole checkpoint or none; the newest `keep` are kept.
 
 There are no RNG states to save: every random draw of a step (noise, timesteps, data crops and flips, caption
 dropout, LoRA dropout) is seeded by (seed, step), so a resumed run draws what an uninterrupted one would.
@@ -29,26 +30,49 @@ STATE_FIELDS: dict[str, type] = {"step": int, "micro_steps": int, "fingerprint":
                                  "optimizer": dict, "history": list}
 
 
-def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch optimizer state -> (tensors for safetensors, JSON-able rest)."""
+def flatten_state(value: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Any nesting of dicts, lists and tuples with tensors in it (an optimizer's `state_dict()`: torch's AdamW,
+    or bitsandbytes' AdamW8bit, which nests each parameter's quantised state under `__bnb_optimizer_quant_state__`)
+    -> (tensors for safetensors, named by their path, and a JSON skeleton that says where each one goes). The
+    skeleton keeps what JSON alone would lose: integer dict keys, tuples, tensors."""
+    if isinstance(value, torch.Tensor):
+        # clone: optimizers share tensors between parameters (bitsandbytes' qmaps), which safetensors refuses
+        return {prefix: value.detach().cpu().clone().contiguous()}, {"tensor": prefix}
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for index, slots in state_dict["state"].items():
-        for name, value in slots.items():
-            key = f"{index}.{name}"
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
-            else:
-                scalars[key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise TypeError(f"cannot store a state key of type {type(key).__name__} ({key!r})")
+            found, skeleton = flatten_state(item, f"{prefix}{key}.")
+            tensors |= found
+            items.append([key, skeleton])
+        return tensors, {"dict": items}
+    if isinstance(value, (list, tuple)):
+        skeletons = []
+        for index, item in enumerate(value):
+            found, skeleton = flatten_state(item, f"{prefix}{index}.")
+            tensors |= found
+            skeletons.append(skeleton)
+        return tensors, {"tuple" if isinstance(value, tuple) else "list": skeletons}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return tensors, {"value": value}
+    raise TypeError(f"cannot store a state value of type {type(value).__name__} at {prefix.rstrip('.')}")
 
 
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
+    """The inverse of `flatten_state`."""
+    (kind, content), = skeleton.items()
+    if kind == "tensor":
+        return tensors[content]
+    if kind == "dict":
+        return {key: unflatten_state(tensors, item) for key, item in content}
+    if kind in ("list", "tuple"):
+        items = [unflatten_state(tensors, item) for item in content]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "value":
+        return content
+    raise ValueError(f"unknown entry {kind!r}")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -58,18 +82,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, lora_state: dict[str, torch.Tensor], optimizer: Any,
-                    scheduler: Any, extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write `checkpoint-<step>/` atomically, then delete all but the newest `keep`. A full or read-only disk
-    raises OutputError naming the checkpoint; the earlier checkpoints are untouched."""
+                    scheduler: Any, extra: dict[str, Any], keep: int = 2, scaler: Any | None = None) -> Path:
+    """Write `checkpoint-<step>/` atomically, then delete all but the newest `keep`. `scaler`: fp16's GradScaler,
+    whose loss scale is part of the run (a resume that restarted it at 65536 would take other steps). A full or
+    read-only disk raises OutputError naming the checkpoint; the earlier checkpoints are untouched."""
     final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = files.temporary(final)
     with files.writing(final, run_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, tmp / ADAPTER)
-        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        tensors, skeleton = flatten_state(optimizer.state_dict())
         save_file(tensors, tmp / OPTIMIZER)
-        state = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), **extra}
+        state = {"step": step, "optimizer": skeleton, "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, **extra}
         (tmp / STATE).write_text(json.dumps(state, indent=1))
         files.publish_folder(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -93,7 +119,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise FileFormatError(f"{path / STATE}: not a lora-dpo checkpoint state: {'; '.join(problems)}")
     tensors = files.read_safetensors(path / OPTIMIZER, "checkpoint's optimizer state")
     try:
-        optimizer = unflatten_optimizer_state(tensors, state["optimizer"])
+        optimizer = unflatten_state(tensors, state["optimizer"])
     except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise FileFormatError(f"{path / STATE}: the optimizer state does not match {path / OPTIMIZER} "
                               f"({type(err).__name__}: {err})") from None
@@ -101,11 +127,16 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def restore_optimizer(optimizer: Any, scheduler: Any, optimizer_state: dict[str, Any], state: dict[str, Any],
-                      path: Path) -> None:
-    """Load a checkpoint's optimizer and scheduler states, or say which checkpoint does not fit."""
+                      path: Path, scaler: Any | None = None) -> None:
+    """Load a checkpoint's optimizer, scheduler and loss-scaler states, or say which checkpoint does not fit."""
+    if (scaler is None) != (state.get("scaler") is None):
+        raise FileFormatError(f"{path}: the checkpoint was saved {'with' if scaler is None else 'without'} fp16 loss "
+                              "scaling and this run is not; resume with the [train].mixed_precision it was saved with")
     try:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
         raise FileFormatError(f"{path}: the optimizer or scheduler state does not fit this run ({err}); the "
                               "checkpoint was saved with other [train] or [lora] settings") from None

@@ -206,10 +206,20 @@ def quantize_nf4(unet: Any, compute_dtype: torch.dtype, device: torch.device) ->
             layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            layer.register_forward_hook(_output_in_autocast_dtype)
             setattr(module, name, layer.to(device))
             swapped += 1
     unet.is_loaded_in_4bit = True  # as diffusers' own 4-bit loader marks it: peft then uses its 4-bit LoRA layer
     return swapped
+
+
+def _output_in_autocast_dtype(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Under autocast nn.Linear returns the autocast dtype; bitsandbytes' Linear4bit returns its input's. CUDA
+    autocast hides the difference (it runs norms in fp32 whatever they are fed); CPU autocast does not, and a
+    GroupNorm with bf16 weights refuses the fp32 activations. Matching nn.Linear makes the 4-bit base run the
+    same on both."""
+    device = output.device.type
+    return output.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else output
 
 
 # --------------------------------------------------------------------------------------------------

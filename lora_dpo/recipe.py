@@ -178,14 +178,16 @@ class TrainRecipe:
     batch_size: int = _f(1, "Pairs per micro-batch on each device.", min=1)
     gradient_accumulation: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).", min=0.0)
-    mixed_precision: Precision = _f("bf16", "Compute precision on GPU; the CPU always runs fp32.")
+    mixed_precision: Precision = _f(
+        "bf16", "Compute precision (autocast) and the frozen base's weight dtype, on every device; `fp16` adds "
+        "loss scaling and needs a GPU (see `device_fallback`).")
     gradient_checkpointing: bool | Literal["auto"] = _f(
         "auto",
         "Recompute UNet activations in backward: less memory, ~24 % more compute. `auto`: on only when "
         "`lora-dpo plan` predicts the step does not fit the GPU's free memory (off on CPU).",
     )
     optimizer: Literal["adamw8bit", "adamw"] = _f(
-        "adamw8bit", "`adamw8bit` (bitsandbytes, on CUDA) or `adamw`; the CPU always uses torch AdamW."
+        "adamw8bit", "`adamw8bit` (bitsandbytes' 8-bit AdamW, on GPU and CPU alike) or `adamw` (torch's, fused)."
     )
     weight_decay: float = _f(1e-2, "AdamW weight decay.", min=0.0)
     adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0)
@@ -199,6 +201,11 @@ class TrainRecipe:
         5, "Optimizer steps in a row whose loss or gradients are NaN/Inf (each is skipped, the adapter unchanged) "
         "before the run stops.", min=1)
     num_threads: int | None = _f(None, "CPU threads for torch (None: torch's default).", min=1)
+    device_fallback: bool = _f(
+        False,
+        "Where this machine cannot run a setting as written (today only `mixed_precision = \"fp16\"` on a CPU, "
+        "which accelerate does not autocast), run the nearest one (`bf16`) and say so at start. Off: stop with an "
+        "error naming the key. Nothing is ever replaced without it.")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -17,6 +18,17 @@ from lora_dpo.data import PreferenceBatch
 from lora_dpo.models import BaseModel, adapters_disabled, encode_images, encode_prompts, unet_forward
 from lora_dpo.objectives import dpo_logits, error_accuracy, get_objective, implicit_reward_accuracy
 from lora_dpo.recipe import ObjectiveRecipe
+
+
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
+    """An `accelerate.Accelerator` with this run's mixed precision. accelerate keeps one AcceleratorState per
+    process and refuses a second Accelerator with another precision; a process that runs several trainings or
+    benchmarks (a notebook, the tests) starts each from a clean state. The process group (PartialState) stays."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 from lora_dpo import cache, checkpoint, data, evaluate, files, guards, models, plan
 from lora_dpo.export import ADAPTER_FILE, save_adapter
 from lora_dpo.objectives import get_objective
-from lora_dpo.recipe import Recipe, RecipeError
-from lora_dpo.step import EncodedBatch, StepOutput, dpo_step, encode_batch
+from lora_dpo.recipe import ObjectiveRecipe, Recipe, RecipeError, TrainRecipe
+from lora_dpo.step import EncodedBatch, StepOutput, dpo_step, encode_batch, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +52,46 @@ class Run:
     loader_stats: data.PairStats = field(default_factory=data.PairStats)  # what this process's loaders found
 
 
-def _optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    cfg = recipe.train
+def _optimizer(cfg: TrainRecipe, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer, on every device: bitsandbytes' AdamW8bit steps CPU tensors too (0.50+)."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                   weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw8bit" and device.type == "cuda":
+    if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    if cfg.optimizer == "adamw8bit":
-        log.info("8-bit AdamW needs CUDA; using torch AdamW on %s", device.type)
     # fused: one kernel for all the adapter tensors (hundreds of small ones) instead of a loop over them;
     # measured 15x faster on the CPU, where it was 6 % of the tiny model's step
     return torch.optim.AdamW(params, **kwargs, fused=True if device.type in ("cpu", "cuda") else None)
 
 
-def build_policy(recipe: Recipe, unet: Any, device: torch.device,
-                 checkpointing: bool) -> tuple[Any, torch.optim.Optimizer]:
-    """The frozen UNet on the device (4-bit NF4 first, if the recipe asks), LoRA on it, gradient
-    checkpointing, the optimizer: built the same way for training and for `lora-dpo bench`."""
+def resolve_precision(cfg: TrainRecipe) -> str:
+    """The recipe's mixed precision, unless this device cannot run it: then an error naming the key, or, where
+    the recipe opts in with `device_fallback`, the nearest precision it can run, said at start. accelerate
+    autocasts bf16 on CPUs but runs no fp16 autocast or loss scaling there (it would silently train in fp32)."""
+    if cfg.mixed_precision != "fp16" or torch.cuda.is_available():
+        return cfg.mixed_precision
+    if not cfg.device_fallback:
+        raise RecipeError('[train].mixed_precision = "fp16": accelerate runs no fp16 autocast or loss scaling on '
+                          'the CPU; use "bf16" (the CPU autocasts it) or "no", or set [train].device_fallback = '
+                          'true to run bf16 here and fp16 on a GPU')
+    log.warning('[train].mixed_precision = "fp16" cannot run on the CPU; running "bf16" instead '
+                "([train].device_fallback = true)")
+    return "bf16"
+
+
+def build_policy(recipe: Recipe, unet: Any, device: torch.device, checkpointing: bool,
+                 precision: str) -> tuple[Any, torch.optim.Optimizer]:
+    """The frozen UNet on the device (4-bit NF4 first, if the recipe asks; its matmuls in `precision`), LoRA on
+    it, gradient checkpointing, the optimizer: built the same way for training and for `lora-dpo bench`."""
     if recipe.model.quantize == "nf4":
-        precision = "no" if device.type == "cpu" else recipe.train.mixed_precision
         models.quantize_nf4(unet, models.DTYPES[precision], device)
     unet.to(device)
     torch.manual_seed(recipe.train.seed)  # lora_A's random init is part of the run: same seed, same adapter
     lora_config = models.add_lora(unet, recipe.lora)
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    return lora_config, _optimizer(recipe, models.lora_parameters(unet), device)
+    return lora_config, _optimizer(recipe.train, models.lora_parameters(unet), device)
 
 
 def _loader(dataset: torch.utils.data.Dataset, sampler: Any, batch_size: int, num_workers: int, pin: bool,
@@ -92,7 +104,6 @@ def _loader(dataset: torch.utils.data.Dataset, sampler: Any, batch_size: int, nu
 
 def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     """Check outputs and data first (cheap, and where users make mistakes), then load weights."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
     cfg = recipe.train
@@ -109,10 +120,9 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         checkpoint.remove_checkpoints(run_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    cpu = not torch.cuda.is_available()
-    precision = "no" if cpu else cfg.mixed_precision
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                              cpu=cpu, log_with="tensorboard", project_dir=run_dir)
+    precision = resolve_precision(cfg)
+    accelerator = make_accelerator(precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                                   log_with="tensorboard", project_dir=run_dir)
     accelerator.init_trackers("tensorboard")  # `tensorboard --logdir adapters/<run>/tensorboard`
     device = accelerator.device
     _check_parallelism(accelerator, cfg.checkpoint_every)
@@ -133,7 +143,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     for module in (base.vae, *base.text_encoders):  # the UNet goes to the device in build_policy
         if module is not None:
             module.to(device)
-    lora_config, optimizer = build_policy(recipe, base.unet, device, checkpointing)
+    lora_config, optimizer = build_policy(recipe, base.unet, device, checkpointing, precision)
     schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
     lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps,  # diffusers' `constant`
 
@@ -177,6 +187,10 @@ def _check_parallelism(accelerator: Any, checkpoint_every: int) -> None:
         raise RecipeError(f"accelerate {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} shards the parameters, and "
                           "lora-dpo saves adapters from whole ones: launch with recipes/accelerate/ddp.yaml (the base "
                           "fits on each GPU; the adapter's gradients are a few MB) or deepspeed_zero2.yaml")
+    if kind == DistributedType.DEEPSPEED:
+        accelerator.print("lora-dpo: DeepSpeed steps the optimizer inside backward, so a step whose loss or gradients "
+                          "are NaN/Inf cannot be skipped here: it is counted, and [train].max_bad_steps in a row stop "
+                          "the run (under DDP such steps are skipped and leave the adapter as it was)")
     if kind == DistributedType.DEEPSPEED and checkpoint_every:
         raise RecipeError("[train].checkpoint_every: DeepSpeed partitions the optimizer state across processes, and "
                           "lora-dpo's checkpoints hold it whole: launch with recipes/accelerate/ddp.yaml to keep "
@@ -197,7 +211,8 @@ def _resume(run: Run, which: str) -> None:
     unet = run.accelerator.unwrap_model(run.unet)
     files.check_tensors(lora, get_peft_model_state_dict(unet), path / checkpoint.ADAPTER, "checkpoint's adapter")
     set_peft_model_state_dict(unet, lora)
-    checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path)
+    checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path,
+                                 run.accelerator.scaler)
     run.train_loader = run.accelerator.skip_first_batches(run.train_loader, state["micro_steps"])
     run.start_step = state["step"]
     run.skipped_steps = int(state.get("skipped_steps", 0))
@@ -226,41 +241,58 @@ def _noise_generators(run: Run, micro_step: int, pairs: int) -> list[torch.Gener
 
 
 @dataclass
-class StepGuard:
-    """What the loop learns at each optimizer step: whether it was finite (else skipped) and whether a stop
-    signal arrived; deciding costs one host sync per optimizer step, agreed by every process."""
+class TrainStep:
+    """What one micro-step of training did. `finite` carries over to the next micro-step of the same optimizer
+    step (every micro-batch's loss must be finite); the rest is decided on an accumulation boundary, in the one
+    host sync of an optimizer step, agreed by every process."""
 
-    stop: guards.StopSignals
-    finite: torch.Tensor | bool = True  # the loss of every micro-batch of this optimizer step was finite
-    ok: bool = True
-    stopping: bool = False
+    output: StepOutput
+    finite: torch.Tensor | bool  # the loss of every micro-batch of this optimizer step so far was finite
+    boundary: bool = False  # this micro-batch ended an optimizer step
+    healthy: bool = True  # boundary: the loss and gradients were finite on every process (else the step is skipped)
+    applied: bool = False  # boundary: the update reached the weights (not skipped for NaN/Inf or by fp16 scaling)
+    stopping: bool = False  # boundary: some process was asked to stop (SIGINT/SIGTERM)
 
 
-def train_step(accelerator: Any, unet: Any, base: models.BaseModel, batch: EncodedBatch, recipe: Recipe,
+def _finite_norm(norm: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
+    """accelerate's clip_grad_norm_ returns a tensor, or under DeepSpeed the engine's global norm as a float or
+    None (not computed yet)."""
+    if isinstance(norm, torch.Tensor):
+        return torch.isfinite(norm)
+    return torch.tensor(norm is None or math.isfinite(norm), device=device)
+
+
+def train_step(accelerator: Any, unet: Any, base: models.BaseModel, batch: EncodedBatch,
+               objective: ObjectiveRecipe, max_grad_norm: float,
                generator: torch.Generator | list[torch.Generator], optimizer: torch.optim.Optimizer,
-               params: list[torch.nn.Parameter], guard: StepGuard | None = None) -> StepOutput:
-    """One micro-step as training runs it, and as `lora-dpo bench` times it: the DPO step, backward, and on
-    an accumulation boundary clipping and the optimizer step. Without a guard (the bench) there is no host
-    sync; with one, a step whose loss or gradient norm is NaN/Inf is skipped."""
+               params: list[torch.nn.Parameter], finite: torch.Tensor | bool = True,
+               stop_requested: bool = False) -> TrainStep:
+    """One micro-step as training runs it, and as `lora-dpo bench` times it: the DPO step, backward, and on an
+    accumulation boundary clipping, one host sync, and the optimizer step unless the loss or the gradient norm
+    was NaN/Inf on some process. fp16's loss scaler skips overflowing steps itself (so its optimizer.step() is
+    always called: that is where the scale is lowered). DeepSpeed steps inside `backward`, so there a bad step
+    is counted but cannot be skipped (said at start)."""
     with accelerator.accumulate(unet):
-        out = dpo_step(unet, base, batch, recipe.objective, generator)
+        out = dpo_step(unet, base, batch, objective, generator)
         accelerator.backward(out.loss)
-        if guard is not None:
-            guard.finite = torch.isfinite(out.metrics["loss"]) & guard.finite
-        if accelerator.sync_gradients:
-            scaled = accelerator.scaler is not None  # fp16 loss scaling skips overflowing steps itself
-            ok = True
-            if guard is not None:
-                norm = accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm or math.inf)  # inf: measure
-                healthy = guard.finite if scaled else guard.finite & torch.isfinite(norm)
-                ok, guard.stopping = guards.step_flags(accelerator, healthy, guard.stop.signum is not None)
-                guard.ok, guard.finite = ok, True
-            elif recipe.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
-            if ok or scaled:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return out
+        finite = torch.isfinite(out.metrics["loss"]) & finite
+        if not accelerator.sync_gradients:
+            return TrainStep(out, finite)
+        scaled = accelerator.scaler is not None
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)  # inf: only measure the norm
+        healthy = finite if scaled else finite & _finite_norm(norm, out.loss.device)
+        ok, stopping = guards.step_flags(accelerator, healthy, stop_requested)
+        if ok or scaled:
+            optimizer.step()
+        applied = (ok or _deepspeed(accelerator)) and not optimizer.step_was_skipped
+        optimizer.zero_grad(set_to_none=True)
+    return TrainStep(out, True, boundary=True, healthy=ok, applied=applied, stopping=stopping)
+
+
+def _deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def _encode(run: Run, batch: data.PreferenceBatch | EncodedBatch) -> EncodedBatch:
@@ -301,11 +333,13 @@ def fit(run: Run) -> dict[str, Any]:
     with (guards.out_of_memory_advice(run.recipe), guards.StopSignals(announce=main) as stop,
           tqdm(total=run.recipe.train.max_steps, initial=run.start_step, desc=run.recipe.objective.kind,
                disable=not main) as bar):
-        return _loop(run, StepGuard(stop), bar)
+        return _loop(run, stop, bar)
 
 
-def _loop(run: Run, guard: StepGuard, bar: Any) -> dict[str, Any]:
-    """The loop: one `dpo_step` per micro-batch, an optimizer step every `gradient_accumulation` of them."""
+def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
+    """The loop: one `dpo_step` per micro-batch, an optimizer step every `gradient_accumulation` of them. A step
+    skipped for NaN/Inf still counts as a step and consumes its pairs (the run ends at max_steps, and a resume
+    finds the data where an uninterrupted run would); the learning-rate schedule counts applied updates only."""
     cfg, accelerator = run.recipe.train, run.accelerator
     params = models.lora_parameters(accelerator.unwrap_model(run.unet))
     step, micro_step = run.start_step, run.start_step * cfg.gradient_accumulation
@@ -319,21 +353,25 @@ def _loop(run: Run, guard: StepGuard, bar: Any) -> dict[str, Any]:
     accuracy = "reward_accuracy" if get_objective(run.recipe.objective.kind).needs_reference else "error_accuracy"
     started = time.perf_counter()
     run.unet.train()
+    finite: torch.Tensor | bool = True  # every loss of the current optimizer step so far
     for batch in run.train_loader:
         torch.manual_seed(2**63 + _step_seed(run, micro_step))  # LoRA dropout: torch's global RNG, own stream
         encoded = _encode(run, batch)
-        out = train_step(accelerator, run.unet, run.base, encoded, run.recipe,
-                         _noise_generators(run, micro_step, len(encoded.labels)), run.optimizer, params, guard)
+        result = train_step(accelerator, run.unet, run.base, encoded, run.recipe.objective, cfg.max_grad_norm,
+                            _noise_generators(run, micro_step, len(encoded.labels)), run.optimizer, params, finite,
+                            stop.signum is not None)
+        finite = result.finite
         micro_step += 1
         window += 1
-        for name, value in out.metrics.items():
+        for name, value in result.output.metrics.items():
             sums[name] = sums.get(name, 0) + value
-        if not accelerator.sync_gradients:
+        if not result.boundary:
             continue
         step += 1
-        run.lr_scheduler.step()
+        if result.applied:
+            run.lr_scheduler.step()
         bar.update(1)
-        bad.record(guard.ok, step, run.recipe, run.run_dir)
+        bad.record(result.healthy, step, run.recipe, run.run_dir)
         final = step == cfg.max_steps
         log_now = step % cfg.log_every == 0 or final
         val_now = run.val_loader is not None and (step % cfg.val_every == 0 or final)
@@ -357,9 +395,9 @@ def _loop(run: Run, guard: StepGuard, bar: Any) -> dict[str, Any]:
         checkpoint_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not final
         if checkpoint_due and not bad.in_a_row:  # during a run of bad steps the last good checkpoint stays newest
             saved = (step, _save_checkpoint(run, step, micro_step, bad.total))
-        if guard.stopping and not final:
+        if result.stopping and not final:
             path = saved[1] if saved[0] == step else _save_checkpoint(run, step, micro_step, bad.total)
-            raise guards.Interrupted(step, guard.stop.signum or signal.SIGINT, path)
+            raise guards.Interrupted(step, stop.signum or signal.SIGINT, path)
     seconds = time.perf_counter() - started
     final = {k: v for k, v in run.history[-1].items() if k != "step"} if run.history else {}
     skipped = dict(Counter(run.loader_stats.skipped.values()))
@@ -412,7 +450,7 @@ def _save_checkpoint(run: Run, step: int, micro_step: int, skipped_steps: int) -
                                       run.lr_scheduler, {"micro_steps": micro_step, "history": run.history,
                                                          "fingerprint": run.recipe.fingerprint(),
                                                          "skipped_steps": skipped_steps},
-                                      keep=run.recipe.train.keep_checkpoints)
+                                      keep=run.recipe.train.keep_checkpoints, scaler=run.accelerator.scaler)
 
 
 def _objective_summary(recipe: Recipe) -> str:

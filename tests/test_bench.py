@@ -32,7 +32,7 @@ def test_bench_times_the_training_step_for_every_compared_setting() -> None:
         assert r["peak_allocated_gib"] is None  # no allocator statistics on the CPU
     # the case's recipe is what was built: half the rank, half the adapter parameters
     assert results["lora.rank=4"]["trainable_params"] * 2 == results["baseline"]["trainable_params"]
-    assert report["machine"]["device"] == "cpu" and report["settings"]["precision"] == "no"
+    assert report["machine"]["device"] == "cpu" and report["settings"]["precision"] == "bf16"  # the recipe's own
     table = bench.format_report(report)
     assert "overhead" in table and all(label in table for label in results)
 

@@ -60,6 +60,64 @@ def test_checkpoints_are_whole_and_only_the_newest_k_stay(tmp_path: Path) -> Non
     assert len(checkpoint.list_checkpoints(tmp_path)) == 3
 
 
+def _steps(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], count: int) -> None:
+    for index in range(count):
+        for param in params:
+            param.grad = torch.sin(param.detach() * (index + 1))  # deterministic, non-trivial gradients
+        optimizer.step()
+
+
+def test_8bit_adamw_state_survives_a_checkpoint_bit_for_bit(tmp_path: Path) -> None:
+    """bitsandbytes nests each parameter's quantised state (state1/2 uint8, qmap, absmax) in a dict under
+    `__bnb_optimizer_quant_state__`; parameters of 4096+ elements get 8-bit state, smaller ones 32-bit. Saved and
+    loaded into a fresh optimizer, two more steps give the same weights as two more steps of the original."""
+    import bitsandbytes as bnb
+
+    def build() -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(80, 64)), torch.nn.Parameter(torch.randn(8))]
+        return params, bnb.optim.AdamW8bit(params, lr=1e-2, betas=(0.9, 0.99))
+
+    params, optimizer = build()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    _steps(optimizer, params, 3)
+    lora = {"a.lora_A.weight": params[0].detach(), "a.lora_B.weight": params[1].detach()[:, None]}
+    path = checkpoint.save_checkpoint(tmp_path, 3, lora, optimizer, scheduler,
+                                      {"micro_steps": 3, "history": [], "fingerprint": "f"})
+    assert any(t.dtype == torch.uint8 for t in load_file(path / checkpoint.OPTIMIZER).values())
+
+    restored_params, restored = build()
+    with torch.no_grad():
+        for mine, saved in zip(restored_params, params, strict=True):
+            mine.copy_(saved)
+    _, optimizer_state, state = checkpoint.load_checkpoint(path)
+    checkpoint.restore_optimizer(restored, torch.optim.lr_scheduler.LambdaLR(restored, lambda _: 1.0),
+                                 optimizer_state, state, path)
+    assert restored.param_groups[0]["betas"] == (0.9, 0.99)  # tuples stay tuples
+    _steps(optimizer, params, 2)
+    _steps(restored, restored_params, 2)
+    assert all(torch.equal(a, b) for a, b in zip(params, restored_params, strict=True))
+
+
+def test_the_fp16_loss_scale_is_part_of_the_checkpoint(tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    layer = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    for _ in range(4):  # grows once: 2048, growth tracker at 1
+        scaler.scale(layer(torch.ones(2, 4)).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    path = checkpoint.save_checkpoint(tmp_path, 4, {"a.lora_A.weight": layer.weight.detach()}, optimizer, scheduler,
+                                      {"micro_steps": 4, "history": [], "fingerprint": "f"}, scaler=scaler)
+    _, optimizer_state, state = checkpoint.load_checkpoint(path)
+    fresh = torch.amp.GradScaler("cpu")
+    checkpoint.restore_optimizer(optimizer, scheduler, optimizer_state, state, path, fresh)
+    assert fresh.get_scale() == scaler.get_scale() == 2048.0 and fresh.state_dict() == scaler.state_dict()
+    with pytest.raises(FileFormatError, match="with fp16 loss scaling"):
+        checkpoint.restore_optimizer(optimizer, scheduler, optimizer_state, state, path)  # a bf16 run resuming it
+
+
 @FUZZ
 @given(which=st.sampled_from([checkpoint.ADAPTER, checkpoint.OPTIMIZER, checkpoint.STATE]),
        cut=st.floats(0.0, 0.999), noise=st.one_of(st.none(), st.binary(max_size=300)))

@@ -64,6 +64,7 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(tiny_recipe, tmp_path:
     assert not all(torch.equal(seen[2][k], seen[1][k]) for k in seen[1])  # step 1 was taken
     assert all(torch.isfinite(v).all() for v in _lora(run).values())
     assert {int(s["step"]) for s in run.optimizer.state.values()} == {2}  # AdamW stepped on steps 1 and 3 only
+    assert run.lr_scheduler.last_epoch == 2  # the schedule counts applied updates; the step's pairs were consumed
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line.get("skipped_steps", 0) for line in lines] == [0, 1, 1]
 

@@ -22,11 +22,14 @@ def test_every_shipped_recipe_loads(path: Path) -> None:
     assert recipe.from_dict(tomllib.loads(loaded.to_toml())) == loaded  # resolved TOML round-trips
 
 
-def test_paper_settings_in_the_sdxl_recipe() -> None:
-    sdxl = recipe.load(Path(__file__).parent.parent / "recipes" / "sdxl_pickapic.toml")
-    assert sdxl.objective.beta == 5000.0
-    assert sdxl.train.batch_size * sdxl.train.gradient_accumulation == 2048
-    assert sdxl.data.resolution == 1024 and sdxl.data.ties == "drop"
+def test_paper_settings_in_the_sdxl_recipes() -> None:
+    paper = recipe.load(Path(__file__).parent.parent / "recipes" / "sdxl_pickapic_paper.toml")
+    assert paper.objective.beta == 5000.0
+    assert paper.train.batch_size * paper.train.gradient_accumulation == 2048
+    assert paper.data.resolution == 1024 and paper.data.ties == "drop"
+    overnight = recipe.load(Path(__file__).parent.parent / "recipes" / "sdxl_pickapic.toml")
+    assert overnight.train.batch_size * overnight.train.gradient_accumulation == 16  # diffusers' LoRA example, 8 x 2
+    assert (overnight.train.max_steps, overnight.train.learning_rate, overnight.lora.rank) == (2000, 1e-5, 8)
 
 
 def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:

@@ -188,3 +188,28 @@ def test_warmup_applies_to_a_constant_schedule_and_validation_keeps_its_own_inte
     assert [h["step"] for h in history if "val_reward_accuracy" in h] == [0, 1, 2, 3, 4]
     assert [h["step"] for h in history if "loss" in h] == [4]
     assert history[-1]["lr"] == pytest.approx(1e-3)
+
+
+def test_the_cpu_runs_the_recipes_own_optimizer_and_precision(tiny_recipe, tmp_path: Path) -> None:
+    """One program: 8-bit AdamW, bf16 autocast over a bf16 base and gradient checkpointing run on the CPU as
+    written, never swapped for torch AdamW and fp32."""
+    import bitsandbytes as bnb
+
+    run = setup(tiny_recipe(train={"optimizer": "adamw8bit", "mixed_precision": "bf16",
+                                   "gradient_checkpointing": True}), tmp_path)
+    assert isinstance(run.optimizer.optimizer, bnb.optim.AdamW8bit)
+    assert run.accelerator.mixed_precision == "bf16" and run.accelerator.native_amp
+    unet = run.accelerator.unwrap_model(run.unet)
+    assert unet.dtype == torch.bfloat16 and unet.is_gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in models.lora_parameters(unet))  # the adapter trains in fp32
+    assert math.isfinite(fit(run)["loss"])
+
+
+def test_fp16_on_the_cpu_is_refused_by_name_unless_the_recipe_opts_in(tiny_recipe, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """accelerate runs no fp16 autocast or loss scaling on a CPU: it would silently train in fp32."""
+    with pytest.raises(RecipeError, match=r'\[train\].mixed_precision = "fp16".*device_fallback'):
+        setup(tiny_recipe(train={"mixed_precision": "fp16"}), tmp_path / "refused")
+    run = setup(tiny_recipe(train={"mixed_precision": "fp16", "device_fallback": True}), tmp_path / "opted")
+    assert run.accelerator.mixed_precision == "bf16"
+    assert 'running "bf16" instead ([train].device_fallback = true)' in caplog.text

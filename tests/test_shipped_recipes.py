@@ -1,0 +1,100 @@
+"""Every shipped Pick-a-Pic recipe runs in CI with its own settings: optimizer (bitsandbytes' 8-bit AdamW), mixed
+precision (bf16), accumulation, caption dropout, ties policy, streaming, loader workers. Only what a 2-core CPU with
+no hub cannot take is swapped: the base (a tiny one of the same architecture), the data (the demo shapes in
+Pick-a-Pic's own layout), the resolution and the run's length. Gradient checkpointing is forced on, since the
+recipes' `auto` means off on a CPU (host memory), and it is the path a small GPU takes."""
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomllib
+import torch
+from safetensors.torch import load_file
+
+from lora_dpo import checkpoint, export, recipe
+from lora_dpo.export import ADAPTER_FILE
+from lora_dpo.train import train
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+LENGTH = {"max_steps": 3, "checkpoint_every": 1, "log_every": 1, "val_every": 2}  # 3 x 16 micro-batches
+
+
+def shipped(name: str, base: Path, data: Path, out: Path, run: str, **changes: dict[str, Any]) -> recipe.Recipe:
+    """recipes/<name> with the swaps above (and `changes`, section by section)."""
+    raw = tomllib.loads((RECIPES / name).read_text())
+    raw["model"] |= {"base": str(base), "variant": None}  # the tiny base has one set of weights
+    raw["data"] |= {"source": f"hf:{data}", "resolution": 64, "val_pairs": 4}
+    raw["train"] |= {**LENGTH, "gradient_checkpointing": True}
+    raw["sample"] |= {"every": LENGTH["max_steps"], "steps": 2, "seeds": [0]}
+    raw["output"] = {"dir": str(out), "name": run}
+    for section, values in changes.items():
+        raw.setdefault(section, {}).update(values)
+    return recipe.from_dict(raw, f"recipes/{name} (swapped for the tiny base)")
+
+
+def _kill_after_two_checkpoints(launch: Any, settings: recipe.Recipe, run_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "killed.toml"
+    path.write_text(settings.to_toml())
+    proc = launch("train", str(path))
+    proc.wait_until(lambda: len(checkpoint.list_checkpoints(run_dir)) >= 2)
+    os.killpg(proc.proc.pid, signal.SIGKILL)  # the trainer and its loader workers, as the OOM killer would
+    assert proc.wait() == -signal.SIGKILL and not (run_dir / ADAPTER_FILE).exists()
+    assert "replac" not in proc.output() and "instead" not in proc.output()  # no setting was swapped on the CPU
+
+
+@pytest.mark.parametrize(("name", "base_fixture", "pipeline"), [
+    ("sdxl_pickapic.toml", "tiny_base_dir", "StableDiffusionXLPipeline"),
+    ("sd15_pickapic.toml", "tiny_sd15_base_dir", "StableDiffusionPipeline"),
+])
+def test_a_shipped_recipe_killed_and_resumed_matches_an_uninterrupted_run_and_loads_in_diffusers(
+        name: str, base_fixture: str, pipeline: str, pickapic_shapes: Path, launch: Any, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    import diffusers
+
+    base = request.getfixturevalue(base_fixture)
+    killed = shipped(name, base, pickapic_shapes, tmp_path, "killed")
+    assert (killed.train.optimizer, killed.train.mixed_precision) == ("adamw8bit", "bf16")
+    assert killed.train.gradient_accumulation == 16 and killed.data.caption_dropout == 0.2
+    run_dir = tmp_path / "killed"
+    _kill_after_two_checkpoints(launch, killed, run_dir, tmp_path)
+    resumed = train(killed, resume="latest")
+    reference = train(shipped(name, base, pickapic_shapes, tmp_path, "reference"))
+
+    first, second = load_file(reference), load_file(resumed)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first), "the resumed adapter differs"
+    optimizer_state = load_file(checkpoint.list_checkpoints(run_dir)[-1] / checkpoint.OPTIMIZER)
+    assert any("__bnb_optimizer_quant_state__" in key for key in optimizer_state)  # bitsandbytes' own state
+    assert list((run_dir / "samples").glob("*.png"))
+
+    kohya = export.export_adapter(run_dir, tmp_path / "kohya.safetensors", "kohya")
+    outputs = []
+    for source in (run_dir, kohya):
+        pipe = getattr(diffusers, pipeline).from_pretrained(base)
+        pipe.load_lora_weights(str(source))
+        image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+        outputs.append(image)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=2e-3)  # kohya file is fp16
+
+
+def test_the_sdxl_recipe_trains_on_a_4bit_base(tiny_base_dir: Path, pickapic_shapes: Path, tmp_path: Path) -> None:
+    settings = shipped("sdxl_pickapic.toml", tiny_base_dir, pickapic_shapes, tmp_path, "nf4",
+                       model={"quantize": "nf4"}, train={"max_steps": 2, "checkpoint_every": 0},
+                       sample={"every": 0})
+    weights = load_file(train(settings))
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
+
+
+def test_the_paper_recipe_differs_from_the_overnight_one_only_in_length() -> None:
+    """So the run above covers the paper recipe's settings too (its 2048 micro-batches per step would take CI an
+    hour a step)."""
+    overnight = recipe.load(RECIPES / "sdxl_pickapic.toml").to_dict()
+    paper = recipe.load(RECIPES / "sdxl_pickapic_paper.toml").to_dict()
+    differs = {f"{s}.{k}" for s in paper for k in paper[s] if paper[s][k] != overnight[s][k]}
+    assert differs == {"train.gradient_accumulation", "train.warmup_steps", "train.log_every", "train.val_every",
+                       "train.checkpoint_every", "sample.every"}
+    assert paper["train"]["gradient_accumulation"] * paper["train"]["batch_size"] == 2048

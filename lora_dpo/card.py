@@ -33,8 +33,8 @@ def is_hub_id(name: str) -> bool:
 
 
 def _base_location(base: str) -> str:
-    """What `from_pretrained` needs for this base on this machine (the tiny base's cache folder, not `tiny`)."""
-    return str(models.tiny_base_path()) if base == "tiny" else base
+    """What `from_pretrained` needs for this base on this machine (a tiny base's cache folder, not `tiny`)."""
+    return str(models.tiny_base_path(models.TINY_BASES[base])) if base in models.TINY_BASES else base
 
 
 def _read_json(path: Path) -> dict[str, Any]:

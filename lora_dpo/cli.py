@@ -243,13 +243,18 @@ def tiny_base(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
     warmup_steps: Annotated[int, typer.Option(help="Plain denoising steps that warm the random UNet up.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    arch: Annotated[str, typer.Option(help="sdxl (what `tiny` names) or sd15 (what `tiny-sd15` names).")] = "sdxl",
 ) -> None:
-    """Write a tiny SDXL-architecture pipeline with random weights (offline demo and tests)."""
+    """Write a tiny SDXL- or SD 1.5-architecture pipeline with random weights (offline demo and tests)."""
     _quiet_imports()
     from lora_dpo.models import build_tiny_base
 
-    path = build_tiny_base(out_dir, warmup_steps=warmup_steps, seed=seed, replace=True)
-    typer.echo(f"wrote {path}: load it with StableDiffusionXLPipeline.from_pretrained({str(path)!r})")
+    try:
+        path = build_tiny_base(out_dir, warmup_steps=warmup_steps, seed=seed, replace=True, arch=arch)
+    except _user_errors() as err:
+        _fail(str(err))
+    pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
+    typer.echo(f"wrote {path}: load it with {pipeline}.from_pretrained({str(path)!r})")
 
 
 @app.command("export")

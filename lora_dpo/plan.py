@@ -152,14 +152,17 @@ class Architecture:
 
 
 def architecture(model: ModelRecipe) -> Architecture:
-    """`tiny`, a known hub id (shipped configs), or a local folder / hub id whose configs are read (KBs only)."""
-    if model.base == "tiny":
+    """`tiny` / `tiny-sd15`, a known hub id (shipped configs), or a local folder / hub id whose configs are read
+    (KBs only)."""
+    if model.base in models.TINY_BASES:
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+        arch = models.TINY_BASES[model.base]
         config = CLIPTextConfig(**models.tiny_text_config())
-        params = tuple(_count_params(lambda cls=cls: cls(config))
-                       for cls in (CLIPTextModel, CLIPTextModelWithProjection))
-        return Architecture("tiny", dict(models.TINY_UNET), dict(models.TINY_VAE), dict(models.TINY_SCHEDULER), params)
+        encoders = (CLIPTextModel, CLIPTextModelWithProjection) if arch == "sdxl" else (CLIPTextModel,)
+        params = tuple(_count_params(lambda cls=cls: cls(config)) for cls in encoders)
+        return Architecture(model.base, models.tiny_unet_config(arch), dict(models.TINY_VAE),
+                            dict(models.TINY_SCHEDULER), params)
     if model.base in KNOWN_BASES:
         arch = KNOWN_BASES[model.base]
         text = models.shipped_config(arch, "text")
@@ -184,9 +187,10 @@ def _read_architecture(model: ModelRecipe) -> Architecture:
         except Exception as err:
             if not needed:
                 return None
+            known = ", ".join([*models.TINY_BASES, *KNOWN_BASES])
             raise models.ModelError(
                 f"[model].base = {source!r}: cannot read {part} ({type(err).__name__}); the plan needs a local "
-                f"diffusers folder, a reachable hub id, or one it knows: tiny, {', '.join(KNOWN_BASES)}") from None
+                f"diffusers folder, a reachable hub id, or one it knows: {known}") from None
 
     import transformers
 

@@ -49,8 +49,9 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 class ModelRecipe:
     base: str = _f(
         "stabilityai/stable-diffusion-xl-base-1.0",
-        "Hub id or local diffusers folder of the base pipeline (SDXL or SD 1.5), or `tiny`: the built-in "
-        "tiny SDXL-architecture base, built and cached on first use (offline demo and tests).",
+        "Hub id or local diffusers folder of the base pipeline (SDXL or SD 1.5), or a built-in tiny base, built "
+        "and cached on first use (offline demo and tests): `tiny` (SDXL architecture) or `tiny-sd15` (SD 1.5 "
+        "architecture: one text encoder, no micro-conditioning).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base.")
     variant: str | None = _f(None, "Weight variant to download, e.g. `fp16` (halves the download).")

@@ -1,5 +1,5 @@
-"""Shared tiny fixtures: a tiny SDXL-architecture base with random weights and a generated preference set.
-Everything is built offline; nothing touches a hub."""
+"""Shared tiny fixtures: tiny SDXL- and SD 1.5-architecture bases with random weights and a generated preference
+set. Everything is built offline; nothing touches a hub."""
 
 from __future__ import annotations
 
@@ -41,6 +41,21 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lora_dpo.models import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("tiny") / "base", warmup_steps=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cold tiny SD 1.5-architecture base (`StableDiffusionPipeline`: one text encoder, no micro-conditioning)."""
+    from lora_dpo.models import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_sd15") / "base", warmup_steps=0, arch="sd15")
+
+
+@pytest.fixture(params=["sdxl", "sd15"])
+def tiny_arch_base(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(architecture, cold tiny base folder), once per architecture; a base is built only if a test asks for it."""
+    fixture = {"sdxl": "tiny_base_dir", "sd15": "tiny_sd15_base_dir"}[request.param]
+    return request.param, request.getfixturevalue(fixture)
 
 
 @pytest.fixture(scope="session")

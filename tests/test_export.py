@@ -1,7 +1,9 @@
-"""Adapter formats end to end on the tiny base: a trained adapter, written in the diffusers format and exported
-to kohya, gives the same UNet through stock diffusers `load_lora_weights`; our loader, merge and inspect agree."""
+"""Adapter formats end to end on the tiny bases (SDXL and SD 1.5): a trained adapter, written in the diffusers
+format and exported to kohya, gives the same UNet through stock diffusers `load_lora_weights`; our loader, merge
+and inspect agree."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,22 +35,43 @@ def _out(unet, inputs: dict) -> torch.Tensor:
     return unet(**inputs).sample
 
 
-def _stock_pipe(tiny_base_dir: Path, adapter: Path | None = None, **kwargs):
-    """A fresh stock pipeline, the adapter loaded the way users do: `pipe.load_lora_weights(file or folder)`."""
-    from diffusers import StableDiffusionXLPipeline
+@dataclass(frozen=True)
+class Arch:
+    """What differs between the tiny SDXL and SD 1.5 bases for adapter files."""
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base_dir)
+    pipeline: str  # the stock diffusers pipeline class
+    base_fixture: str
+    run_fixture: str
+    inputs: dict  # _inputs() arguments: the UNet's text width, and SDXL's pooled width
+    kohya_names: str  # the module naming in kohya files (sd-scripts': SGM for SDXL, diffusers for SD 1.x)
+    other_names: str
+    ss_version: str
+    modelspec: str
+
+
+ARCHS = {
+    "sdxl": Arch("StableDiffusionXLPipeline", "tiny_base_dir", "trained_run", {}, "_input_blocks_", "_down_blocks_",
+                 "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "sd15": Arch("StableDiffusionPipeline", "tiny_sd15_base_dir", "trained_sd15_run",
+                 {"cross_attention_dim": 32, "pooled_dim": None}, "_down_blocks_", "_input_blocks_", "sd_v1",
+                 "stable-diffusion-v1/lora"),
+}
+
+
+def _stock_pipe(base_dir: Path, adapter: Path | None = None, arch: str = "sdxl", **kwargs):
+    """A fresh stock pipeline, the adapter loaded the way users do: `pipe.load_lora_weights(file or folder)`."""
+    import diffusers
+
+    pipe = getattr(diffusers, ARCHS[arch].pipeline).from_pretrained(base_dir)
     if adapter is not None:
         pipe.load_lora_weights(str(adapter), **kwargs)
     return pipe
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _train(base_dir: Path, shapes_jsonl: Path, out: Path) -> Path:
     """A real 3-step DPO run, rank 4 with alpha 16 (alpha != rank: the scale must survive every format)."""
-    out = tmp_path_factory.mktemp("runs")
     recipe = from_dict({
-        "model": {"base": str(tiny_base_dir)}, "lora": {"rank": 4, "alpha": 16.0},
+        "model": {"base": str(base_dir)}, "lora": {"rank": 4, "alpha": 16.0},
         "data": {"source": str(shapes_jsonl), "resolution": 64, "val_pairs": 0},
         "objective": {"beta": 2000.0},
         "train": {"learning_rate": 1e-3, "max_steps": 3, "batch_size": 2, "mixed_precision": "no",
@@ -57,21 +80,39 @@ def trained_run(tiny_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: pytes
     return train(recipe).parent
 
 
-def test_trained_adapter_is_stamped_and_keeps_diffusers_own_metadata(trained_run: Path) -> None:
-    with safe_open(str(trained_run / ADAPTER_FILE), "pt") as handle:
+@pytest.fixture(scope="module")
+def trained_run(tiny_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tiny_base_dir, shapes_jsonl, tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def trained_sd15_run(tiny_sd15_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tiny_sd15_base_dir, shapes_jsonl, tmp_path_factory.mktemp("runs_sd15"))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_trained_adapter_is_stamped_and_keeps_diffusers_own_metadata(arch: str, request: pytest.FixtureRequest) -> None:
+    run = request.getfixturevalue(ARCHS[arch].run_fixture)
+    with safe_open(str(run / ADAPTER_FILE), "pt") as handle:
         meta = handle.metadata()
     assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 16.0  # diffusers' key kept
     assert meta["lora_dpo.rank"] == "4" and meta["lora_dpo.alpha"] == "16.0" and meta["lora_dpo.steps"] == "3"
     assert meta["lora_dpo.objective"] == "dpo" and float(meta["lora_dpo.beta"]) == 2000.0
     recipe = json.loads(meta["lora_dpo.recipe"])
     assert recipe["data"]["source"] == meta["lora_dpo.dataset"] and len(meta["lora_dpo.fingerprint"]) == 16
-    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"  # the tiny base is SDXL-shaped
+    assert meta["modelspec.architecture"] == ARCHS[arch].modelspec  # from the trained UNet's own architecture
     assert all(isinstance(v, str) for v in meta.values())
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_kohya_export_loads_in_stock_diffusers_like_the_diffusers_file(trained_run: Path, tiny_base_dir: Path,
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_kohya_export_loads_in_stock_diffusers_like_the_diffusers_file(arch: str, request: pytest.FixtureRequest,
                                                                        tmp_path: Path, dtype: str) -> None:
+    """SDXL with SGM names through StableDiffusionXLPipeline, SD 1.5 with diffusers names through
+    StableDiffusionPipeline (whose loader gets no UNet config to remap names with)."""
+    expected = ARCHS[arch]
+    trained_run = request.getfixturevalue(expected.run_fixture)
+    base_dir = request.getfixturevalue(expected.base_fixture)
     path = export.export_adapter(trained_run, tmp_path / "run.safetensors", "kohya", dtype)
     with safe_open(str(path), "pt") as handle:
         keys, meta = list(handle.keys()), handle.metadata()
@@ -79,16 +120,17 @@ def test_kohya_export_loads_in_stock_diffusers_like_the_diffusers_file(trained_r
         down = handle.get_tensor(next(k for k in keys if k.endswith(".lora_down.weight")))
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in keys)
-    assert any("_input_blocks_" in k for k in keys) and not any("down_blocks" in k for k in keys)  # SGM names
+    assert any(expected.kohya_names in k for k in keys) and not any(expected.other_names in k for k in keys)
     assert alpha.shape == () and alpha.item() == 16.0 and down.dtype == models.STORAGE_DTYPES[dtype]
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "16.0"
-    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_base_model_version"] == expected.ss_version and meta["ss_network_module"] == "networks.lora"
     assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["lora_dpo.steps"] == "3"
+    assert meta["modelspec.architecture"] == expected.modelspec
 
-    inputs = _inputs()
-    reference = _out(_stock_pipe(tiny_base_dir, trained_run).unet, inputs)
-    from_kohya = _out(_stock_pipe(tiny_base_dir, path).unet, inputs)
-    base = _out(_stock_pipe(tiny_base_dir).unet, inputs)
+    inputs = _inputs(**expected.inputs)
+    reference = _out(_stock_pipe(base_dir, trained_run, arch).unet, inputs)
+    from_kohya = _out(_stock_pipe(base_dir, path, arch).unet, inputs)
+    base = _out(_stock_pipe(base_dir, arch=arch).unet, inputs)
     assert not torch.allclose(reference, base, atol=1e-4)  # the adapter changes the output
     tolerance = {"fp32": 1e-6, "fp16": 1e-4}[dtype]  # measured: 0 and 1.7e-6; the adapter itself moves it 1.5e-2
     torch.testing.assert_close(from_kohya, reference, rtol=0, atol=tolerance)

@@ -1,5 +1,5 @@
 """The kohya/webui names: checked against sd-scripts' published names and against diffusers' own converter
-for every adaptable layer of the real SDXL and SD 1.5 UNets and the tiny base (built on the meta device)."""
+for every adaptable layer of the real SDXL and SD 1.5 UNets and the tiny bases (built on the meta device)."""
 
 import json
 from pathlib import Path
@@ -14,6 +14,8 @@ from lora_dpo.export import skeleton
 def _config(arch: str, tiny_base_dir: Path) -> dict:
     if arch == "tiny":
         return json.loads((tiny_base_dir / "unet" / "config.json").read_text())
+    if arch == "tiny-sd15":
+        return models.tiny_unet_config("sd15")
     return models.shipped_config(arch, "unet")
 
 
@@ -47,7 +49,7 @@ def test_sd15_names_are_diffusers_names() -> None:
     assert kohya.to_sgm("up_blocks.0.upsamplers.0.conv", kohya.sgm_prefixes(config)) == "output_blocks.2.1.conv"
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd15", "tiny"])
+@pytest.mark.parametrize("arch", ["sdxl", "sd15", "tiny", "tiny-sd15"])
 def test_every_layer_name_survives_diffusers_own_converter(arch: str, tiny_base_dir: Path) -> None:
     """Write a kohya dict naming every Linear/Conv2d of the UNet, convert it back with diffusers' loader code
     (the SGM remap is given the UNet config, as StableDiffusionXLPipeline.load_lora_weights does), and get every

@@ -1,7 +1,9 @@
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from lora_dpo import models
 from lora_dpo.recipe import LoraRecipe, ModelRecipe
@@ -28,13 +30,55 @@ def _randomise_lora(unet: torch.nn.Module) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
-def test_tiny_base_loads_in_stock_diffusers(tiny_base_dir: Path) -> None:
-    from diffusers import StableDiffusionXLPipeline
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base_dir)
+
+def test_tiny_base_loads_in_stock_diffusers(tiny_arch_base: tuple[str, Path]) -> None:
+    """Each tiny base is a normal diffusers folder of its architecture's own pipeline class, and generates."""
+    import diffusers
+
+    arch, base_dir = tiny_arch_base
+    # the class that DiffusionPipeline.from_pretrained (the model card's snippet) picks
+    assert json.loads((base_dir / "model_index.json").read_text())["_class_name"] == PIPELINES[arch]
+    pipe = getattr(diffusers, PIPELINES[arch]).from_pretrained(base_dir)
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
-    assert pipe.unet.config.addition_embed_type == "text_time"
+    sdxl = arch == "sdxl"
+    assert pipe.unet.config.addition_embed_type == ("text_time" if sdxl else None)
+    assert (getattr(pipe, "text_encoder_2", None) is not None) == sdxl
+    assert type(pipe.text_encoder) is transformers.CLIPTextModel
+    # SD 1.5 cross-attends to one encoder's hidden states, SDXL to both concatenated
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size * (2 if sdxl else 1)
+    base = models.load_base(ModelRecipe(base=str(base_dir)))
+    assert base.is_sdxl == sdxl and base.pipeline_class is type(pipe) and len(base.text_encoders) == (2 if sdxl else 1)
+
+
+def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model.base = "tiny-sd15"` resolves to its own cached folder (`tiny` stays SDXL); an unknown architecture
+    fails before a rebuild deletes anything."""
+    import shutil
+
+    monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
+    assert models.tiny_base_path("sd15") == tmp_path / "tiny-sd15-v1"
+    assert models.tiny_base_path() == tmp_path / "tiny-base-v1"  # unchanged: caches of `tiny` stay valid
+    # stands in for the build on first use (300 warm-up steps, about a minute)
+    shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v1")
+    assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v1")
+    base = models.load_base(ModelRecipe(base="tiny-sd15"))
+    assert not base.is_sdxl and len(base.text_encoders) == 1
+    with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd15"):
+        models.build_tiny_base(tmp_path / "tiny-sd15-v1", arch="sd21", replace=True)
+    assert (tmp_path / "tiny-sd15-v1" / "model_index.json").is_file()  # the failed rebuild deleted nothing
+
+
+def test_warm_up_trains_the_sd15_unet_without_micro_conditioning() -> None:
+    """The warm-up (latent-scale calibration, then plain denoising steps) runs on the one-encoder architecture."""
+    pipe = models.build_tiny_pipeline(seed=0, arch="sd15")
+    before = {name: param.clone() for name, param in pipe.unet.named_parameters()}
+    models.warm_up_tiny_base(pipe, steps=1, batch_size=4)
+    assert pipe.vae.config.scaling_factor != 0.18215  # calibrated to unit latent std
+    assert any(not torch.equal(param, before[name]) for name, param in pipe.unet.named_parameters())
 
 
 def test_reference_is_the_base_unet_exactly(tiny_base_dir: Path, unet_inputs: dict) -> None:
@@ -70,15 +114,19 @@ def test_only_lora_weights_train_and_are_fp32(tiny_base_dir: Path) -> None:
     assert not any(p.requires_grad for m in (base.vae, *base.text_encoders) for p in m.parameters())
 
 
-def test_prompt_encoding_matches_the_stock_pipeline(tiny_base_dir: Path) -> None:
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base_dir)
-    base = models.load_base(ModelRecipe(base=str(tiny_base_dir)))
-    embeds, pooled = models.encode_prompts(base, ["a blue square", ""], torch.device("cpu"))
-    expected, _, expected_pooled, _ = pipe.encode_prompt(["a blue square", ""], do_classifier_free_guidance=False)
+def test_prompt_encoding_matches_the_stock_pipeline(tiny_arch_base: tuple[str, Path]) -> None:
+    arch, base_dir = tiny_arch_base
+    base = models.load_base(ModelRecipe(base=str(base_dir)))
+    pipe = base.pipeline_class.from_pretrained(base_dir)
+    prompts = ["a blue square", ""]
+    embeds, pooled = models.encode_prompts(base, prompts, torch.device("cpu"))
+    if arch == "sdxl":
+        expected, _, expected_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        torch.testing.assert_close(pooled, expected_pooled)
+    else:  # SD 1.5: the one encoder's last hidden state, and no pooled embedding at all
+        expected, _ = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)
+        assert pooled is None
     torch.testing.assert_close(embeds, expected)
-    torch.testing.assert_close(pooled, expected_pooled)
 
 
 def test_bad_bases_give_one_line_errors(tmp_path: Path) -> None:

@@ -106,15 +106,18 @@ def test_auto_checkpointing_follows_free_memory(tiny_recipe) -> None:
     assert plan.resolve_checkpointing(forced, 10**15) == (True, "set in the recipe")
 
 
-def test_local_folder_plans_like_the_builtin_tiny(tiny_base_dir: Path) -> None:
-    """A diffusers folder's configs are read: the tiny base written to disk plans exactly like `tiny`."""
-    folder, builtin = (plan.architecture(ModelRecipe(base=b)) for b in (str(tiny_base_dir), "tiny"))
-    assert folder.encoder_params == builtin.encoder_params and folder.is_sdxl
+def test_local_folder_plans_like_the_builtin_tiny(tiny_arch_base: tuple[str, Path]) -> None:
+    """A diffusers folder's configs are read: a tiny base written to disk plans exactly like its built-in name
+    (`tiny`, `tiny-sd15`), whose architecture comes from constants."""
+    arch, base_dir = tiny_arch_base
+    name = {"sdxl": "tiny", "sd15": "tiny-sd15"}[arch]
+    folder, builtin = (plan.architecture(ModelRecipe(base=b)) for b in (str(base_dir), name))
+    assert folder.encoder_params == builtin.encoder_params and folder.is_sdxl == builtin.is_sdxl == (arch == "sdxl")
     key = _tiny_key(False)
     a, b = plan.measure_step(folder, key), plan.measure_step(builtin, key)
     assert (a.flops, a.peak) == (b.flops, b.peak)
     with pytest.raises(plan.models.ModelError, match="unet/config.json"):
-        plan.architecture(ModelRecipe(base=str(tiny_base_dir / "unet")))
+        plan.architecture(ModelRecipe(base=str(base_dir / "unet")))
 
 
 def test_what_to_change_lowers_the_need_step_by_step(tiny_recipe) -> None:

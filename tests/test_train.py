@@ -35,22 +35,32 @@ def test_fresh_adapter_loss_is_ln2_and_pairs_share_noise(tiny_recipe, tmp_path: 
     assert out.metrics["model_w"].item() == out.metrics["model_l"].item()
 
 
-def test_trained_adapter_loads_in_stock_diffusers_and_matches_the_policy(tiny_recipe, tmp_path: Path) -> None:
-    from diffusers import StableDiffusionXLPipeline
+def test_trained_adapter_loads_in_stock_diffusers_and_matches_the_policy(tiny_recipe, tiny_arch_base: tuple[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """On each architecture: train, sample grids with the architecture's own pipeline, save, and load the adapter
+    with that pipeline's stock `load_lora_weights` to the very UNet that was trained."""
+    import diffusers
 
-    recipe = tiny_recipe(lora={"rank": 4, "alpha": 16.0})  # alpha != rank: the scale must survive the file
+    arch, base_dir = tiny_arch_base
+    pipeline_class = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd15": diffusers.StableDiffusionPipeline}[arch]
+    # alpha != rank: the scale must survive the file
+    recipe = tiny_recipe(model={"base": str(base_dir)}, lora={"rank": 4, "alpha": 16.0},
+                         sample={"every": 4, "prompts": ["a red circle"], "steps": 1})
     run = setup(recipe, tmp_path)
+    assert run.base.pipeline_class is pipeline_class and type(run.sampler.pipe) is pipeline_class
     summary = fit(run)
     assert summary["steps"] == 4 and math.isfinite(summary["loss"])
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3  # held-out at step 0, then steps 2 and 4
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "samples" / "step-000004.png").is_file()
     path = save_adapter(tmp_path, run.unet, run.lora_config, run.base.pipeline_class, recipe, summary)
     assert all(".lora_A." in k or ".lora_B." in k for k in load_file(path))
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(recipe.model.base)
+    pipe = pipeline_class.from_pretrained(recipe.model.base)
     pipe.load_lora_weights(str(tmp_path))
     batch = _first_batch(run)
+    assert (batch.pooled is None and batch.time_ids_w is None) == (arch == "sd15")  # SD 1.5: no micro-conditioning
     t = torch.tensor([400, 400])
     args = (batch.latents_w, t, batch.prompt_embeds, batch.pooled, batch.time_ids_w)
     with torch.no_grad():

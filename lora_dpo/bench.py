@@ -79,6 +79,7 @@ class Result:
     peak_reserved_gib: float | None = None
     trainable_params: int | None = None
     loss: float | None = None
+    optimizer: str | None = None  # the class that stepped: shows it if the recipe's optimizer was swapped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +318,7 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         checkpointing, _ = resolve_checkpointing(recipe, free)
         _, optimizer = build_policy(recipe, base.unet, device, checkpointing, accelerator.mixed_precision)
+        optimizer_name = type(optimizer).__name__
         unet, optimizer = accelerator.prepare(base.unet, optimizer)
         params = models.lora_parameters(_inner(unet))
         if case.compile:
@@ -348,7 +350,8 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
                     bare_times.append(bare)
         step_s, bare_s = statistics.median(step_times), statistics.median(bare_times)
         result = Result(case.label, case.resolution, "ok", step_s, pairs / step_s, bare_s, step_s / bare_s,
-                        trainable_params=sum(p.numel() for p in params), loss=float(out.metrics["loss"]))
+                        trainable_params=sum(p.numel() for p in params), loss=float(out.metrics["loss"]),
+                        optimizer=optimizer_name)
         if device.type == "cuda":
             result.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
             result.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lora_dpo import data, models
 from lora_dpo.recipe import DataRecipe, ModelRecipe, Recipe
-from lora_dpo.step import EncodedBatch
+from lora_dpo.step import EncodedBatch, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,6 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
                 accelerator: Any = None) -> dict[str, Any]:
     """Encode every pair of the recipe's data once into `out`; returns the manifest. Resumes a partial build of the
     same settings; refuses a folder that holds another cache."""
-    from accelerate import Accelerator
 
     cfg, seed = recipe.data, recipe.train.seed
     if cfg.streaming:
@@ -162,7 +161,7 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
                              "local parquet files")
     if dtype not in models.STORAGE_DTYPES:
         raise data.DataError(f"cache dtype {dtype!r}: choose one of {', '.join(models.STORAGE_DTYPES)}")
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator("no")  # encoding runs in the VAE's and encoders' own dtypes
     pairs, stats = data.prepare_pairs(data.read_records(cfg), cfg)
     if not pairs:
         raise data.DataError(f"[data].source = {cfg.source!r}: no usable pairs ({stats.summary()})")

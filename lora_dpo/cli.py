@@ -358,6 +358,11 @@ def bench(
     data_only: Annotated[bool, typer.Option(help="Measure only how fast each data path (parquet, JSONL images, "
                                                  "latent cache) feeds the trainer, in pairs/s.")] = False,
     pairs: Annotated[int, typer.Option(help="With --data-only: pairs drawn through each path.", min=2)] = 64,
+    suite: Annotated[str | None, typer.Option(help="`gpu`: the GPU check (docs/gpu-check.md): SDXL at 1024 px, "
+                                                   "bf16 + 8-bit AdamW with checkpointing off and on, measured "
+                                                   "beside the plan; checkpoint + resume of the optimizer state; "
+                                                   "an fp16 step; an NF4 step. Without CUDA: the tiny base.")] = None,
+    out: Annotated[Path, typer.Option(help="With --suite: the JSON file to write.")] = Path("bench-gpu.json"),
 ) -> None:
     """Time the training step and measure its peak memory; compare settings side by side."""
     import json
@@ -375,6 +380,12 @@ def bench(
             return
         import torch
 
+        if suite is not None:
+            if json_out:
+                raise recipe_module.RecipeError("--suite writes its JSON to --out (default bench-gpu.json)")
+            _bench_suite(suite, loaded, arch, resolution, steps, warmup, max_memory_gb, compare, out)
+            return
+
         chosen = arch or ("recipe" if recipe else "sdxl" if torch.cuda.is_available() else "tiny")
         if chosen not in bench_module.ARCHS:
             raise recipe_module.RecipeError(f"--arch {chosen!r}: choose from {', '.join(bench_module.ARCHS)}")
@@ -386,6 +397,26 @@ def bench(
     typer.echo(bench_module.format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _bench_suite(suite: str, loaded: Recipe, arch: str | None, resolution: list[int] | None, steps: int,
+                 warmup: int, max_memory_gb: float | None, compare: list[str] | None, out: Path) -> None:
+    import json
+
+    import torch
+
+    from lora_dpo import gpu_check
+    from lora_dpo.recipe import RecipeError
+
+    if suite != "gpu":
+        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
+    if compare:
+        raise RecipeError("--suite gpu runs its own settings; --compare goes with the plain bench")
+    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
+    report = gpu_check.run_suite(chosen, loaded, resolution[0] if resolution else None, steps, warmup, max_memory_gb)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    typer.echo(gpu_check.format_suite(report))
+    typer.echo(f"wrote {out}")
 
 
 def _bench_data(loaded: Recipe, pairs: int) -> None:

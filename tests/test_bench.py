@@ -1,11 +1,13 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_dpo import bench
 from lora_dpo.recipe import RecipeError, from_dict
@@ -101,3 +103,87 @@ def test_data_only_mode_prints_pairs_per_second_of_each_path(tiny_base_dir: Path
     rows = re.findall(r"^(\S.*?)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", result.output, re.M)
     assert len(rows) >= 3 and all(float(row[-1]) > 0 for row in rows), result.output
     assert {"parquet", "cache"} <= {word for row in rows for word in row[0].lower().split()}, rows
+
+
+STATUS = re.compile(r"^(ok|pass|out of memory|fail: .+|error: \w+.*)$")
+
+
+def test_gpu_suite_runs_its_plumbing_on_the_cpu(tmp_path: Path) -> None:
+    """`lora-dpo bench --suite gpu` without CUDA: the same items on the tiny base, in its own process. Every item
+    is in the JSON with a status (an item that fails here, e.g. fp16 on the CPU, says why and the others run), the
+    steps ask for bf16 and 8-bit AdamW through the recipe, the plan's prediction stands beside each step, and the
+    measured peaks read n/a (CPU) in the Markdown table."""
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_dpo", "bench", "--suite", "gpu", "--out", str(out), "--steps", "1",
+         "--warmup", "0", "--set", "train.num_threads=1"],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    items = {item["item"].split(" ")[0]: item for item in report["items"]}
+    assert list(items) == ["a1", "a2", "c", "d", "e"] and report["suite"] == "gpu"
+    assert all(STATUS.match(item["status"]) for item in items.values()), [i["status"] for i in items.values()]
+    assert report["settings"]["arch"] == "tiny" and report["settings"]["resolution"] == 64
+    for name, checkpointing in (("a1", False), ("a2", True)):
+        step = items[name]
+        assert step["status"] == "ok" and step["precision"] == "bf16" and step["checkpointing"] is checkpointing
+        assert step["optimizer"] and step["seconds_per_step"] > 0 and 0 < step["overhead"] < 50
+        assert step["planned_allocated_gib"] > 0 and step["peak_allocated_gib"] is None  # the CPU has no stats
+    assert items["a2"]["planned_allocated_gib"] < items["a1"]["planned_allocated_gib"]  # checkpointing saves memory
+    assert all(items[name]["optimizer"] == "AdamW8bit" for name in ("a1", "a2", "c", "e"))  # never swapped
+    assert items["c"]["status"] == "pass" and items["e"]["status"] == "ok"
+    assert '[train].mixed_precision = "fp16"' in items["d"]["status"]  # refused by name on the CPU, not faked
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| item | status |") and len(rows) == 6, result.stdout
+    assert "n/a (CPU)" in rows[1]
+    assert all(item["status"] in row for item, row in zip(report["items"], rows[1:], strict=True))
+    assert f"wrote {out}" in result.stdout
+
+
+def test_gpu_suite_resume_check_is_bit_exact() -> None:
+    """Item c, in process: two steps, a checkpoint through lora_dpo.checkpoint, a fresh optimizer restored from it;
+    one more step from both leaves the same adapter, bit for bit."""
+    from lora_dpo import gpu_check
+
+    sdxl = gpu_check.suite_recipe(_recipe(), "sdxl", 1024)  # what a GPU runs: the plan reads SDXL's shipped configs
+    assert (sdxl.model.base, sdxl.data.resolution) == ("stabilityai/stable-diffusion-xl-base-1.0", 1024)
+    recipe = gpu_check.suite_recipe(_recipe(), "tiny", 64)
+    assert (recipe.train.optimizer, recipe.train.mixed_precision) == ("adamw8bit", "bf16")
+    suite = gpu_check.Suite("tiny", recipe, 64, steps=1, warmup=0)
+    check = gpu_check._run(suite, "c", gpu_check.check_resume, torch.device("cpu"))
+    assert (check.status, check.bit_identical) == ("pass", True), check
+    assert math.isfinite(check.loss) and check.precision == "bf16"
+
+
+def test_gpu_suite_options_are_checked() -> None:
+    from typer.testing import CliRunner
+
+    from lora_dpo.cli import app
+
+    runner = CliRunner()
+    for args, message in ((["--suite", "cpu"], "the one suite is `gpu`"),
+                          (["--suite", "gpu", "--compare", "rank=4"], "--compare goes with the plain bench"),
+                          (["--suite", "gpu", "--arch", "recipe"], "choose from sdxl, sd15, tiny"),
+                          (["--suite", "gpu", "--json", "x.json"], "--out")):
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_gpu_suite_table_on_cuda_shows_measured_beside_planned() -> None:
+    """The table as a GPU run prints it (no GPU here: a report as run_suite returns one on CUDA)."""
+    import dataclasses
+
+    from lora_dpo import gpu_check
+
+    step = gpu_check.Check("a1 x", "ok", "AdamW8bit", "bf16", False, 0.25, 0.2, 1.25, 21.0, 23.0, 19.6, 21.56,
+                           21.0 / 19.6, 23.0 / 21.56, loss=0.69, seconds=20.0)
+    fp16 = gpu_check.Check("d x", "ok", "AdamW8bit", "fp16", True, 0.3, 0.25, 1.2, 8.0, 9.0, loss=0.7,
+                           loss_scale=32768.0, seconds=15.0)
+    report = {"settings": {"model": "sdxl (random weights)", "resolution": 1024, "pairs_per_micro_batch": 1,
+                           "lora_rank": 8, "warmup": 2, "steps": 5},
+              "machine": {"device": "cuda", "name": "NVIDIA H100", "memory_gib": 80.0, "torch_threads": 16},
+              "items": [dataclasses.asdict(step), dataclasses.asdict(fp16)], "seconds": 200.0}
+    table = gpu_check.format_suite(report)
+    row = next(line for line in table.splitlines() if line.startswith("| a1"))
+    assert "| 21 | 19.6 | 1.071 | 23 | 21.6 | 1.067 |" in row and "n/a" not in table
+    assert "loss scale 32768" in table and "2 of 2 items ok" in table

@@ -222,6 +222,10 @@ def quantize_nf4(unet: Any, compute_dtype: torch.dtype, device: torch.device) ->
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             layer.register_forward_hook(_output_in_autocast_dtype)
+            # bitsandbytes repacks the weight in place for a faster CPU kernel at the first forward in eval mode
+            # without grad (validation, samples), and that packing rejects widths that are not multiples of 32: keep
+            # the one layout that training uses
+            layer.support_avx512bf16_for_cpu = False
             setattr(module, name, layer.to(device))
             swapped += 1
     unet.is_loaded_in_4bit = True  # as diffusers' own 4-bit loader marks it: peft then uses its 4-bit LoRA layer

@@ -1,7 +1,7 @@
 """`lora-dpo bench`: seconds per step, pairs per second and peak memory of the trainer's own DPO step.
 
-What is timed is `train.train_step` (the DPO step, backward, clipping, the optimizer step) on the UNet that
-`train.build_policy` prepares, fed an `EncodedBatch` of random latents and embeddings of the architecture's
+What is timed is `step.train_step` (the DPO step, backward, clipping, the optimizer step) on the UNet that
+`step.build_policy` prepares, fed an `EncodedBatch` of random latents and embeddings of the architecture's
 shapes: random weights and random data take the same time and memory as real ones, so SDXL is measured
 from its shipped config with no download. Next to it, in the same run, on the same UNet and the same
 shapes: a bare baseline written by hand, the policy's forward and backward on the pair plus the reference
@@ -33,8 +33,16 @@ from lora_dpo import models
 from lora_dpo.data import PreferenceBatch
 from lora_dpo.plan import resolve_checkpointing
 from lora_dpo.recipe import Recipe, RecipeError, from_dict
-from lora_dpo.step import EncodedBatch, encode_batch, make_accelerator
-from lora_dpo.train import build_policy, resolve_precision, train_step
+from lora_dpo.step import (
+    EncodedBatch,
+    build_policy,
+    encode_batch,
+    make_accelerator,
+    make_optimizer,
+    random_batch,
+    resolve_precision,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,26 +219,6 @@ def build_base(arch: str, case: Case, weight_dtype: torch.dtype, device: torch.d
     return base
 
 
-def random_batch(unet_config: Any, pairs: int, resolution: int, device: torch.device, dtype: torch.dtype,
-                 generator: torch.Generator) -> EncodedBatch:
-    """What `encode_batch` would hand the step, with random values: latents (B, C, R/8, R/8) in float32,
-    prompt embeddings (B, 77, D) and, for SDXL, pooled (B, P) in the encoders' dtype, time ids (B, 6)."""
-    size = resolution // 8
-
-    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device, dtype)
-
-    latents = (randn(pairs, unet_config.in_channels, size, size) for _ in range(2))
-    embeds = randn(pairs, 77, unet_config.cross_attention_dim, dtype=dtype)
-    pooled = time_ids = None
-    if unet_config.addition_embed_type == "text_time":
-        pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
-        pooled = randn(pairs, pooled_dim, dtype=dtype)
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * pairs,
-                                dtype=torch.float32, device=device)
-    return EncodedBatch(*latents, embeds, pooled, time_ids, time_ids, torch.ones(pairs, device=device))
-
-
 def random_pixels(pairs: int, resolution: int, generator: torch.Generator) -> PreferenceBatch:
     """A batch as the data loader hands it (pixels in [-1, 1] on the host), for `encode = live`."""
     pixels = [torch.rand((pairs, 3, resolution, resolution), generator=generator) * 2 - 1 for _ in range(2)]
@@ -317,7 +305,9 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
         base = build_base(arch, case, weight_dtype, device)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         checkpointing, _ = resolve_checkpointing(recipe, free)
-        _, optimizer = build_policy(recipe, base.unet, device, checkpointing, accelerator.mixed_precision)
+        build_policy(base.unet, recipe.lora, recipe.train.seed, precision=accelerator.mixed_precision,
+                     quantize=recipe.model.quantize, device=device, checkpointing=checkpointing)
+        optimizer = make_optimizer(recipe.train, models.lora_parameters(base.unet), device)
         optimizer_name = type(optimizer).__name__
         unet, optimizer = accelerator.prepare(base.unet, optimizer)
         params = models.lora_parameters(_inner(unet))

@@ -34,8 +34,15 @@ import torch
 
 from lora_dpo import bench, checkpoint, models, plan
 from lora_dpo.recipe import Recipe, RecipeError
-from lora_dpo.step import make_accelerator
-from lora_dpo.train import resolve_precision
+from lora_dpo.step import (
+    build_policy,
+    dpo_step,
+    make_accelerator,
+    make_optimizer,
+    random_batch,
+    resolve_precision,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +166,6 @@ def check_resume(suite: Suite, item: str) -> Check:
     from diffusers.optimization import get_scheduler
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from lora_dpo.step import dpo_step
-    from lora_dpo.train import _optimizer, build_policy, train_step
 
     recipe = suite.recipe_with(train__gradient_checkpointing=True)  # the smallest step: the point is the state
     accelerator = _accelerator(recipe)
@@ -169,13 +174,15 @@ def check_resume(suite: Suite, item: str) -> Check:
     base = None
     try:
         base = bench.build_base(suite.arch, bench.Case(item, recipe, suite.resolution), weight_dtype, device)
-        _, optimizer = build_policy(recipe, base.unet, device, True, accelerator.mixed_precision)
+        build_policy(base.unet, recipe.lora, recipe.train.seed, precision=accelerator.mixed_precision,
+                     quantize=recipe.model.quantize, device=device, checkpointing=True)
+        optimizer = make_optimizer(recipe.train, models.lora_parameters(base.unet), device)
         unet, optimizer = accelerator.prepare(base.unet, optimizer)
         inner = bench._inner(unet)
         params = models.lora_parameters(inner)
         scheduler = get_scheduler("constant", optimizer)
         generator = torch.Generator().manual_seed(recipe.train.seed)
-        batch = bench.random_batch(inner.config, recipe.train.batch_size, suite.resolution, device, weight_dtype,
+        batch = random_batch(inner.config, recipe.train.batch_size, suite.resolution, device, weight_dtype,
                                    generator)
         noise = torch.Generator(device).manual_seed(recipe.train.seed)
         unet.train()
@@ -194,7 +201,7 @@ def check_resume(suite: Suite, item: str) -> Check:
             continued = [p.detach().clone() for p in params]
             # the resumed run: the saved adapter, a fresh optimizer with the saved state, the same gradients
             set_peft_model_state_dict(inner, lora)
-            fresh = accelerator.prepare(_optimizer(recipe.train, params, device))
+            fresh = accelerator.prepare(make_optimizer(recipe.train, params, device))
             checkpoint.restore_optimizer(fresh, get_scheduler("constant", fresh), optimizer_state, state, path)
             for param, grad in zip(params, grads, strict=True):
                 param.grad = grad

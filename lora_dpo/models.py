@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from lora_dpo.recipe import LoraRecipe, ModelRecipe
 log = logging.getLogger(__name__)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the step knows how to train (`step._target`)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # recipe precision -> weight dtype
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # file precision
 
@@ -130,9 +131,12 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
     is_sdxl = "text_encoder_2" in index and index.get("text_encoder_2") != [None, None]
     common = {"revision": cfg.revision}
     try:
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        if scheduler.config.prediction_type not in PREDICTION_TYPES:
+            raise ModelError(f"{source}: its scheduler predicts {scheduler.config.prediction_type!r}; lora-dpo "
+                             f"trains bases that predict {' or '.join(PREDICTION_TYPES)}")
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
                                                     torch_dtype=weight_dtype, **common) if with_unet else None
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
         base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, is_sdxl=is_sdxl)
         if with_encoders:
             vae_kwargs = {"subfolder": "vae", **common} if cfg.vae is None else {}
@@ -152,6 +156,17 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
             module.requires_grad_(False)
             module.eval()
     return base
+
+
+def is_sdxl_unet(config: Mapping[str, Any]) -> bool:
+    """SDXL's UNet takes micro-conditioning (pooled text embeddings and six size/crop ids); SD 1.5's does not."""
+    return config.get("addition_embed_type") == "text_time"
+
+
+def pooled_dim(config: Mapping[str, Any]) -> int:
+    """Width of SDXL's pooled text embedding, from its UNet config: the added embedding's input is the pooled
+    embedding plus six time ids of `addition_time_embed_dim` each."""
+    return config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
 
 
 def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:

@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lora_dpo.recipe import ObjectiveRecipe
-
 
 def soft_preference(labels: Tensor | None, label_smoothing: float, like: Tensor) -> Tensor:
     """Probability that the `w` image is truly preferred: the data's label (1, or 0.5 for a kept tie, or an
@@ -166,40 +164,20 @@ def sft_loss(model_w: Tensor, labels: Tensor | None = None, label_smoothing: flo
 
 @dataclass(frozen=True)
 class Objective:
-    """How the step calls a loss: which denoising errors it needs, so unneeded forwards are never run.
-    `loss(model_w, model_l, ref_w, ref_l, labels, cfg, num_timesteps)` -> per-pair loss (B,); the errors an
-    objective does not need arrive as None."""
+    """A loss and the denoising errors it needs, so the step never runs a forward it would not use. How the
+    recipe's [objective] keys become the loss's arguments is the step's business (`step.objective_loss`)."""
 
     loss: Callable[..., Tensor]
     needs_reference: bool
     needs_loser: bool
 
 
-def _with_reference(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The step's call for the losses on the DPO logit (dpo, ipo, hinge): all read beta and label smoothing."""
-    def call(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, labels: Tensor | None,
-             cfg: ObjectiveRecipe, num_timesteps: int) -> Tensor:
-        return loss(model_w, model_l, ref_w, ref_l, cfg.beta, labels, cfg.label_smoothing)
-
-    return call
-
-
-def _mapo(model_w: Tensor, model_l: Tensor, ref_w: None, ref_l: None, labels: Tensor | None,
-          cfg: ObjectiveRecipe, num_timesteps: int) -> Tensor:
-    return mapo_loss(model_w, model_l, cfg.mapo_beta, cfg.mapo_snr, num_timesteps, labels, cfg.label_smoothing)
-
-
-def _sft(model_w: Tensor, model_l: None, ref_w: None, ref_l: None, labels: Tensor | None,
-         cfg: ObjectiveRecipe, num_timesteps: int) -> Tensor:
-    return sft_loss(model_w, labels, cfg.label_smoothing)
-
-
 OBJECTIVES: dict[str, Objective] = {
-    "dpo": Objective(_with_reference(diffusion_dpo_loss), needs_reference=True, needs_loser=True),
-    "ipo": Objective(_with_reference(ipo_loss), needs_reference=True, needs_loser=True),
-    "hinge": Objective(_with_reference(hinge_loss), needs_reference=True, needs_loser=True),
-    "mapo": Objective(_mapo, needs_reference=False, needs_loser=True),
-    "sft": Objective(_sft, needs_reference=False, needs_loser=False),
+    "dpo": Objective(diffusion_dpo_loss, needs_reference=True, needs_loser=True),
+    "ipo": Objective(ipo_loss, needs_reference=True, needs_loser=True),
+    "hinge": Objective(hinge_loss, needs_reference=True, needs_loser=True),
+    "mapo": Objective(mapo_loss, needs_reference=False, needs_loser=True),
+    "sft": Objective(sft_loss, needs_reference=False, needs_loser=False),
 }
 
 

@@ -34,13 +34,14 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_dpo import models, step
+from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import LoraRecipe, ModelRecipe, ObjectiveRecipe, Recipe
 
 GiB = 2**30
 aten = torch.ops.aten
 
 
-class PlanError(ValueError):
+class PlanError(LoraDpoError, ValueError):
     """Bad input to the planner (an unknown GPU name); the message names it and the valid choices."""
 
 
@@ -138,13 +139,7 @@ class Architecture:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.unet.get("addition_embed_type") == "text_time"
-
-    @property
-    def pooled_dim(self) -> int | None:
-        if not self.is_sdxl:
-            return None
-        return self.unet["projection_class_embeddings_input_dim"] - 6 * self.unet["addition_time_embed_dim"]
+        return models.is_sdxl_unet(self.unet)
 
     @property
     def latent_factor(self) -> int:
@@ -349,10 +344,7 @@ def _fake_unet(arch: Architecture, key: StepKey) -> tuple[Any, Any, int, int]:
 
         unet = models.unet_from_config(arch.unet, models.DTYPES[key.precision], "meta")
         linears = [m.weight.numel() for m in unet.modules() if type(m) is torch.nn.Linear]
-        if key.lora_fp32:
-            models.add_lora(unet, key.lora)
-        else:
-            unet.add_adapter(models.lora_config(key.lora))
+        step.build_policy(unet, key.lora, seed=0, precision=key.precision, lora_fp32=key.lora_fp32)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:  # the meta tensors become fake CPU tensors: autocast applies to them
             unet._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
@@ -360,16 +352,12 @@ def _fake_unet(arch: Architecture, key: StepKey) -> tuple[Any, Any, int, int]:
     return _UNETS[cache_key]
 
 
-def _fake_batch(arch: Architecture, key: StepKey) -> step.EncodedBatch:
-    """An EncodedBatch as `encode_batch` makes it: fp32 latents, prompt embeddings in the encoders' dtype."""
-    B, h = key.batch_size, key.resolution // arch.latent_factor
-    channels, embed_dtype = arch.unet["in_channels"], models.DTYPES[key.precision]
-    latents = (torch.empty(B, channels, h, h), torch.empty(B, channels, h, h))
-    embeds = torch.empty(B, arch.max_length, arch.unet["cross_attention_dim"], dtype=embed_dtype)
-    if arch.is_sdxl:
-        return step.EncodedBatch(*latents, embeds, torch.empty(B, arch.pooled_dim, dtype=embed_dtype),
-                                 torch.empty(B, 6), torch.empty(B, 6), torch.ones(B))
-    return step.EncodedBatch(*latents, embeds, None, None, None, torch.ones(B))
+def _batch(arch: Architecture, key: StepKey, device: torch.device | str = "cpu",
+           generator: torch.Generator | None = None) -> step.EncodedBatch:
+    """An EncodedBatch as `encode_batch` makes it: fp32 latents, prompt embeddings in the encoders' dtype; random
+    from `generator`, or without one uninitialised (under FakeTensorMode: shapes only)."""
+    return step.random_batch(arch.unet, key.batch_size, key.resolution, device, models.DTYPES[key.precision],
+                             generator, arch.latent_factor, arch.max_length)
 
 
 def _autocast(key: StepKey) -> contextlib.AbstractContextManager:
@@ -409,7 +397,7 @@ def measure_step(arch: Architecture, key: StepKey) -> StepMeasure:
     lora = [p for p in unet.parameters() if p.requires_grad]
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     with mode:
-        batch = _fake_batch(arch, key)
+        batch = _batch(arch, key)
         probe = StepProbe()
         for tensor in (*unet.parameters(), *unet.buffers(), *(t for t in vars(batch).values() if t is not None)):
             probe.track(tensor)
@@ -792,13 +780,6 @@ class RealMeasure:
     flops: float
 
 
-def _random_batch(arch: Architecture, key: StepKey, device: torch.device) -> step.EncodedBatch:
-    with torch.device(device):
-        batch = _fake_batch(arch, key)
-    return step.EncodedBatch(*(t if t is None else t.normal_() if t.is_floating_point() else t
-                               for t in vars(batch).values()))
-
-
 def _allocated_on_cpu(run: Callable[[], None]) -> int:
     """The CPU allocator's own record of a run (torch.profiler, profile_memory): the peak of bytes allocated
     during it, above what was allocated before."""
@@ -822,16 +803,12 @@ def measure_real_step(arch: Architecture, key: StepKey, device: torch.device) ->
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = models.unet_from_config(arch.unet, models.DTYPES[key.precision], device)
-    if key.lora_fp32:
-        models.add_lora(unet, key.lora)
-    else:
-        unet.add_adapter(models.lora_config(key.lora))
-    if key.checkpointing:
-        unet.enable_gradient_checkpointing()
+    step.build_policy(unet, key.lora, seed=0, precision=key.precision, checkpointing=key.checkpointing,
+                      lora_fp32=key.lora_fp32)
     unet.train()
     base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=DDPMScheduler.from_config(arch.scheduler),
                             is_sdxl=arch.is_sdxl)
-    batch = _random_batch(arch, key, device)
+    batch = _batch(arch, key, device, torch.Generator().manual_seed(0))
     dtype = models.DTYPES[key.precision]
     autocast = (contextlib.nullcontext() if key.precision == "no"
                 else torch.autocast(device.type, dtype=dtype))

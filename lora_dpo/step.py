@@ -1,4 +1,8 @@
-"""One Diffusion-DPO step: the one function the trainer, the benchmark and the memory planner all run.
+"""One Diffusion-DPO training step: the one piece of code the trainer, the benchmark and the memory planner all
+run, with everything it needs built here once: the accelerator and its precision, the policy (the frozen UNet
+with LoRA, as the trainer builds it, on real or fake weights), the optimizer, the batch structures (and random
+batches of the right shapes), the seeding scheme, the recipe-to-loss mapping, and the micro-step with
+accumulation, clipping and the NaN/Inf guard.
 
 Shapes: B pairs; latents (B, C, h, w); the policy sees winners and losers stacked as 2B, with the same noise
 and the same timestep for both images of a pair (Wallace et al. 2023, Sec. 4).
@@ -6,7 +10,9 @@ and the same timestep for both images of a pair (Wallace et al. 2023, Sec. 4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +20,31 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
+from lora_dpo import guards, models
 from lora_dpo.data import PreferenceBatch
 from lora_dpo.models import BaseModel, adapters_disabled, encode_images, encode_prompts, unet_forward
-from lora_dpo.objectives import dpo_logits, error_accuracy, get_objective, implicit_reward_accuracy
-from lora_dpo.recipe import ObjectiveRecipe
+from lora_dpo.objectives import OBJECTIVES, dpo_logits, error_accuracy, implicit_reward_accuracy, mapo_loss, sft_loss
+from lora_dpo.recipe import LoraRecipe, ObjectiveRecipe, RecipeError, TrainRecipe
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------
+# The accelerator and its precision
+
+
+def resolve_precision(cfg: TrainRecipe) -> str:
+    """The recipe's mixed precision, unless this device cannot run it: then an error naming the key, or, where
+    the recipe opts in with `device_fallback`, the nearest precision it can run, said at start. accelerate
+    autocasts bf16 on CPUs but runs no fp16 autocast or loss scaling there (it would silently train in fp32)."""
+    if cfg.mixed_precision != "fp16" or torch.cuda.is_available():
+        return cfg.mixed_precision
+    if not cfg.device_fallback:
+        raise RecipeError('[train].mixed_precision = "fp16": accelerate runs no fp16 autocast or loss scaling on '
+                          'the CPU; use "bf16" (the CPU autocasts it) or "no", or set [train].device_fallback = '
+                          'true to run bf16 here and fp16 on a GPU')
+    log.warning('[train].mixed_precision = "fp16" cannot run on the CPU; running "bf16" instead '
+                "([train].device_fallback = true)")
+    return "bf16"
 
 
 def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
@@ -29,6 +56,80 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy: the frozen UNet made trainable the one way the trainer does it
+
+
+def build_policy(unet: Any, lora: LoraRecipe, seed: int, *, precision: str, quantize: str = "none",
+                 device: torch.device | str | None = None, checkpointing: bool = False,
+                 lora_fp32: bool = True) -> Any:
+    """The frozen UNet as the policy: NF4 first, if asked (its matmuls in `precision`), on `device` (None: where it
+    is, e.g. `meta` for the planner's fake weights), LoRA with its seeded init (fp32 adapters on any base;
+    `lora_fp32=False` keeps the base's dtype, the planner's comparison), gradient checkpointing. Returns the
+    peft LoraConfig; `models.lora_parameters(unet)` are what trains."""
+    if quantize == "nf4":
+        models.quantize_nf4(unet, models.DTYPES[precision], torch.device(device or "cpu"))
+    if device is not None:
+        unet.to(device)
+    torch.manual_seed(lora_init_seed(seed))  # lora_A's random init is part of the run: same seed, same adapter
+    if lora_fp32:
+        config = models.add_lora(unet, lora)
+    else:
+        config = models.lora_config(lora)
+        unet.add_adapter(config)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    return config
+
+
+def make_optimizer(cfg: TrainRecipe, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer, on every device: bitsandbytes' AdamW8bit steps CPU tensors too (0.50+)."""
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    # fused: one kernel for all the adapter tensors (hundreds of small ones) instead of a loop over them;
+    # measured 15x faster on the CPU, where it was 6 % of the tiny model's step
+    return torch.optim.AdamW(params, **kwargs, fused=True if device.type in ("cpu", "cuda") else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds: every random draw of a run is keyed by (seed, where it happens), so a resumed run, and P processes
+# against one, draw what an uninterrupted single-process run would, with no RNG state in the checkpoint.
+# (Data draws: crops, flips and caption dropout are keyed by (seed, draw) in `data`.)
+
+
+def lora_init_seed(seed: int) -> int:
+    """torch's global RNG when the adapters are created (lora_A's init)."""
+    return seed
+
+
+def dropout_seed(seed: int, micro_step: int, processes: int, rank: int) -> int:
+    """torch's global RNG for micro-step m on process r (LoRA dropout), a stream of its own."""
+    return 2**63 + seed * 1_000_003 + micro_step * processes + rank
+
+
+def noise_generators(seed: int, micro_step: int, processes: int, rank: int, pairs: int,
+                     device: torch.device) -> list[torch.Generator]:
+    """One generator per pair, seeded by (seed, the pair's position in the run's stream of draws). accelerate
+    deals process r its micro-batch m from batch m * P + r of the stream, so pair i sits at position
+    (m * P + r) * B + i whatever P and B are: a resumed run, and P processes x batch B against one process x
+    batch P * B, draw the same noise and timestep for the same pair."""
+    first = (micro_step * processes + rank) * pairs
+    return [torch.Generator(device).manual_seed((seed << 32) + first + i) for i in range(pairs)]
+
+
+def validation_generator(seed: int, batch_index: int, device: torch.device) -> torch.Generator:
+    """The same noise for held-out batch i at every evaluation, so the curve moves with the weights only."""
+    return torch.Generator(device).manual_seed(seed + 7919 * batch_index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
 
 
 @dataclass
@@ -45,13 +146,11 @@ class EncodedBatch:
     labels: Tensor
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> EncodedBatch:
-        def move(t: Tensor | None, cast: bool = True) -> Tensor | None:
-            if t is None:
-                return None
-            return t.to(device, dtype if cast and dtype is not None else t.dtype, non_blocking=True)
-
-        return EncodedBatch(move(self.latents_w), move(self.latents_l), move(self.prompt_embeds), move(self.pooled),
-                            move(self.time_ids_w), move(self.time_ids_l), move(self.labels, cast=False))
+        """On `device`; floating tensors (not labels) cast to `dtype` if given."""
+        values = [None if t is None else t.to(device, dtype if dtype is not None and name != "labels" else t.dtype,
+                                              non_blocking=True)
+                  for name, t in vars(self).items()]
+        return EncodedBatch(*values)
 
     def pin_memory(self) -> EncodedBatch:
         """Called by DataLoader(pin_memory=True) on batches from the latent cache: page-locked host memory lets
@@ -73,6 +172,33 @@ def encode_batch(base: BaseModel, batch: PreferenceBatch, device: torch.device) 
                         batch.labels.to(device))
 
 
+def random_batch(unet_config: Mapping[str, Any], pairs: int, resolution: int, device: torch.device | str,
+                 dtype: torch.dtype, generator: torch.Generator | None = None, latent_factor: int = 8,
+                 tokens: int = 77) -> EncodedBatch:
+    """What `encode_batch` hands the step, of the UNet's shapes: latents (B, C, R/f, R/f) in float32, prompt
+    embeddings (B, tokens, D) and, for SDXL, pooled (B, P) in the encoders' dtype, time ids (B, 6). Random from
+    `generator`; without one, uninitialised (the planner's fake tensors have shapes, not values)."""
+    size = resolution // latent_factor
+
+    def tensor(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        if generator is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
+    latents = (tensor(pairs, unet_config["in_channels"], size, size) for _ in range(2))
+    embeds = tensor(pairs, tokens, unet_config["cross_attention_dim"], dtype=dtype)
+    pooled = time_ids = None
+    if models.is_sdxl_unet(unet_config):
+        pooled = tensor(pairs, models.pooled_dim(unet_config), dtype=dtype)
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * pairs,
+                                dtype=torch.float32, device=device)
+    return EncodedBatch(*latents, embeds, pooled, time_ids, time_ids, torch.ones(pairs, device=device))
+
+
+# --------------------------------------------------------------------------------------------------
+# The DPO step: noise, policy and reference errors, the objective
+
+
 @dataclass
 class StepOutput:
     """The mean loss (with graph) and detached per-step metrics, kept on device: reading them is a sync."""
@@ -87,6 +213,16 @@ def _stack(a: Tensor | None, b: Tensor | None, pair: bool) -> Tensor | None:
     return torch.cat([a, b]) if pair else a
 
 
+def _target(scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet is trained to predict; `models.load_base` refuses bases that predict anything else."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise models.ModelError(f"prediction type {kind!r}: lora-dpo trains {', '.join(models.PREDICTION_TYPES)}")
+
+
 def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: Tensor, timesteps: Tensor,
             pair: bool) -> Tensor:
     """Per-image mean squared denoising error over (C, h, w): shape (2B,) with the loser, else (B,)."""
@@ -95,10 +231,7 @@ def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: 
     noise, timesteps = noise.repeat(repeat, 1, 1, 1), timesteps.repeat(repeat)
     scheduler = base.noise_scheduler
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = _target(scheduler, latents, noise, timesteps)
     embeds = batch.prompt_embeds.repeat(repeat, 1, 1)
     pooled = None if batch.pooled is None else batch.pooled.repeat(repeat, 1)
     time_ids = _stack(batch.time_ids_w, batch.time_ids_l, pair)
@@ -121,6 +254,18 @@ def sample_noise(base: BaseModel, latents: Tensor,
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
 
 
+def objective_loss(cfg: ObjectiveRecipe, model_w: Tensor, model_l: Tensor | None, ref_w: Tensor | None,
+                   ref_l: Tensor | None, labels: Tensor | None, num_timesteps: int) -> Tensor:
+    """The recipe's objective on per-pair errors (B,) -> per-pair loss (B,): the one place where [objective] keys
+    become loss arguments (the losses themselves know no recipe). Errors the objective does not need are None."""
+    objective = OBJECTIVES[cfg.kind]
+    if objective.needs_reference:  # dpo, ipo, hinge: on the DPO logit, all read beta and label smoothing
+        return objective.loss(model_w, model_l, ref_w, ref_l, cfg.beta, labels, cfg.label_smoothing)
+    if cfg.kind == "mapo":
+        return mapo_loss(model_w, model_l, cfg.mapo_beta, cfg.mapo_snr, num_timesteps, labels, cfg.label_smoothing)
+    return sft_loss(model_w, labels, cfg.label_smoothing)
+
+
 def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: ObjectiveRecipe,
              generator: torch.Generator | Sequence[torch.Generator]) -> StepOutput:
     """Sample one noise and timestep per pair, run the policy (on the other image only if the objective needs
@@ -128,7 +273,7 @@ def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: O
     objective's mean loss and metrics: `reward_accuracy` and `reward_margin` (the logit x) need the reference;
     `error_accuracy` (e_w < e_l, no reference) needs the other image. `unet` may be wrapped (DDP, DeepSpeed,
     torch.compile): both passes run through the wrapper, the adapters are switched on the model inside it."""
-    objective = get_objective(cfg.kind)
+    objective = OBJECTIVES[cfg.kind]
     noise, timesteps = sample_noise(base, batch.latents_w, generator)
     model = _errors(unet, base, batch, noise, timesteps, objective.needs_loser)
     model_w, model_l = model.chunk(2) if objective.needs_loser else (model, None)
@@ -138,7 +283,7 @@ def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: O
             ref = _errors(unet, base, batch, noise, timesteps, pair=True)
         ref_w, ref_l = ref.clone().chunk(2)  # (2B,) constants: cloned out of inference mode so autograd can read them
     num_timesteps = base.noise_scheduler.config.num_train_timesteps
-    loss = objective.loss(model_w, model_l, ref_w, ref_l, batch.labels, cfg, num_timesteps).mean()
+    loss = objective_loss(cfg, model_w, model_l, ref_w, ref_l, batch.labels, num_timesteps).mean()
     metrics = {"loss": loss.detach(), "model_w": model_w.detach().mean()}
     if model_l is not None:
         metrics["model_l"] = model_l.detach().mean()
@@ -149,3 +294,61 @@ def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: O
         metrics["reward_accuracy"] = accuracy.mean()
         metrics["reward_margin"] = dpo_logits(model_w.detach(), model_l.detach(), ref_w, ref_l, cfg.beta).mean()
     return StepOutput(loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# The micro-step as training runs it: backward, accumulation, clipping, the guard, the optimizer step
+
+
+@dataclass
+class TrainStep:
+    """What one micro-step of training did. `finite` carries over to the next micro-step of the same optimizer
+    step (every micro-batch's loss must be finite); the rest is decided on an accumulation boundary, in the one
+    host sync of an optimizer step, agreed by every process."""
+
+    output: StepOutput
+    finite: Tensor | bool  # the loss of every micro-batch of this optimizer step so far was finite
+    boundary: bool = False  # this micro-batch ended an optimizer step
+    healthy: bool = True  # boundary: the loss and gradients were finite on every process (else the step is skipped)
+    applied: bool = False  # boundary: the update reached the weights (not skipped for NaN/Inf or by fp16 scaling)
+    stopping: bool = False  # boundary: some process was asked to stop (SIGINT/SIGTERM)
+
+
+def _finite_norm(norm: Tensor | float | None, device: torch.device) -> Tensor:
+    """accelerate's clip_grad_norm_ returns a tensor, or under DeepSpeed the engine's global norm as a float or
+    None (not computed yet)."""
+    if isinstance(norm, Tensor):
+        return torch.isfinite(norm)
+    return torch.tensor(norm is None or math.isfinite(norm), device=device)
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch, objective: ObjectiveRecipe,
+               max_grad_norm: float, generator: torch.Generator | list[torch.Generator],
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], finite: Tensor | bool = True,
+               stop_requested: bool = False) -> TrainStep:
+    """One micro-step as training runs it, and as `lora-dpo bench` times it: the DPO step, backward, and on an
+    accumulation boundary clipping, one host sync, and the optimizer step unless the loss or the gradient norm
+    was NaN/Inf on some process. fp16's loss scaler skips overflowing steps itself (so its optimizer.step() is
+    always called: that is where the scale is lowered). DeepSpeed steps inside `backward`, so there a bad step
+    is counted but cannot be skipped (said at start)."""
+    with accelerator.accumulate(unet):
+        out = dpo_step(unet, base, batch, objective, generator)
+        accelerator.backward(out.loss)
+        finite = torch.isfinite(out.metrics["loss"]) & finite
+        if not accelerator.sync_gradients:
+            return TrainStep(out, finite)
+        scaled = accelerator.scaler is not None
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)  # inf: only measure the norm
+        healthy = finite if scaled else finite & _finite_norm(norm, out.loss.device)
+        ok, stopping = guards.step_flags(accelerator, healthy, stop_requested)
+        if ok or scaled:
+            optimizer.step()
+        applied = (ok or is_deepspeed(accelerator)) and not optimizer.step_was_skipped
+        optimizer.zero_grad(set_to_none=True)
+    return TrainStep(out, True, boundary=True, healthy=ok, applied=applied, stopping=stopping)

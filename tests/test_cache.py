@@ -8,7 +8,8 @@ import torch
 
 from lora_dpo import cache, data
 from lora_dpo.recipe import DataRecipe
-from lora_dpo.train import _encode, fit, setup
+from lora_dpo.train import fit, setup
+from lora_dpo.train.loop import _encode
 
 ROOT = Path(__file__).parent.parent
 # Where the cached and the live pair coincide in every pass: one crop, no flip (the cache stores one of each)

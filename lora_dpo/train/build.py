@@ -1,0 +1,176 @@
+"""Building a training run: outputs and data checked first (cheap, and where users make mistakes), then the
+base, the policy, the optimizer and schedule, the loaders, the accelerator's wrapping; and resuming a checkpoint.
+
+recipe -> data (live, streamed, or a latent cache) + base model -> policy (step.build_policy) -> a `Run`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dpo import cache, checkpoint, data, files, guards, models, plan, step
+from lora_dpo.export import ADAPTER_FILE
+from lora_dpo.recipe import Recipe, RecipeError
+from lora_dpo.train import samples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built by `setup`."""
+
+    recipe: Recipe
+    run_dir: Path
+    accelerator: Any
+    base: models.BaseModel
+    unet: Any
+    lora_config: Any
+    optimizer: Any
+    lr_scheduler: Any
+    train_loader: Any
+    val_loader: Any | None
+    sampler: samples.TrainingSampler | None = None
+    start_step: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped so far for a NaN/Inf loss or gradient
+    data_summary: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    data_stats: data.PairStats = field(default_factory=data.PairStats)  # what reading the source found
+    loader_stats: data.PairStats = field(default_factory=data.PairStats)  # what this process's loaders found
+
+
+def _loader(dataset: torch.utils.data.Dataset, sampler: Any, batch_size: int, num_workers: int, pin: bool,
+            collate: Any, prefetch_factor: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+                                       prefetch_factor=prefetch_factor if num_workers else None,
+                                       worker_init_fn=guards.ignore_interrupts if num_workers else None)
+
+
+def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
+    """Check outputs and data first (cheap, and where users make mistakes), then load weights."""
+    from diffusers.optimization import get_scheduler
+
+    cfg = recipe.train
+    files.make_folder(run_dir)
+    files.remove_temporaries(run_dir)  # what a killed write left behind
+    if (run_dir / ADAPTER_FILE).exists() and not (recipe.output.overwrite or resume):
+        raise RecipeError(f"{run_dir} already holds a finished adapter; choose another [output].name, "
+                          "or pass --overwrite to replace it")
+    earlier = checkpoint.list_checkpoints(run_dir)
+    if earlier and not resume:
+        if not recipe.output.overwrite:
+            raise RecipeError(f"{run_dir} holds checkpoints of an unfinished run (latest: {earlier[-1].name}); "
+                              "continue it with --resume latest, or pass --overwrite to start over")
+        checkpoint.remove_checkpoints(run_dir)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    precision = step.resolve_precision(cfg)
+    accelerator = step.make_accelerator(precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                                   log_with="tensorboard", project_dir=run_dir)
+    accelerator.init_trackers("tensorboard")  # `tensorboard --logdir adapters/<run>/tensorboard`
+    device = accelerator.device
+    _check_parallelism(accelerator, cfg.checkpoint_every)
+
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before any weight is loaded
+    checkpointing, why = plan.resolve_checkpointing(recipe, free)
+    accelerator.print(f"lora-dpo: gradient checkpointing {'on' if checkpointing else 'off'}: {why}")
+    weight_dtype = models.DTYPES[precision]
+    draws = cfg.max_steps * cfg.gradient_accumulation * cfg.batch_size * accelerator.num_processes
+    if recipe.data.cache:  # encoded already: the VAE and the text encoders are never loaded
+        parts = cache.cached_datasets(recipe, draws, weight_dtype)
+    else:
+        parts = data.build_datasets(recipe.data, cfg.seed, draws, cfg.batch_size, accelerator.process_index,
+                                    accelerator.num_processes)
+
+    base = models.load_base(recipe.model, with_encoders=not recipe.data.cache, weight_dtype=weight_dtype,
+                            vae_dtype=models.DTYPES[recipe.model.vae_dtype])
+    for module in (base.vae, *base.text_encoders):  # the UNet goes to the device in step.build_policy
+        if module is not None:
+            module.to(device)
+    lora_config = step.build_policy(base.unet, recipe.lora, cfg.seed, precision=precision,
+                                    quantize=recipe.model.quantize, device=device, checkpointing=checkpointing)
+    optimizer = step.make_optimizer(cfg, models.lora_parameters(base.unet), device)
+    schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
+    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps,  # diffusers' `constant`
+
+                                 num_training_steps=cfg.max_steps)                  # ignores any warmup
+
+    pin = device.type == "cuda"
+    train_loader = _loader(parts.train, parts.sampler, cfg.batch_size, parts.num_workers, pin, parts.collate,
+                           recipe.data.prefetch_factor)
+    val_loader = None
+    if parts.val is not None:
+        val_loader = _loader(parts.val, range(len(parts.val)), cfg.batch_size, 0, pin, parts.collate,
+                             recipe.data.prefetch_factor)
+    if parts.sampler is None:  # a stream divides itself between processes and workers: accelerate must not
+        unet, optimizer = accelerator.prepare(base.unet, optimizer)
+    else:
+        unet, optimizer, train_loader = accelerator.prepare(base.unet, optimizer, train_loader)
+
+    run = Run(recipe, run_dir, accelerator, base, unet, lora_config, optimizer, lr_scheduler, train_loader,
+              val_loader, data_summary=parts.summary, data_stats=parts.stats)
+    if recipe.sample.every and recipe.data.cache:
+        log.warning("[sample].every: sample grids need the VAE and text encoders, which a cached run never loads; "
+                    "no grids this run (`lora-dpo eval` the adapter afterwards)")
+    elif recipe.sample.every and accelerator.is_main_process:  # grids from the UNet being trained, no copy
+        prompts = recipe.sample.prompts or samples.default_sample_prompts(parts.prompts)
+        run.sampler = samples.TrainingSampler(base, accelerator.unwrap_model(unet), recipe, prompts,
+                                              run_dir / "samples")
+    if resume:
+        _resume(run, resume)
+    return run
+
+
+def _check_parallelism(accelerator: Any, checkpoint_every: int) -> None:
+    """Refuse, before anything loads, the launch layouts that shard parameters (FSDP, DeepSpeed ZeRO-3): the
+    adapter and checkpoints are saved from the main process's own copy of the LoRA weights, which must be
+    whole. Data parallel (DDP, ZeRO-2) keeps whole replicas, and for a LoRA nothing else is worth having."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if kind == DistributedType.FSDP or zero3:
+        raise RecipeError(f"accelerate {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} shards the parameters, and "
+                          "lora-dpo saves adapters from whole ones: launch with recipes/accelerate/ddp.yaml (the base "
+                          "fits on each GPU; the adapter's gradients are a few MB) or deepspeed_zero2.yaml")
+    if kind == DistributedType.DEEPSPEED:
+        accelerator.print("lora-dpo: DeepSpeed steps the optimizer inside backward, so a step whose loss or gradients "
+                          "are NaN/Inf cannot be skipped here: it is counted, and [train].max_bad_steps in a row stop "
+                          "the run (under DDP such steps are skipped and leave the adapter as it was)")
+    if kind == DistributedType.DEEPSPEED and checkpoint_every:
+        raise RecipeError("[train].checkpoint_every: DeepSpeed partitions the optimizer state across processes, and "
+                          "lora-dpo's checkpoints hold it whole: launch with recipes/accelerate/ddp.yaml to keep "
+                          "resumable checkpoints, or set train.checkpoint_every = 0")
+
+
+def _resume(run: Run, which: str) -> None:
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    found = checkpoint.list_checkpoints(run.run_dir)
+    path = (found[-1] if found else None) if which == "latest" else Path(which)
+    if path is None or not (path / "state.json").is_file():
+        raise RecipeError(f"--resume {which}: no checkpoint found in {run.run_dir if which == 'latest' else path}")
+    lora, optimizer_state, state = checkpoint.load_checkpoint(path)
+    if state["fingerprint"] != run.recipe.fingerprint():
+        log.warning("resuming %s, saved with a different recipe (fingerprint %s, now %s)", path,
+                    state["fingerprint"], run.recipe.fingerprint())
+    unet = run.accelerator.unwrap_model(run.unet)
+    files.check_tensors(lora, get_peft_model_state_dict(unet), path / checkpoint.ADAPTER, "checkpoint's adapter")
+    set_peft_model_state_dict(unet, lora)
+    checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path,
+                                 run.accelerator.scaler)
+    run.train_loader = run.accelerator.skip_first_batches(run.train_loader, state["micro_steps"])
+    run.start_step = state["step"]
+    run.skipped_steps = int(state.get("skipped_steps", 0))
+    run.history = state["history"]
+    if run.accelerator.is_main_process:
+        checkpoint.rewind_metrics(run.run_dir / "metrics.jsonl", run.start_step)
+    log.info("resumed from %s at step %d", path, run.start_step)
+
+

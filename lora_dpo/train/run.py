@@ -1,0 +1,96 @@
+"""`train(recipe)`: build the run, fit it, check that every process holds the same adapter, write the adapter
+file, the training plot and the closing lines."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from lora_dpo import data, files, guards
+from lora_dpo.export import ADAPTER_FILE, save_adapter
+from lora_dpo.recipe import Recipe
+from lora_dpo.train import samples
+from lora_dpo.train.build import Run, setup
+from lora_dpo.train.loop import fit
+
+
+def _check_processes_agree(run: Run) -> str:
+    """The adapter's sha256 on this process; with several processes, raise unless all hold the same bytes
+    (data parallel training keeps replicas identical; a mismatch means gradients were not synchronised)."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    from lora_dpo.export import lora_state_dict
+
+    state = lora_state_dict(run.accelerator.unwrap_model(run.unet))
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].float().numpy().tobytes())
+    mine = digest.hexdigest()
+    if run.accelerator.num_processes > 1:
+        digests = gather_object([mine])
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the {len(digests)} processes ended with different adapters "
+                               f"({', '.join(d[:12] for d in digests)}): their gradients were not synchronised; "
+                               "check the accelerate launch configuration")
+    return mine
+
+
+def _objective_summary(recipe: Recipe) -> str:
+    cfg = recipe.objective
+    if cfg.kind == "mapo":
+        return f"mapo, mapo_beta {cfg.mapo_beta:g}, mapo_snr {cfg.mapo_snr:g}"
+    return cfg.kind if cfg.kind == "sft" else f"{cfg.kind}, beta {cfg.beta:g}"
+
+
+def _data_report(run: Run) -> str:
+    """What reading the source found plus what every process's loaders skipped while training."""
+    from accelerate.utils import gather_object
+
+    report = data.PairStats()
+    report.merge(run.data_stats)
+    for stats in gather_object([run.loader_stats]):
+        report.merge(stats)
+    return report.summary()
+
+
+def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = None) -> Path:
+    """Train a LoRA adapter as the recipe says; return the adapter file's path."""
+    run_dir = Path(recipe.output.dir) / recipe.run_name(recipe_path)
+    with guards.out_of_memory_advice(recipe):  # loading the base onto a small GPU may not fit either
+        run = setup(recipe, run_dir, resume)
+    accelerator = run.accelerator
+    cfg = recipe.train
+    effective = cfg.batch_size * cfg.gradient_accumulation * accelerator.num_processes
+    accelerator.print(f"lora-dpo: {run.data_summary}")
+    accelerator.print(f"lora-dpo: {cfg.max_steps} steps x {effective} pairs (batch {cfg.batch_size} x accumulation "
+                      f"{cfg.gradient_accumulation} x {accelerator.num_processes} processes) on "
+                      f"{accelerator.device}; objective {_objective_summary(recipe)}")
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    summary = fit(run)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"lora-dpo: data: {_data_report(run)}")
+    digest = _check_processes_agree(run)
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(run.unet)
+        with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
+            path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary)
+        samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        keys = ("val_reward_accuracy", "reward_accuracy", "val_error_accuracy", "error_accuracy")
+        acc = next((f"{k.removeprefix('val_').replace('_', ' ')} {summary[k]:.3f}; " for k in keys if k in summary), "")
+        accelerator.print(f"lora-dpo: done in {summary['seconds']:.0f} s; {acc}wrote {path}")
+        processes = accelerator.num_processes
+        accelerator.print(f"lora-dpo: adapter sha256 {digest[:16]}"
+                          + (f", identical on all {processes} processes" if processes > 1 else ""))
+    if accelerator.num_processes > 1:
+        # Free the DDP model (it holds the process group) on every rank while all are alive: left to interpreter
+        # exit, a rank whose peer is gone can block forever in a destructor (seen with gloo under load).
+        run.unet = run.optimizer = run.train_loader = run.val_loader = None
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.wait_for_everyone()
+    accelerator.end_training()  # stops the trackers, destroys the process group
+    return run_dir / ADAPTER_FILE

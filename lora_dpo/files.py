@@ -7,6 +7,8 @@ folder should be) into an `OutputError` that names the path, after removing the 
 
 Reads: `read_safetensors` and `read_json` turn truncated or corrupt files into a `FileFormatError` naming the
 file; `check_tensors` says when tensors read from a file do not fit the model they are meant for.
+
+Where: `cache_home` is the folder of lora-dpo's own cached assets (the tiny bases, the generated demo set).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from safetensors.torch import load_file
 from lora_dpo.errors import FileFormatError, OutputError
 
 TMP_SUFFIX = ".tmp"
+
+
+def cache_home() -> Path:
+    """Where built-in assets (tiny base, demo data) are cached: $LORA_DPO_HOME or ~/.cache/lora-dpo."""
+    return Path(os.environ.get("LORA_DPO_HOME", Path.home() / ".cache" / "lora-dpo"))
 
 
 def temporary(path: Path) -> Path:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lora_dpo import synthetic
 from lora_dpo.errors import LoraDpoError
+from lora_dpo.files import cache_home
 from lora_dpo.recipe import LoraRecipe, ModelRecipe
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,6 @@ class BaseModel:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
-
-
-def cache_home() -> Path:
-    """Where built-in assets (tiny base, demo data) are cached: $LORA_DPO_HOME or ~/.cache/lora-dpo."""
-    return Path(os.environ.get("LORA_DPO_HOME", Path.home() / ".cache" / "lora-dpo"))
 
 
 # --------------------------------------------------------------------------------------------------

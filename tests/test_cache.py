@@ -1,3 +1,4 @@
+import ast
 import json
 import subprocess
 import sys
@@ -137,3 +138,27 @@ def test_cache_command_writes_a_cache_a_recipe_trains_from(tiny_base_dir: Path, 
     assert f"wrote {tmp_path / 'cache'}: 20 train and 4 held-out pairs" in result.stdout
     manifest = json.loads((tmp_path / "cache" / cache.MANIFEST).read_text())
     assert manifest["dtype"] == "fp16" and [s["count"] for s in manifest["shards"]["train"]] == [16, 4]
+
+
+# The cache package's floors, lowest first: each module imports only those before it; of the rest of lora-dpo it
+# uses the trainer's lower floors (data, models, step) and never the trainer, the planner or the CLI
+CACHE_MODULES = ("layout", "write", "read", "throughput")
+BELOW_CACHE = {"lora_dpo.data", "lora_dpo.models", "lora_dpo.recipe", "lora_dpo.step", "lora_dpo.synthetic",
+               "lora_dpo.errors", "lora_dpo.files"}
+
+
+def test_the_cache_package_imports_one_way() -> None:
+    package = Path(cache.__file__).parent
+    assert {p.stem for p in package.glob("*.py")} == {"__init__", *CACHE_MODULES}
+    for floor, name in enumerate(CACHE_MODULES):
+        imports = set()
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lora_dpo"):
+                imports |= {f"lora_dpo.{a.name}" for a in node.names} if node.module == "lora_dpo" else {node.module}
+            elif isinstance(node, ast.Import):
+                imports |= {a.name for a in node.names if a.name.startswith("lora_dpo")}
+        inside = {m.removeprefix("lora_dpo.cache.") for m in imports if m.startswith("lora_dpo.cache.")}
+        assert inside <= set(CACHE_MODULES[:floor]), f"cache.{name} imports {inside - set(CACHE_MODULES[:floor])}"
+        outside = {m for m in imports if not m.startswith("lora_dpo.cache.")}
+        assert outside <= BELOW_CACHE, f"cache.{name} imports {outside - BELOW_CACHE}"
+    assert all(hasattr(cache, name) for name in cache.__all__)

@@ -1,3 +1,4 @@
+import ast
 import io
 import json
 import random
@@ -378,3 +379,47 @@ def test_truncated_or_corrupted_images_raise_data_errors(image: str, cut: float,
         assert str(err) in ("pairs.parquet row 7: undecodable image", "pairs.parquet row 7: missing image")
     else:
         assert decoded.mode == "RGB"
+
+
+# The data package's floors, lowest first: each module imports only those before it (no cycles), and of the rest of
+# lora-dpo only the floors below data (never models, step, the trainer or the CLI)
+DATA_MODULES = ("records", "rows", "hub", "readers", "pairs", "images", "dataset", "streaming", "build")
+BELOW_DATA = {"lora_dpo.errors", "lora_dpo.files", "lora_dpo.recipe", "lora_dpo.synthetic"}
+
+
+def _our_imports(path: Path) -> set[str]:
+    """Every `lora_dpo...` module a file imports, at the top or inside a function (`from lora_dpo import x` as
+    `lora_dpo.x`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("lora_dpo")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lora_dpo"):
+            found |= {f"lora_dpo.{a.name}" for a in node.names} if node.module == "lora_dpo" else {node.module}
+    return found
+
+
+def test_the_data_package_imports_one_way_and_never_models() -> None:
+    package = Path(data.__file__).parent
+    assert {p.stem for p in package.glob("*.py")} == {"__init__", *DATA_MODULES}  # a new module takes a floor here
+    for floor, name in enumerate(DATA_MODULES):
+        imports = _our_imports(package / f"{name}.py")
+        inside = {m.removeprefix("lora_dpo.data.") for m in imports if m.startswith("lora_dpo.data.")}
+        assert inside <= set(DATA_MODULES[:floor]), f"data.{name} imports {inside - set(DATA_MODULES[:floor])}"
+        outside = {m for m in imports if not m.startswith("lora_dpo.data.")}
+        assert outside <= BELOW_DATA, f"data.{name} imports {outside - BELOW_DATA}"
+    exported = _our_imports(package / "__init__.py")
+    assert exported <= {f"lora_dpo.data.{name}" for name in DATA_MODULES}
+    assert all(hasattr(data, name) for name in data.__all__)
+
+
+def test_cache_home_is_the_files_floor_and_models_still_offers_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_dpo import files, models
+
+    assert models.cache_home is files.cache_home
+    monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
+    assert files.cache_home() == tmp_path
+    monkeypatch.delenv("LORA_DPO_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert files.cache_home() == tmp_path / "home" / ".cache" / "lora-dpo"

@@ -1,0 +1,141 @@
+"""Sources -> `PairRecord`s, no image decoded: JSONL and CSV files of paths, local parquet (a file, or a folder of
+a split's files; metadata read one row group at a time, images left in the file as `ParquetCell`s), hub
+datasets (`hub`), and the generated demo set (`synthetic:shapes[:N]`, written under `files.cache_home()` on first
+use). `read_records` picks the reader from `[data].source`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lora_dpo import synthetic
+from lora_dpo.data.hub import is_hub, read_hub
+from lora_dpo.data.records import DataError, PairRecord, ParquetCell
+from lora_dpo.data.rows import bad_record, check_pickapic_columns, column_names, path_record, pickapic_record
+from lora_dpo.files import cache_home
+from lora_dpo.recipe import DataRecipe
+
+
+def _utf8_lines(path: Path) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            yield from handle
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); JSONL and CSV sets are UTF-8 text") from None
+
+
+def _read_jsonl(path: Path, cols: dict[str, str]) -> Iterator[PairRecord]:
+    for number, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            yield bad_record(where, "malformed row (not valid JSON)")
+            continue
+        yield path_record(row, where, path.parent, cols)
+
+
+def _read_csv(path: Path, cols: dict[str, str]) -> Iterator[PairRecord]:
+    reader = csv.DictReader(_utf8_lines(path))
+    missing = [cols[key] for key in ("prompt", "chosen", "rejected") if cols[key] not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the header needs prompt, chosen, "
+                        "rejected (and optionally label), or map yours with [data].columns")
+    for row in reader:
+        yield path_record(row, f"{path}:{reader.line_num}", path.parent, cols)
+
+
+def _check_parquet_types(schema: Any, cols: dict[str, str], file: Path) -> None:
+    """A column of the wrong type is the whole file's problem (not a row's to skip): name it. Nulls are rows'."""
+    from pyarrow import types
+
+    text = (types.is_string, types.is_large_string)
+    image = ("binary (encoded image) or string (path)",
+             (types.is_binary, types.is_large_binary, types.is_struct, *text))
+    number = ("number", (types.is_integer, types.is_floating))
+    expected = {"caption": ("string", text), "jpg_0": image, "jpg_1": image, "label_0": number, "label_1": number}
+    problems = [f"{cols[name]} is {schema.field(cols[name]).type}, expected {what}"
+                for name, (what, checks) in expected.items()
+                if cols[name] in schema.names and not any(check(schema.field(cols[name]).type) for check in checks)]
+    if problems:
+        raise DataError(f"{file}: {'; '.join(problems)}")
+
+
+def parquet_files(path: Path, split: str) -> list[Path]:
+    """A file, or a folder's parquet files; in a folder holding several splits (`train-00000-of-00645.parquet`,
+    `validation-...`), those of `split` only."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(path.glob("*.parquet"))
+    return [f for f in files if f.name.split("-")[0] == split] or files
+
+
+def _read_parquet(path: Path, cfg: DataRecipe, cols: dict[str, str]) -> Iterator[PairRecord]:
+    """Reads only the metadata columns, one row group at a time; images stay in the file as cells."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = parquet_files(path, cfg.split)
+    if not files:
+        raise DataError(f"[data].source = {cfg.source!r}: no .parquet files in this folder (a dataset repository "
+                        "or a `datasets` folder? use hf:<folder>)")
+    for file in files:
+        try:
+            handle = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{file}: not a readable parquet file ({err})") from None
+        meta = check_pickapic_columns(handle.schema_arrow.names, cols, str(file))
+        _check_parquet_types(handle.schema_arrow, cols, file)
+        start = 0
+        for group in range(handle.num_row_groups):
+            try:
+                table = handle.read_row_group(group, columns=[cols[c] for c in meta])
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"{file}: not a readable parquet file (row group {group}: {err})") from None
+            values = {c: table.column(cols[c]).to_pylist() for c in meta}
+            for row in range(table.num_rows):
+                cells = [ParquetCell(str(file), group, row, cols[c]) for c in ("jpg_0", "jpg_1")]
+                yield pickapic_record({c: values[c][row] for c in meta}, f"{file} row {start + row}", *cells)
+            start += table.num_rows
+
+
+def synthetic_source(spec: str, resolution: int) -> Path:
+    """`synthetic:shapes[:N]` -> the cached demo set's JSONL, written on first use."""
+    parts = spec.split(":")
+    if parts[1:2] != ["shapes"] or len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
+        raise DataError(f"[data].source = {spec!r}: the generated set is `synthetic:shapes` or `synthetic:shapes:N`")
+    n_pairs = int(parts[2]) if len(parts) == 3 else 512
+    size = max(96, resolution + resolution // 2)  # larger than the crop, so resize and crop really happen
+    folder = cache_home() / f"shapes-{n_pairs}-{size}"
+    if not (folder / "pairs.jsonl").is_file():
+        synthetic.write_shapes_dataset(folder, n_pairs, size)
+    return folder / "pairs.jsonl"
+
+
+def read_records(cfg: DataRecipe) -> Iterator[PairRecord]:
+    """Every row of `[data].source`, lazily, in the source's order; the reader is chosen by the source's form."""
+    source, cols = cfg.source, column_names(cfg)
+    if source.startswith("synthetic:"):
+        yield from _read_jsonl(synthetic_source(source, cfg.resolution), cols)
+        return
+    if is_hub(source):
+        yield from read_hub(cfg, cols)
+        return
+    path = Path(source)
+    if path.suffix in (".jsonl", ".csv"):
+        if not path.is_file():
+            raise DataError(f"[data].source = {source!r}: no such file")
+        yield from (_read_jsonl if path.suffix == ".jsonl" else _read_csv)(path, cols)
+    elif path.suffix == ".parquet" or path.is_dir():
+        if not path.exists():
+            raise DataError(f"[data].source = {source!r}: no such file or folder")
+        yield from _read_parquet(path, cfg, cols)
+    else:
+        raise DataError(f"[data].source = {source!r}: not a .jsonl, .csv, .parquet, folder of parquet files, hub "
+                        "dataset id or `hf:<id or folder>`")

@@ -181,7 +181,7 @@ def _random_encoders(arch: str, weight_dtype: torch.dtype, vae_dtype: torch.dtyp
         cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
         encoders.append(cls(CLIPTextConfig(**config)).to(weight_dtype))
     vae = AutoencoderKL.from_config(models.shipped_config(arch, "vae")).to(vae_dtype)
-    tokenizer = models._tiny_tokenizer()
+    tokenizer = models.tiny_tokenizer()
     return {"vae": vae, "text_encoders": tuple(encoders), "tokenizers": (tokenizer,) * len(parts)}
 
 

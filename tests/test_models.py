@@ -165,3 +165,19 @@ def test_nf4_base_holds_4bit_linear_layers_and_trains_the_adapter_on_them() -> N
     policy.square().mean().backward()
     grads = [p.grad for name, p in unet.named_parameters() if ".lora_B." in name]
     assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_a_base_that_predicts_something_else_is_refused_when_it_loads(tiny_base_dir: Path, tmp_path: Path) -> None:
+    """The step trains epsilon and v-prediction bases; a `sample`-predicting one would silently learn the noise."""
+    import json
+    import shutil
+
+    from lora_dpo.models import ModelError, load_base
+    from lora_dpo.recipe import ModelRecipe
+
+    base = shutil.copytree(tiny_base_dir, tmp_path / "sample_base")
+    config_file = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prediction_type": "sample"}))
+    with pytest.raises(ModelError, match=r"predicts 'sample'; lora-dpo trains bases that predict epsilon or v_pred"):
+        load_base(ModelRecipe(base=str(base)))

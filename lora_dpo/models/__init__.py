@@ -1,0 +1,55 @@
+"""The frozen base (SDXL or SD 1.5), its LoRA adapters, the adapters-off reference, and the built-in tiny bases.
+
+- `parts`: what a base is made of (`BaseModel`), dtype tables, shipped architectures, the encoders' and UNet's calls
+- `lora`: LoRA on the frozen UNet, the adapters-off reference, the 4-bit (NF4) base
+- `tiny`: the tiny SDXL / SD 1.5 bases the demo and the tests train on, built offline and cached
+- `load`: loading a base (a diffusers folder, a hub id, or `tiny` / `tiny-sd15`), frozen, only the parts a run needs
+"""
+
+from lora_dpo.files import cache_home
+from lora_dpo.models.load import base_unet_config, load_base, read_pipeline_json
+from lora_dpo.models.lora import adapters_disabled, add_lora, lora_config, lora_parameters, quantize_nf4
+from lora_dpo.models.parts import (
+                                   ARCHITECTURES,
+                                   DTYPES,
+                                   KNOWN_BASES,
+                                   PREDICTION_TYPES,
+                                   STORAGE_DTYPES,
+                                   BaseModel,
+                                   ModelError,
+                                   encode_images,
+                                   encode_prompts,
+                                   is_sdxl_unet,
+                                   pooled_dim,
+                                   shipped_config,
+                                   unet_forward,
+                                   unet_from_config,
+)
+from lora_dpo.models.tiny import (
+                                   TINY_BASES,
+                                   TINY_FOLDERS,
+                                   TINY_RESOLUTION,
+                                   TINY_SCHEDULER,
+                                   TINY_SD15_UNET,
+                                   TINY_UNET,
+                                   TINY_VAE,
+                                   TinyArch,
+                                   build_tiny_base,
+                                   build_tiny_pipeline,
+                                   resolve_base,
+                                   tiny_base_path,
+                                   tiny_text_config,
+                                   tiny_tokenizer,
+                                   tiny_unet_config,
+                                   warm_up_tiny_base,
+)
+
+__all__ = [
+    "ARCHITECTURES", "DTYPES", "KNOWN_BASES", "PREDICTION_TYPES", "STORAGE_DTYPES", "TINY_BASES", "TINY_FOLDERS",
+    "TINY_RESOLUTION", "TINY_SCHEDULER", "TINY_SD15_UNET", "TINY_UNET", "TINY_VAE", "BaseModel", "ModelError",
+    "TinyArch", "adapters_disabled", "add_lora", "base_unet_config", "build_tiny_base", "build_tiny_pipeline",
+    "cache_home", "encode_images", "encode_prompts", "is_sdxl_unet", "load_base", "lora_config", "lora_parameters",
+    "pooled_dim", "quantize_nf4", "read_pipeline_json", "resolve_base", "shipped_config", "tiny_base_path",
+    "tiny_text_config", "tiny_tokenizer", "tiny_unet_config", "unet_forward", "unet_from_config",
+    "warm_up_tiny_base",
+]

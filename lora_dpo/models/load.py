@@ -1,0 +1,85 @@
+"""Loading a base: a diffusers folder or hub id (or a built-in tiny base), frozen, only the parts a run needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dpo.models.parts import KNOWN_BASES, PREDICTION_TYPES, BaseModel, ModelError, shipped_config
+from lora_dpo.models.tiny import resolve_base
+from lora_dpo.recipe import ModelRecipe
+
+
+def read_pipeline_json(source: str, filename: str, revision: str | None = None) -> dict[str, Any]:
+    """A JSON file of a diffusers pipeline (`model_index.json`, `unet/config.json`) from a local folder or the
+    hub, without downloading any weights."""
+    if Path(source).exists():
+        path = Path(source) / filename
+        if not path.is_file():
+            raise ModelError(f"{source}: not a diffusers pipeline folder (no {filename})")
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(source, filename, revision=revision)).read_text())
+    except Exception as err:
+        raise ModelError(f"{source}: cannot read {filename} from the hub ({type(err).__name__}); "
+                         "check the id, your network, or pass a local diffusers folder") from None
+
+
+def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: torch.dtype = torch.float32,
+              vae_dtype: torch.dtype = torch.float32, with_unet: bool = True) -> BaseModel:
+    """Load the base pipeline's parts, frozen. `with_encoders=False` skips the VAE and text encoders (training
+    from a latent cache); `with_unet=False` skips the UNet (writing a latent cache)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    source = resolve_base(cfg.base)
+    index = read_pipeline_json(source, "model_index.json", cfg.revision)
+    missing = [part for part in ("unet", "scheduler") if part not in index]
+    if with_encoders:
+        missing += [part for part in ("vae", "text_encoder", "tokenizer") if part not in index]
+    if missing:
+        raise ModelError(f"{source}: the pipeline has no {', '.join(missing)}; lora-dpo needs an SD 1.5 or "
+                         "SDXL text-to-image pipeline")
+    is_sdxl = "text_encoder_2" in index and index.get("text_encoder_2") != [None, None]
+    common = {"revision": cfg.revision}
+    try:
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        if scheduler.config.prediction_type not in PREDICTION_TYPES:
+            raise ModelError(f"{source}: its scheduler predicts {scheduler.config.prediction_type!r}; lora-dpo "
+                             f"trains bases that predict {' or '.join(PREDICTION_TYPES)}")
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
+                                                    torch_dtype=weight_dtype, **common) if with_unet else None
+        base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, is_sdxl=is_sdxl)
+        if with_encoders:
+            vae_kwargs = {"subfolder": "vae", **common} if cfg.vae is None else {}
+            base.vae = AutoencoderKL.from_pretrained(cfg.vae or source, torch_dtype=vae_dtype, **vae_kwargs)
+            names = ("", "_2") if is_sdxl else ("",)
+            encoders = (CLIPTextModel, CLIPTextModelWithProjection)
+            base.tokenizers = tuple(CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{n}", **common)
+                                    for n in names)
+            base.text_encoders = tuple(
+                cls.from_pretrained(source, subfolder=f"text_encoder{n}", variant=cfg.variant,
+                                    torch_dtype=weight_dtype, **common)
+                for cls, n in zip(encoders, names, strict=False))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{source}: cannot load the base pipeline: {str(err).splitlines()[0]}") from None
+    for module in (base.unet, base.vae, *base.text_encoders):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return base
+
+
+def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
+    """A base's UNet config without its weights (adapter formats need the architecture, not 5 GB): the shipped
+    config for the well-known hub ids (offline), `unet/config.json` of a local folder, or the hub's."""
+    if name in KNOWN_BASES:
+        return shipped_config(KNOWN_BASES[name], "unet")
+    return read_pipeline_json(resolve_base(name), "unet/config.json", revision)
+
+

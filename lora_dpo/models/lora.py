@@ -1,0 +1,101 @@
+"""The trainable part: LoRA adapters on the frozen UNet, the adapters-off reference, and the QLoRA-style 4-bit base.
+
+One UNet lives in memory. The policy is the UNet with its LoRA adapters on; the reference model of DPO is the
+same UNet with them off (`adapters_disabled`), so the reference costs no memory at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lora_dpo.models.parts import ModelError
+from lora_dpo.recipe import LoraRecipe
+
+# --------------------------------------------------------------------------------------------------
+# QLoRA-style 4-bit base
+
+
+def quantize_nf4(unet: Any, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Swap every `nn.Linear` of the frozen UNet for a bitsandbytes NF4 `Linear4bit` (QLoRA, Dettmers et al.
+    2023) and move it to `device`, where bitsandbytes quantises it; matmuls run in `compute_dtype`. Call it
+    before `add_lora`: peft puts its adapters on `Linear4bit` layers. Convolutions and norms stay as they are.
+    Layer by layer, so the full-precision copy of one layer at a time is all the extra memory. Returns the
+    number of layers swapped."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ModelError(f"[model].quantize = 'nf4' needs bitsandbytes ({err}); pip install bitsandbytes") from None
+    swapped = 0
+    for module in list(unet.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            layer.register_forward_hook(_output_in_autocast_dtype)
+            # bitsandbytes repacks the weight in place for a faster CPU kernel at the first forward in eval mode
+            # without grad (validation, samples), and that packing rejects widths that are not multiples of 32: keep
+            # the one layout that training uses
+            layer.support_avx512bf16_for_cpu = False
+            setattr(module, name, layer.to(device))
+            swapped += 1
+    unet.is_loaded_in_4bit = True  # as diffusers' own 4-bit loader marks it: peft then uses its 4-bit LoRA layer
+    return swapped
+
+
+def _output_in_autocast_dtype(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Under autocast nn.Linear returns the autocast dtype; bitsandbytes' Linear4bit returns its input's. CUDA
+    autocast hides the difference (it runs norms in fp32 whatever they are fed); CPU autocast does not, and a
+    GroupNorm with bf16 weights refuses the fp32 activations. Matching nn.Linear makes the 4-bit base run the
+    same on both."""
+    device = output.device.type
+    return output.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else output
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA and the reference
+
+
+def lora_config(cfg: LoraRecipe) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), init_lora_weights=True)
+
+
+def add_lora(unet: Any, cfg: LoraRecipe) -> Any:
+    """Attach trainable LoRA adapters (fp32, whatever the base's dtype) to the frozen UNet."""
+    config = lora_config(cfg)
+    try:
+        unet.add_adapter(config)
+    except ValueError as err:
+        raise ModelError(f"[lora].target_modules {list(cfg.target_modules)}: {err}") from None
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return config
+
+
+def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@contextmanager
+def adapters_disabled(unet: Any) -> Iterator[None]:
+    """The DPO reference: the same UNet with its adapters off, restored however the block exits.
+    (peft's disable_adapters()/enable_adapters() are plain calls, not a context manager.)"""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+

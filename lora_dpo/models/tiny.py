@@ -1,0 +1,229 @@
+"""The built-in tiny bases: SDXL- and SD 1.5-architecture pipelines small enough for a 2-core CPU, built from
+configs with random weights, warmed up on the demo images, saved as ordinary diffusers folders and cached."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lora_dpo import synthetic
+from lora_dpo.files import cache_home
+from lora_dpo.models.parts import BaseModel, ModelError, encode_images, encode_prompts, unet_forward
+
+log = logging.getLogger(__name__)
+
+TinyArch = Literal["sdxl", "sd15"]
+# `[model].base` names of the built-in tiny bases -> their architecture; `tiny` stays the SDXL one
+TINY_BASES: dict[str, TinyArch] = {"tiny": "sdxl", "tiny-sd15": "sd15"}
+# Their cache folders under cache_home(): bump a version when that base's weights change, so that no stale
+# cached copy is reused
+TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v1", "sd15": "tiny-sd15-v1"}
+
+
+def _check_tiny_arch(arch: str) -> None:
+    if arch not in TINY_FOLDERS:
+        raise ModelError(f"tiny base architecture {arch!r}: choose one of {', '.join(TINY_FOLDERS)}")
+
+
+def tiny_base_path(arch: TinyArch = "sdxl") -> Path:
+    """Where a built-in tiny base lives once built (it may not exist yet)."""
+    _check_tiny_arch(arch)
+    return cache_home() / TINY_FOLDERS[arch]
+
+
+def resolve_base(name: str) -> str:
+    """`tiny` / `tiny-sd15` -> the cached built-in tiny base (built on first use); anything else as is."""
+    if name not in TINY_BASES:
+        return name
+    arch = TINY_BASES[name]
+    path = tiny_base_path(arch)
+    if not (path / "model_index.json").is_file():
+        log.info("building the %s base in %s (once, about a minute)", name, path)
+        build_tiny_base(path, arch=arch)
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny bases: SDXL- and SD 1.5-architecture pipelines small enough for a 2-core CPU
+
+
+TINY_RESOLUTION = 64
+# The tiny bases' architectures, as constants: `lora-dpo plan` reads them without building (or warming) a base.
+# SDXL: text_time micro-conditioning (pooled text embeds + 6 time ids), cross-attention on both encoders' hidden
+# states concatenated (2 x 32).
+TINY_UNET: dict[str, Any] = dict(
+    sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=64,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+    norm_num_groups=16)
+# SD 1.5: the same blocks without the addition embedding; cross-attention reads the one encoder's last hidden
+# state, so its width is that encoder's hidden size (32).
+TINY_SD15_UNET: dict[str, Any] = {
+    **{k: v for k, v in TINY_UNET.items()
+       if k not in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")},
+    "cross_attention_dim": 32}
+TINY_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION, force_upcast=False)
+
+TINY_SCHEDULER: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      num_train_timesteps=1000, prediction_type="epsilon",
+                                      timestep_spacing="leading", steps_offset=1)
+
+
+def tiny_text_config(vocab_size: int | None = None) -> dict[str, Any]:
+    """The tiny CLIP text encoders' config, shared by both architectures (SDXL's second encoder adds the pooled
+    projection that is the UNet's text_embeds)."""
+    return dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                vocab_size=vocab_size or len(tiny_tokenizer()), max_position_embeddings=77, projection_dim=32,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def tiny_unet_config(arch: TinyArch = "sdxl") -> dict[str, Any]:
+    """The tiny UNet's config for `arch` (a copy: callers may change it)."""
+    _check_tiny_arch(arch)
+    return dict(TINY_UNET if arch == "sdxl" else TINY_SD15_UNET)
+
+
+def tiny_tokenizer() -> Any:
+    """A CLIP BPE tokenizer over the demo vocabulary: every letter, plus merges that spell each word."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in synthetic.WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"] if len(word) > 1 else [word + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_pipeline(seed: int = 0, arch: TinyArch = "sdxl") -> Any:
+    """A tiny pipeline with random weights: a 4-block VAE (64 px -> 8x8 latents, made near-deterministic like
+    the real ones), an offline tokenizer and tiny CLIP text encoder(s), and the architecture's UNet.
+    `sdxl`: a StableDiffusionXLPipeline, two encoders, text_time conditioning. `sd15`: a StableDiffusionPipeline,
+    one encoder (CLIPTextModel), no micro-conditioning, no safety checker."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_config = tiny_unet_config(arch)  # fails on an unknown arch before any weight is drawn
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_config = CLIPTextConfig(**tiny_text_config(len(tokenizer)))
+    # Weights are drawn in this order (UNet, VAE, encoders): another order would change every seed's SDXL base
+    unet = UNet2DConditionModel(**unet_config)
+    vae = AutoencoderKL(**TINY_VAE)
+    with torch.no_grad():  # pin the log-variance half of the posterior to its floor: a near-deterministic VAE
+        vae.quant_conv.weight[4:].zero_()
+        vae.quant_conv.bias[4:].fill_(-30.0)
+    parts = dict(vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
+                 scheduler=EulerDiscreteScheduler(**TINY_SCHEDULER))
+    if arch == "sd15":
+        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(**parts, text_encoder_2=CLIPTextModelWithProjection(text_config),
+                                     tokenizer_2=tiny_tokenizer())
+
+
+def _demo_batch(n: int, seed: int) -> tuple[list[str], Tensor]:
+    """Demo prompts and both images of each pair as pixels in [-1, 1] at the tiny resolution."""
+    prompts, images = [], []
+    for index in range(n):
+        prompt, chosen, rejected = synthetic.make_pair(index, TINY_RESOLUTION, seed)
+        prompts += [prompt, prompt]
+        images += [chosen, rejected]
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+    return prompts, pixels.float() / 127.5 - 1.0
+
+
+def _rows(tensor: Tensor | None, index: Tensor) -> Tensor | None:
+    return None if tensor is None else tensor[index]
+
+
+def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 1e-3) -> None:
+    """Calibrate the VAE's scaling factor to unit latent std, then pre-train the whole UNet for `steps` plain
+    denoising steps on demo images (both sides of each pair). A cold random UNet learns no preference; a
+    warmed one does, as a real pretrained base would (measured: held-out accuracy ~0.5 cold, ~0.9 warm)."""
+    from diffusers import DDPMScheduler
+
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None  # as load_base tells the architectures apart
+    names = ("", "_2") if sdxl else ("",)
+    base = BaseModel(source="tiny", unet=pipe.unet, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+                     is_sdxl=sdxl, vae=pipe.vae, text_encoders=tuple(getattr(pipe, f"text_encoder{n}") for n in names),
+                     tokenizers=tuple(getattr(pipe, f"tokenizer{n}") for n in names))
+    prompts, pixels = _demo_batch(256, seed=seed + 10_000)  # demo-style images, not the training pairs
+    pipe.vae.register_to_config(scaling_factor=1.0)
+    with torch.no_grad():
+        latents = encode_images(pipe.vae, pixels)
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        latents = latents * pipe.vae.config.scaling_factor
+        embeds, pooled = encode_prompts(base, prompts, torch.device("cpu"))
+    size = TINY_RESOLUTION
+    time_ids = None  # SD 1.5 has no micro-conditioning: pooled is None too, and unet_forward passes neither
+    if sdxl:
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).expand(len(prompts), 6)
+    unet = pipe.unet
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.tensor(rng.sample(range(len(prompts)), batch_size))
+        noise = torch.randn(latents[index].shape, generator=generator)
+        t = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = base.noise_scheduler.add_noise(latents[index], noise, t)
+        pred = unet_forward(unet, noisy, t, embeds[index], _rows(pooled, index), _rows(time_ids, index))
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+    unet.requires_grad_(False)
+
+
+def build_tiny_base(out_dir: Path, warmup_steps: int = 300, seed: int = 0, replace: bool = False,
+                    arch: TinyArch = "sdxl") -> Path:
+    """Write a tiny base as a normal diffusers folder that `StableDiffusionXLPipeline.from_pretrained` (`sdxl`)
+    or `StableDiffusionPipeline.from_pretrained` (`sd15`) loads. Written to a temporary folder and renamed, so
+    an interrupted build leaves nothing half-made, and processes that build it at once (`accelerate launch`)
+    keep the first finished copy instead of deleting a folder another one may be reading; `replace=True`
+    rebuilds an existing one."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    pipe = build_tiny_pipeline(seed, arch)  # first: an unknown arch must fail before `replace` deletes anything
+    if replace and out_dir.exists():
+        shutil.rmtree(out_dir)
+    if warmup_steps:
+        warm_up_tiny_base(pipe, warmup_steps, seed)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    pipe.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process finished first (rename onto a non-empty folder fails): keep its copy
+        shutil.rmtree(tmp)
+    return out_dir

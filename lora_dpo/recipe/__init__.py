@@ -1,0 +1,28 @@
+"""The recipe: one typed, frozen tree of settings loaded from TOML, the single source of truth.
+
+- `schema`: the sections and keys (type, default, help), `Recipe` and its TOML form and fingerprint
+- `parse`: TOML and `--set` overrides checked against the schema, every problem reported at once; `describe()`
+  for the generated reference
+"""
+
+from lora_dpo.recipe.parse import describe, from_dict, load, parse_override
+from lora_dpo.recipe.schema import (
+                                    COLUMN_NAMES,
+                                    SECTIONS,
+                                    ColumnMap,
+                                    DataRecipe,
+                                    LoraRecipe,
+                                    ModelRecipe,
+                                    ObjectiveKind,
+                                    ObjectiveRecipe,
+                                    OutputRecipe,
+                                    Precision,
+                                    Recipe,
+                                    RecipeError,
+                                    SampleRecipe,
+                                    TrainRecipe,
+)
+
+__all__ = ["COLUMN_NAMES", "SECTIONS", "ColumnMap", "DataRecipe", "LoraRecipe", "ModelRecipe", "ObjectiveKind",
+           "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe", "TrainRecipe",
+           "describe", "from_dict", "load", "parse_override"]

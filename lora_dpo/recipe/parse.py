@@ -1,0 +1,192 @@
+"""Reading a recipe: TOML plus `--set` overrides checked against the schema before any weight is loaded; every
+problem is collected and reported at once, naming the file and the key as the user wrote it."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+from lora_dpo.recipe.schema import SECTIONS, ColumnMap, ObjectiveRecipe, Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean `{match[0]}`?" if match else f"; valid: {', '.join(options)}"
+
+
+def _is_text(value: Any) -> bool:
+    """A string that can be written back as UTF-8 (not one with stray surrogates from undecodable arguments)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_value(key: str, value: Any, annotation: Any, meta: dict[str, Any]) -> tuple[Any, str | None]:
+    """Coerce a TOML value to the field's type; return (value, problem or None)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None, None
+        options = [a for a in args if a is not type(None)]
+        for option in options:  # the first type that takes the value
+            checked, problem = _check_value(key, value, option, meta)
+            if problem is None:
+                return checked, None
+        if len(options) == 1:
+            return value, problem
+        return value, f"{key} = {value!r} must be {' or '.join(_type_phrase(a) for a in options)}"
+    if origin is Literal:
+        if value not in args:
+            return value, f"{key} = {value!r} is not one of {', '.join(repr(a) for a in args)}"
+        return value, None
+    if annotation == ColumnMap:
+        items = value.items() if isinstance(value, dict) else value
+        if not isinstance(value, (dict, tuple)) or not all(
+                isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+                for pair in (tuple(item) for item in items)):
+            return value, f"{key} = {value!r} must be a table of names to column names, e.g. {{ caption = \"text\" }}"
+        unknown = [name for name, _ in items if name not in meta["keys"]]
+        if unknown:
+            return value, f"{key}: unknown name(s) {', '.join(unknown)}; valid: {', '.join(meta['keys'])}"
+        return tuple((name, column) for name, column in items), None
+    if origin is tuple:
+        item = args[0]  # tuple[str, ...] or tuple[int, ...]
+        if isinstance(value, (str, int)):
+            value = [value]
+        if not isinstance(value, list) or not all(
+                _is_text(v) if item is str else isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value, f"{key} = {value!r} must be a list of {'strings' if item is str else 'whole numbers'}"
+        return tuple(value), None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            return value, f"{key} = {value!r} must be true or false"
+        return value, None
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"{key} = {value!r} must be a whole number"
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{key} = {value!r} must be a number"
+        number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf  # no OverflowError
+        if not math.isfinite(number):
+            return value, f"{key} = {value!r} must be a finite number"
+        value = number
+    elif annotation is str:
+        if not _is_text(value):
+            return value, f"{key} = {value!r} must be a string (in quotes)"
+        return value, None
+    if "min" in meta and value < meta["min"]:
+        return value, f"{key} = {value!r} must be >= {meta['min']}"
+    if "max" in meta and value > meta["max"]:
+        return value, f"{key} = {value!r} must be <= {meta['max']}"
+    return value, None
+
+
+def _type_phrase(annotation: Any) -> str:
+    """How an error message names a type, e.g. for `bool | Literal["auto"]`: true or false or 'auto'."""
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    return names.get(annotation, str(annotation))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); the value is read as TOML, else as a plain string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. train.learning_rate=2e-5")
+    dotted, raw = (part.strip() for part in text.split("=", 1))
+    section, key = dotted.split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def from_dict(raw: dict[str, Any], source: str = "<recipe>", overrides: tuple[str, ...] = ()) -> Recipe:
+    """Build a Recipe from parsed TOML plus `--set` overrides, reporting every problem at once."""
+    merged: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            problems.append(f"`{section}` must be a [section] table{_closest(section, list(SECTIONS))}")
+            continue
+        merged[section] = dict(values)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        merged.setdefault(section, {})[key] = value
+    kwargs: dict[str, Any] = {}
+    for section, values in merged.items():
+        if section not in SECTIONS:
+            problems.append(f"unknown section [{section}]{_closest(section, list(SECTIONS))}")
+            continue
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        section_kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                problems.append(f"unknown key [{section}].{key}{_closest(key, list(fields))}")
+                continue
+            checked, problem = _check_value(f"[{section}].{key}", value, hints[key], dict(fields[key].metadata))
+            if problem:
+                problems.append(problem)
+            section_kwargs[key] = checked
+        kwargs[section] = cls(**section_kwargs)
+    if problems:
+        raise RecipeError(f"{source}: " + "; ".join(problems))
+    built = Recipe(**kwargs)
+    _warn_unused_objective_keys(built.objective, merged.get("objective", {}), source)
+    return built
+
+
+def _warn_unused_objective_keys(cfg: ObjectiveRecipe, written: dict[str, Any], source: str) -> None:
+    """A key the user set away from its default that the chosen objective ignores (e.g. `beta` with `mapo`) is
+    a warning; a resolved recipe.toml, which writes every key at its default, stays quiet."""
+    fields = {f.name: f for f in dataclasses.fields(ObjectiveRecipe)}
+    for key in written:
+        kinds = fields[key].metadata.get("kinds")
+        if kinds and cfg.kind not in kinds and getattr(cfg, key) != fields[key].default:
+            log.warning("%s: [objective].%s has no effect with kind = %r (it is read by %s only)", source, key,
+                        cfg.kind, ", ".join(kinds))
+
+
+def load(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read the recipe ({err.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not valid TOML: {err}") from None
+    return from_dict(raw, str(path), tuple(overrides))
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every recipe field: the README's recipe reference."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            type_name = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            type_name = "table" if hints[f.name] == ColumnMap else type_name
+            type_name = type_name.replace(" | ", " or ")  # a bare | would split the README's Markdown table
+            rows.append((f"{section}.{f.name}", type_name, repr(f.default), f.metadata["help"]))
+    return rows

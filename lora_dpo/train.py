@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lora_dpo import cache, checkpoint, data, evaluate, files, guards, models, plan
+from lora_dpo import cache, checkpoint, data, files, guards, models, plan, train_samples
 from lora_dpo.export import ADAPTER_FILE, save_adapter
 from lora_dpo.objectives import get_objective
 from lora_dpo.recipe import ObjectiveRecipe, Recipe, RecipeError, TrainRecipe
@@ -43,7 +43,7 @@ class Run:
     lr_scheduler: Any
     train_loader: Any
     val_loader: Any | None
-    sampler: evaluate.TrainingSampler | None = None
+    sampler: train_samples.TrainingSampler | None = None
     start_step: int = 0
     skipped_steps: int = 0  # optimizer steps skipped so far for a NaN/Inf loss or gradient
     data_summary: str = ""
@@ -167,9 +167,9 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         log.warning("[sample].every: sample grids need the VAE and text encoders, which a cached run never loads; "
                     "no grids this run (`lora-dpo eval` the adapter afterwards)")
     elif recipe.sample.every and accelerator.is_main_process:  # grids from the UNet being trained, no copy
-        prompts = recipe.sample.prompts or evaluate.default_sample_prompts(parts.prompts)
-        run.sampler = evaluate.TrainingSampler(base, accelerator.unwrap_model(unet), recipe, prompts,
-                                               run_dir / "samples")
+        prompts = recipe.sample.prompts or train_samples.default_sample_prompts(parts.prompts)
+        run.sampler = train_samples.TrainingSampler(base, accelerator.unwrap_model(unet), recipe, prompts,
+                                                    run_dir / "samples")
     if resume:
         _resume(run, resume)
     return run
@@ -493,7 +493,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         unet = accelerator.unwrap_model(run.unet)
         with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
             path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary)
-        evaluate.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        train_samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
         keys = ("val_reward_accuracy", "reward_accuracy", "val_error_accuracy", "error_accuracy")
         acc = next((f"{k.removeprefix('val_').replace('_', ' ')} {summary[k]:.3f}; " for k in keys if k in summary), "")
         accelerator.print(f"lora-dpo: done in {summary['seconds']:.0f} s; {acc}wrote {path}")

@@ -1,23 +1,21 @@
 """Evaluation on the tiny base: win-rate arithmetic, prompt sets, seeded generation, the eval report and grids,
-resuming, and the training-time samples and plot. Real diffusers pipelines, real peft adapters, a tiny CLIP
-scorer with random weights (its numbers mean nothing; the mechanics are what is tested)."""
+resuming (the training-time samples and plot are in test_train_samples.py). Real diffusers pipelines, real peft
+adapters, a tiny CLIP scorer with random weights (its numbers mean nothing; the mechanics are what is tested)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from lora_dpo import evaluate, recipe
 from lora_dpo.evaluate import EvalError, load_prompts, win_rate
 from lora_dpo.export import ADAPTER_FILE
-from lora_dpo.train import setup, train
+from lora_dpo.train import train
 
 ROOT = Path(__file__).parent.parent
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -123,11 +121,11 @@ def test_same_seed_gives_the_same_base_images_and_the_adapter_off_is_the_base(tr
 
     pipe = evaluate.load_pipeline(evaluate.base_from_recipe(trained_adapter), trained_adapter, torch.device("cpu"),
                                   torch.float32)
-    evaluate._use_scale(pipe, None)
+    evaluate.generation._use_scale(pipe, None)
     first = np.asarray(evaluate.generate(pipe, PROMPTS[0], 7, 2, 5.0, 64))
     again = np.asarray(evaluate.generate(pipe, PROMPTS[0], 7, 2, 5.0, 64))
     other_seed = np.asarray(evaluate.generate(pipe, PROMPTS[0], 8, 2, 5.0, 64))
-    evaluate._use_scale(pipe, 1.0)
+    evaluate.generation._use_scale(pipe, 1.0)
     adapted = np.asarray(evaluate.generate(pipe, PROMPTS[0], 7, 2, 5.0, 64))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other_seed) and not np.array_equal(first, adapted)
@@ -215,54 +213,37 @@ def test_user_errors_name_the_input(trained_adapter: Path, tmp_path: Path) -> No
         evaluate.load_pipeline(str(tmp_path / "absent"), tmp_path, torch.device("cpu"), torch.float32)
 
 
+def test_eval_errors_belong_to_the_project_family_and_stay_value_errors(tmp_path: Path) -> None:
+    """The CLI catches `LoraDpoError`; callers that caught the old `ValueError` still catch it."""
+    from lora_dpo.errors import LoraDpoError
+
+    assert issubclass(EvalError, LoraDpoError) and issubclass(EvalError, ValueError)
+    with pytest.raises(LoraDpoError, match="no such file"):
+        load_prompts(str(tmp_path / "absent.txt"))
+
+
 # --------------------------------------------------------------------------------------------------
-# During training
+# The package
 
 
-def test_training_samples_grids_and_plots_without_changing_the_adapter(tiny_recipe, tmp_path: Path) -> None:
-    sample = {"every": 2, "prompts": PROMPTS[:2], "seeds": [0, 1], "steps": 2}
-    torch.manual_seed(0)  # the LoRA init draws from the global RNG: the two runs below must start alike
-    train(tiny_recipe(sample=sample, output={"name": "sampled"}))
-    run_dir = tmp_path / "adapters" / "sampled"
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["base.png", "step-000002.png",
-                                                                        "step-000004.png"]
-    with Image.open(run_dir / "samples" / "step-000004.png") as grid:
-        assert grid.width == 2 * 6 + 2 * 128 + 4  # base | adapter
-        assert grid.height > 4 * 128  # 2 prompts x 2 seeds
-    with Image.open(run_dir / "training.png") as plot:
-        assert plot.size == (700, 750)
-    torch.manual_seed(0)
-    train(tiny_recipe(output={"name": "plain"}))
-    sampled, plain = load_file(run_dir / ADAPTER_FILE), load_file(tmp_path / "adapters" / "plain" / ADAPTER_FILE)
-    for key, value in plain.items():  # sampling draws no training randomness and leaves the modes as they were
-        torch.testing.assert_close(sampled[key], value, rtol=0, atol=0)
-
-    run = setup(tiny_recipe(sample=sample, output={"name": "modes"}), tmp_path / "modes")
-    run.unet.train()
-    trainable = [name for name, p in run.unet.named_parameters() if p.requires_grad]
-    assert run.sampler.maybe_sample(1) is None  # not due
-    assert run.sampler.maybe_sample(2) == tmp_path / "modes" / "samples" / "step-000002.png"
-    assert run.unet.training
-    assert [name for name, p in run.unet.named_parameters() if p.requires_grad] == trainable
+def test_the_package_exports_what_it_lists_and_each_module_is_short() -> None:
+    """Every name in `__all__` resolves, and each module holds one idea: none over 450 lines."""
+    assert all(hasattr(evaluate, name) for name in evaluate.__all__)
+    assert {"EvalError", "load_prompts", "win_rate", "make_grid", "generate", "evaluate_adapter"} <= {
+        *evaluate.__all__}
+    for module in Path(evaluate.__file__).parent.glob("*.py"):
+        assert len(module.read_text().splitlines()) <= 450, module
 
 
-def test_sampling_defaults_to_held_out_prompts_and_seed_lists_are_checked(tiny_recipe, tmp_path: Path) -> None:
-    run = setup(tiny_recipe(sample={"every": 1, "steps": 1}), tmp_path)
-    held_out = [pair.prompt for pair in run.val_loader.dataset.pairs]
-    assert [prompt for prompt, _ in run.sampler.rows] == list(dict.fromkeys(held_out))[:4]
-    assert setup(tiny_recipe(), tmp_path / "off").sampler is None
-    with pytest.raises(recipe.RecipeError, match=r"\[sample\].seeds = \['a'\] must be a list of whole numbers"):
-        tiny_recipe(sample={"seeds": ["a"]})
-    assert tiny_recipe(sample={"seeds": 3}).sample.seeds == (3,)
+def test_evaluation_does_not_import_training() -> None:
+    """Arrows point down: `train.samples` uses the evaluate package, never the other way round."""
+    import ast
 
-
-def test_plot_reads_metrics_with_and_without_held_out_records(tmp_path: Path) -> None:
-    metrics = tmp_path / "metrics.jsonl"
-    assert evaluate.plot_training(metrics, tmp_path / "a.png") is None  # nothing logged yet
-    records = [{"step": 0, "val_reward_accuracy": 0.5}]
-    records += [{"step": s, "lr": 1e-3, "loss": math.log(2) - s / 100, "reward_accuracy": 0.5 + s / 100,
-                 **({"val_reward_accuracy": 0.5 + s / 200} if s % 20 == 0 else {})} for s in range(10, 60, 10)]
-    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert evaluate.plot_training(metrics, tmp_path / "curves.png") == tmp_path / "curves.png"
-    with Image.open(tmp_path / "curves.png") as image:
-        assert image.size == (700, 750)
+    for module in Path(evaluate.__file__).parent.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        assert not {name for name in imported if name.startswith("lora_dpo.train")}, module

@@ -1,0 +1,152 @@
+"""Generation with the stock diffusers pipeline: the settings that make images comparable (`Generation`), where
+each image is saved, PNGs stamped so a later run can reuse them, finding the adapter and its base,
+`load_pipeline`, seeded `generate`, and `generate_images` over every prompt, seed and adapter strength."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from lora_dpo import models
+from lora_dpo.evaluate.errors import EvalError
+from lora_dpo.export import ADAPTER_FILE
+
+ADAPTER_NAME = "adapter"  # the name the adapter is loaded under in the pipeline
+PNG_KEY = "lora-dpo"  # PNG text chunk that makes a saved image reusable: prompt, seed, settings fingerprint
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Everything that must be equal for base and adapter images to be compared, and for a saved image to be
+    reused by a later run."""
+
+    base: str
+    adapter_sha256: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    resolution: int
+    precision: str
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def variant_name(scale: float | None) -> str:
+    """`base` for the adapter off, `adapter-<scale>` (e.g. `adapter-0.5`) for the adapter at a strength."""
+    return "base" if scale is None else f"adapter-{scale:g}"
+
+
+def image_path(images_dir: Path, index: int, seed: int, variant: str) -> Path:
+    return images_dir / f"{index:05d}_{seed}_{variant}.png"
+
+
+def _save_png(image: Image.Image, path: Path, stamp: dict[str, Any]) -> None:
+    """Written under a temporary name and renamed: an interrupted run never leaves a half image to reuse."""
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps(stamp, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+def _reusable(path: Path, stamp: dict[str, Any]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.text.get(PNG_KEY, "null")) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def adapter_file(adapter: Path) -> Path:
+    """A run folder (`adapters/<run>`) or the adapter's `.safetensors` file itself."""
+    path = adapter / ADAPTER_FILE if adapter.is_dir() else adapter
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise EvalError(f"{adapter}: no adapter here; pass a run folder holding {ADAPTER_FILE} or a "
+                        ".safetensors LoRA file")
+    return path
+
+
+def base_from_recipe(adapter: Path) -> str:
+    """The base an adapter was trained on, from the `recipe.toml` written beside it."""
+    import tomllib
+
+    path = adapter_file(adapter).parent / "recipe.toml"
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))["model"]["base"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        raise EvalError(f"{adapter}: no recipe.toml with [model].base beside the adapter; pass --base") from None
+
+
+def load_pipeline(base: str, adapter: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """The stock diffusers pipeline of `base` with the adapter loaded as `load_lora_weights` loads it."""
+    from diffusers import DiffusionPipeline
+
+    source = models.resolve_base(base)
+    try:
+        with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases know only that
+            warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--base {base!r}: cannot load the pipeline: {str(err).splitlines()[0]}") from None
+    if not hasattr(pipe, "load_lora_weights"):
+        raise EvalError(f"--base {base!r}: {type(pipe).__name__} does not take LoRA adapters; lora-dpo evaluates "
+                        "SD 1.5 and SDXL text-to-image pipelines")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    file = adapter_file(adapter)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER_NAME)
+    return pipe
+
+
+def _use_scale(pipe: Any, scale: float | None) -> None:
+    """Adapter off (`None`: exactly the base) or on at `scale`."""
+    if scale is None:
+        pipe.disable_lora()
+    else:
+        pipe.enable_lora()
+        pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def generate(pipe: Any, prompt: str, seed: int, steps: int, guidance_scale: float, resolution: int,
+             output_type: str = "pil") -> Any:
+    """One image (or its latents). The initial noise comes from a CPU generator seeded with `seed`: the same
+    noise on any device, so base and adapter images of one seed start from the same point."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
+               width=resolution, generator=generator, output_type=output_type)
+    return out.images[0] if output_type == "pil" else out.images
+
+
+def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], scales: Sequence[float],
+                    gen: Generation, images_dir: Path) -> int:
+    """Every (prompt, seed) with the adapter off and at every scale, saved as PNGs in `images_dir`. An image
+    already there, made from the same prompt, seed and settings, is reused. Returns how many were made."""
+    from tqdm.auto import tqdm
+
+    images_dir.mkdir(parents=True, exist_ok=True)
+    made = 0
+    for index, prompt in enumerate(tqdm(prompts, desc="eval", unit="prompt")):
+        for scale in (None, *scales):
+            for seed in seeds:
+                variant = variant_name(scale)
+                path = image_path(images_dir, index, seed, variant)
+                stamp = {"prompt": prompt, "seed": seed, "variant": variant, "settings": gen.fingerprint()}
+                if _reusable(path, stamp):
+                    continue
+                _use_scale(pipe, scale)
+                _save_png(generate(pipe, prompt, seed, gen.steps, gen.guidance_scale, gen.resolution), path, stamp)
+                made += 1
+    return made

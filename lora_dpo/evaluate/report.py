@@ -1,0 +1,211 @@
+"""The evaluation and its report: `evaluate_adapter` (the `lora-dpo eval` command) generates, scores the images
+with reward models (`build_scorers`, `score_images`), and writes the report as data (`build_report`,
+`report.json`), as text (`write_markdown`, `summary_lines`) and as grids (`write_grids`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lora_dpo.evaluate.errors import EvalError
+from lora_dpo.evaluate.generation import (
+    Generation,
+    adapter_file,
+    base_from_recipe,
+    generate_images,
+    image_path,
+    load_pipeline,
+    variant_name,
+)
+from lora_dpo.evaluate.grids import GridRow, make_grid
+from lora_dpo.evaluate.winrate import win_rate
+
+log = logging.getLogger(__name__)
+
+SCORE_CHUNK = 32  # images held in memory at once while scoring
+
+
+def score_images(scorers: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int], variants: Sequence[str],
+                 images_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """scores[scorer name][variant]: array (prompts, seeds). Images are read in chunks, not all at once."""
+    keys = [(index, seed) for index in range(len(prompts)) for seed in seeds]
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for scorer in scorers:
+        scores[scorer.name] = {}
+        for variant in variants:
+            values = []
+            for start in range(0, len(keys), SCORE_CHUNK):
+                chunk = keys[start:start + SCORE_CHUNK]
+                images = [Image.open(image_path(images_dir, i, s, variant)).convert("RGB") for i, s in chunk]
+                values.append(scorer.score([prompts[i] for i, _ in chunk], images).detach().double().cpu().numpy())
+            scores[scorer.name][variant] = np.concatenate(values).reshape(len(prompts), len(seeds))
+    return scores
+
+
+def build_scorers(specs: Sequence[str]) -> list[Any]:
+    """Scorers from `KIND[@SOURCE]` specs (lora_dpo.rewards), on the GPU when there is one. A `:WEIGHT` only
+    matters when scorers are mixed to relabel pairs; here every scorer is reported on its own."""
+    from lora_dpo import rewards
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorers = []
+    for spec in specs:
+        try:
+            kind, source, weight = rewards.parse_scorer_spec(spec)
+            if weight != 1.0:
+                log.warning("--scorer %s: the weight has no effect in eval; every scorer is reported on its own", spec)
+            scorers.append(rewards.build_scorer(kind, source, device=device))
+        except (ValueError, OSError) as err:
+            raise EvalError(f"--scorer {spec!r}: {str(err).splitlines()[0]}") from None
+    names = [scorer.name for scorer in scorers]
+    if len(set(names)) != len(names):
+        raise EvalError(f"--scorer: give each kind once (got {', '.join(names)})")
+    return scorers
+
+
+def build_report(meta: dict[str, Any], prompts: Sequence[str], seeds: Sequence[int], scales: Sequence[float],
+                 scores: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The whole evaluation as plain data: settings, per-scorer and per-scale summary, per-prompt scores."""
+    groups = np.repeat(np.arange(len(prompts)), len(seeds))  # the bootstrap resamples prompts
+    summary: dict[str, dict[str, Any]] = {}
+    for name, by_variant in scores.items():
+        base = by_variant["base"]
+        summary[name] = {}
+        for scale in scales:
+            adapter = by_variant[variant_name(scale)]
+            result = asdict(win_rate(adapter.ravel(), base.ravel(), groups))
+            summary[name][f"{scale:g}"] = {**result, "mean_base": float(base.mean()),
+                                           "mean_adapter": float(adapter.mean())}
+    per_prompt = [
+        {"index": index, "prompt": prompt,
+         "scores": {name: {variant: values[index].tolist() for variant, values in by_variant.items()}
+                    for name, by_variant in scores.items()}}
+        for index, prompt in enumerate(prompts)]
+    return {**meta, "seeds": list(seeds), "scales": list(scales), "n_prompts": len(prompts),
+            "summary": summary, "per_prompt": per_prompt}
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """One line per scorer and strength, for the terminal."""
+    return [f"{name} x{scale}: adapter wins {r['rate']:.1%} (95 % CI {r['low']:.1%} - {r['high']:.1%}) of {r['n']}; "
+            f"mean difference {r['mean_diff']:+.4g}"
+            for name, by_scale in report["summary"].items() for scale, r in by_scale.items()]
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    """A readable report: the headline table, how to read it, the grids, then every prompt."""
+    gen = report["generation"]
+    n = report["n_prompts"] * len(report["seeds"])
+    lines = [
+        f"# Evaluation of `{report['adapter']}`", "",
+        f"Base `{report['base']}`; prompts `{report['prompts']}` ({report['n_prompts']} prompts x "
+        f"{len(report['seeds'])} seeds = {n} comparisons per strength); {gen['steps']} steps of "
+        f"{gen['scheduler']}, guidance {gen['guidance_scale']:g}, {gen['resolution']} px, {gen['precision']}.", "",
+    ]
+    if report["summary"]:
+        lines += ["| scorer | strength | win rate (95 % CI) | mean diff (95 % CI) | base mean | adapter mean | "
+                  "wins / ties / losses |", "|---|---|---|---|---|---|---|"]
+        for name, by_scale in report["summary"].items():
+            for scale, r in by_scale.items():
+                lines.append(
+                    f"| {name} | {scale} | **{r['rate']:.1%}** ({r['low']:.1%} - {r['high']:.1%}) | "
+                    f"{r['mean_diff']:+.4g} ({r['diff_low']:+.4g} - {r['diff_high']:+.4g}) | {r['mean_base']:.4g} | "
+                    f"{r['mean_adapter']:.4g} | {r['wins']} / {r['ties']} / {r['losses']} |")
+        lines += ["", "The win rate is the share of (prompt, seed) comparisons in which the scorer rates the adapter's "
+                  "image above the base's image from the same seed; a tie counts half. 50 % means no difference. The "
+                  "interval resamples whole prompts (bootstrap): when it excludes 50 %, the difference is unlikely to "
+                  "be chance at this number of prompts. Scores of different scorers are on different scales; "
+                  "compare win rates, not raw means, across scorers.", ""]
+    else:
+        lines += ["No scorer was given (`--scorer pickscore`): images and grids only.", ""]
+    lines += ["## Grids", "", "Columns: the base, then the adapter at each strength; same seed in every column.", ""]
+    lines += [f"![grid {number}]({grid})\n" for number, grid in enumerate(report["grids"])]
+    if report["summary"]:
+        variants = ["base", *(variant_name(s) for s in report["scales"])]
+        lines += ["## Per prompt", "", "Mean score over seeds.", "",
+                  "| # | prompt | scorer | " + " | ".join(variants) + " |",
+                  "|---|---|---|" + "---|" * len(variants)]
+        for row in report["per_prompt"]:
+            prompt = row["prompt"].replace("|", "\\|")
+            for name, by_variant in row["scores"].items():
+                values = " | ".join(f"{np.mean(by_variant[v]):.4g}" for v in variants)
+                lines.append(f"| {row['index']} | {prompt} | {name} | {values} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_grids(report: dict[str, Any], images_dir: Path, grids_dir: Path, rows_per_grid: int = 8,
+                cell: int | None = None) -> list[Path]:
+    """Grids of `rows_per_grid` (prompt, seed) rows: base | adapter at each strength, under each image its
+    scores (and, for the adapter, the difference to the base)."""
+    grids_dir.mkdir(parents=True, exist_ok=True)
+    for old in grids_dir.glob("grid-*.png"):  # a rerun on fewer prompts must not leave stale grids behind
+        old.unlink()
+    variants = ["base", *(variant_name(s) for s in report["scales"])]
+    titles = ["base", *(f"adapter x{s:g}" for s in report["scales"])]
+    keys = [(entry, k, seed) for entry in report["per_prompt"] for k, seed in enumerate(report["seeds"])]
+    paths = []
+    for number, start in enumerate(range(0, len(keys), rows_per_grid)):
+        rows = []  # opened grid by grid: thousands of prompts must not hold thousands of files open
+        for entry, k, seed in keys[start:start + rows_per_grid]:
+            notes = ["\n".join(f"{name} {scores[v][k]:.3f}" + ("" if v == "base" else
+                                                                 f" ({scores[v][k] - scores['base'][k]:+.3f})")
+                               for name, scores in entry["scores"].items())
+                     for v in variants]
+            images = [Image.open(image_path(images_dir, entry["index"], seed, v)) for v in variants]
+            rows.append(GridRow(images, f"#{entry['index']} seed {seed}: {entry['prompt']}", notes))
+        path = grids_dir / f"grid-{number:03d}.png"
+        make_grid(rows, titles, cell).save(path, optimize=True)
+        paths.append(path)
+    return paths
+
+
+def evaluate_adapter(adapter: Path, prompts: Sequence[str], prompt_source: str, scorers: Sequence[Any],
+                     out_dir: Path, *, base: str | None = None, scales: Sequence[float] = (1.0,),
+                     seeds: Sequence[int] = (0,), steps: int = 30, guidance_scale: float | None = None,
+                     resolution: int | None = None, precision: str = "bf16", rows_per_grid: int = 8,
+                     cell: int | None = None) -> dict[str, Any]:
+    """Generate (resumably), score, and write `report.json`, `report.md`, `grids/` and `images/` into
+    `out_dir`. Returns the report. `guidance_scale`/`resolution` None: the pipeline's own defaults."""
+    import inspect
+
+    file = adapter_file(adapter)
+    base = base or base_from_recipe(adapter)
+    scales, seeds = list(dict.fromkeys(scales)), list(dict.fromkeys(seeds))  # a repeat would be counted twice
+    if not scales or any(s <= 0 for s in scales):
+        raise EvalError(f"--scale {list(scales)}: give one or more positive adapter strengths")
+    cuda = torch.cuda.is_available()
+    precision = precision if cuda and precision != "no" else "fp32"  # half precision on CPU is slow, poorly supported
+    device = torch.device("cuda" if cuda else "cpu")
+    pipe = load_pipeline(base, adapter, device, {"fp32": torch.float32, "fp16": torch.float16,
+                                                 "bf16": torch.bfloat16}[precision])
+    if guidance_scale is None:
+        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+    gen = Generation(base=base, adapter_sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+                     scheduler=type(pipe.scheduler).__name__, steps=steps, guidance_scale=float(guidance_scale),
+                     resolution=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                     precision=precision)
+    images_dir = out_dir / "images"
+    made = generate_images(pipe, prompts, seeds, scales, gen, images_dir)
+    total = len(prompts) * len(seeds) * (1 + len(scales))
+    log.info("generated %d images, reused %d from an earlier run", made, total - made)
+    del pipe
+    if cuda:
+        torch.cuda.empty_cache()
+    scores = score_images(scorers, prompts, seeds, ["base", *(variant_name(s) for s in scales)], images_dir)
+    meta = {"adapter": str(adapter), "base": base, "prompts": prompt_source, "generation": asdict(gen),
+            "images_generated": made, "images_reused": total - made}
+    report = build_report(meta, prompts, seeds, scales, scores)
+    grids = write_grids(report, images_dir, out_dir / "grids", rows_per_grid, cell)
+    report["grids"] = [str(p.relative_to(out_dir)) for p in grids]
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    write_markdown(report, out_dir / "report.md")
+    return report

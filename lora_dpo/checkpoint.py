@@ -87,17 +87,13 @@ def save_checkpoint(run_dir: Path, step: int, lora_state: dict[str, torch.Tensor
     whose loss scale is part of the run (a resume that restarted it at 65536 would take other steps). A full or
     read-only disk raises OutputError naming the checkpoint; the earlier checkpoints are untouched."""
     final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = files.temporary(final)
-    with files.writing(final, run_dir):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    with files.writing(final, run_dir), files.atomic_folder(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, tmp / ADAPTER)
         tensors, skeleton = flatten_state(optimizer.state_dict())
         save_file(tensors, tmp / OPTIMIZER)
         state = {"step": step, "optimizer": skeleton, "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, **extra}
         (tmp / STATE).write_text(json.dumps(state, indent=1))
-        files.publish_folder(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -161,7 +157,5 @@ def rewind_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    tmp = files.temporary(path)
     with files.writing(path, path.parent):
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+        files.write_text(path, "".join(kept))

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from lora_dpo.errors import LoraDpoError  # every problem a user can cause or meet: one line, exit code 2
+
 if TYPE_CHECKING:
     from lora_dpo.recipe import Recipe
 
@@ -36,16 +38,6 @@ def _quiet_imports() -> None:
 def _fail(message: str) -> None:
     typer.echo(f"lora-dpo: error: {message}", err=True)
     raise typer.Exit(2)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Every error a user can cause or meet: LoraDpoError (recipe, data, model, files, training) and the
-    evaluation and planning errors."""
-    from lora_dpo.errors import LoraDpoError
-    from lora_dpo.evaluate import EvalError
-    from lora_dpo.plan import PlanError
-
-    return LoraDpoError, EvalError, PlanError
 
 
 @app.command()
@@ -74,7 +66,7 @@ def train(
         again = ["lora-dpo", "train", str(recipe), *(f"--set={s}" for s in set_ or []), "--resume", "latest"]
         typer.echo(f"lora-dpo: {err}; resume with: {shlex.join(again)}", err=True)
         raise typer.Exit(err.exit_code) from None
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
 
 
@@ -100,7 +92,7 @@ def label(
         records = read_records(DataRecipe(source=data))
         rows = ((r.where, r.prompt, open_image(r.image_0, r.where), open_image(r.image_1, r.where)) for r in records)
         summary = rewards.label_pairs(rows, scorers, out, batch_size=batch_size, hard=not soft)
-    except (*_user_errors(), ValueError) as err:
+    except (LoraDpoError, ValueError) as err:  # the scorers raise ValueError on a bad spec
         _fail(str(err))
     typer.echo(f"labelled {summary.n_pairs} pairs into {out}: {summary.n_swapped} swapped (the scorers prefer "
                f"image 1), {summary.n_ties} ties; mean scores {summary.mean_scores}")
@@ -157,7 +149,7 @@ def eval_(
         report = evaluate.evaluate_adapter(adapter, prompt_list, prompts, scorers, out_dir, base=base, scales=scales,
                                            seeds=seeds, steps=steps, guidance_scale=guidance, resolution=resolution,
                                            precision=precision)
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     for line in evaluate.summary_lines(report):
         typer.echo(line)
@@ -187,7 +179,7 @@ def cache(
         from lora_dpo.cache import build_cache
 
         manifest = build_cache(loaded, folder, shard_size=shard_size, dtype=dtype, batch_size=batch_size)
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     from accelerate import PartialState
 
@@ -234,7 +226,7 @@ def plan(
 
             typer.echo("\n" + planner.compare_on_device(loaded, torch.device("cuda" if torch.cuda.is_available()
                                                                             else "cpu")))
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
 
 
@@ -251,7 +243,7 @@ def tiny_base(
 
     try:
         path = build_tiny_base(out_dir, warmup_steps=warmup_steps, seed=seed, replace=True, arch=arch)
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
     typer.echo(f"wrote {path}: load it with {pipeline}.from_pretrained({str(path)!r})")
@@ -271,7 +263,7 @@ def export_(
 
     try:
         path = export_adapter(adapter, out, format_, dtype, base)  # type: ignore[arg-type]
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     typer.echo(f"wrote {path} ({format_}, {dtype})")
 
@@ -293,7 +285,7 @@ def merge(
         _fail(f"--dtype {dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
     try:
         path = merge_adapter(adapter, base, scale, out, dtype)
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     typer.echo(f"wrote {path}: load it with DiffusionPipeline.from_pretrained({str(path)!r})")
 
@@ -310,7 +302,7 @@ def inspect(
 
     try:
         info = inspect_adapter(adapter)
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     if as_json:
         typer.echo(json.dumps(info, indent=1))
@@ -330,7 +322,7 @@ def push(
 
     try:
         url = push_folder(adapter, repo_id, private)
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     typer.echo(f"uploaded {adapter} to {url}")
 
@@ -392,7 +384,7 @@ def bench(
         resolutions = resolution or bench_module.default_resolutions(chosen, loaded)
         cases = bench_module.make_cases(loaded, resolutions, bench_module.parse_compare(compare or []), max_memory_gb)
         report = bench_module.run_bench(chosen, cases, steps=steps, warmup=warmup)
-    except _user_errors() as err:
+    except LoraDpoError as err:
         _fail(str(err))
     typer.echo(bench_module.format_report(report))
     if json_out:

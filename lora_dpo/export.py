@@ -12,7 +12,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lora_dpo import __version__, card, kohya, models
+from lora_dpo import __version__, card, files, kohya, models
 from lora_dpo.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -292,11 +291,8 @@ def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], out: Pat
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, out)
+    with files.atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return out
 
 
@@ -305,7 +301,7 @@ def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.floa
     """diffusers' own writer (so `load_lora_weights` reads it as its own, alpha included), then our metadata."""
     from diffusers import StableDiffusionPipeline
 
-    scratch = out.parent / f".{out.name}.diffusers{os.getpid()}"
+    scratch = files.temporary(out.with_name(out.name + ".diffusers"))  # diffusers writes a folder
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         StableDiffusionPipeline.save_lora_weights(
@@ -342,22 +338,18 @@ def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipelin
     """Write the adapter (diffusers format, stamped), the resolved recipe, the metrics and the model card into
     `run_dir`, each file atomically. (`pipeline_class` is kept for callers; the format is the same for both.)"""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     weights = lora_state_dict(unet)
     scale = lora_config.lora_alpha / lora_config.r  # peft's uniform scale; kohya alpha = scale x module rank
     alphas = {k.removesuffix(".lora_A.weight"): scale * v.shape[0] for k, v in weights.items()
               if k.endswith(".lora_A.weight")}
     stamp = training_metadata(recipe, metrics, run_dir.name, kohya.is_sdxl(unet.config))
-    write_diffusers(Adapter(weights, alphas, source=str(run_dir)), tmp / ADAPTER_FILE, extra_metadata=stamp)
-    (tmp / "recipe.toml").write_text(recipe.to_toml())
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(file, run_dir / file.name)
-    tmp.rmdir()
+    # all three written before any is published (a full disk leaves none); renamed in reverse order on exit, the
+    # adapter last: an adapter on disk always has its recipe and metrics beside it
+    with (files.atomic_file(run_dir / ADAPTER_FILE) as adapter_tmp, files.atomic_file(run_dir / "recipe.toml") as
+          recipe_tmp, files.atomic_file(run_dir / "metrics.json") as metrics_tmp):
+        write_diffusers(Adapter(weights, alphas, source=str(run_dir)), adapter_tmp, extra_metadata=stamp)
+        recipe_tmp.write_text(recipe.to_toml(), encoding="utf-8")
+        metrics_tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     try:  # the adapter is safe on disk by now: a card problem must not fail a finished training
         card.write_model_card(run_dir)
     except Exception as err:
@@ -383,12 +375,8 @@ def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dt
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="merged")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["merged"])
     pipe.unload_lora_weights()
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with files.atomic_folder(out_dir) as tmp:
+        pipe.save_pretrained(tmp)
     return out_dir
 
 

@@ -1,9 +1,10 @@
 """Reading and writing the project's files so that a crash, a kill or a full disk never leaves half a file.
 
 Writes: only safetensors and JSON (never pickles). A file or folder is written under a hidden temporary name
-(`.<name>.tmp`) in its own folder, flushed to disk, and renamed into place: a reader sees the old version or the
-new one, never part of one. `writing` turns the operating system's refusal (disk full, read-only, a file where a
-folder should be) into an `OutputError` that names the path, after removing the temporaries.
+(`.<name>.<pid>.tmp`) in its own folder, flushed to disk, and renamed into place (`atomic_file`, `atomic_folder`,
+the one way lora-dpo writes): a reader sees the old version or the new one, never part of one. `writing` turns
+the operating system's refusal (disk full, read-only, a file where a folder should be) into an `OutputError` that
+names the path, after removing the temporaries.
 
 Reads: `read_safetensors` and `read_json` turn truncated or corrupt files into a `FileFormatError` naming the
 file; `check_tensors` says when tensors read from a file do not fit the model they are meant for.
@@ -13,6 +14,7 @@ Where: `cache_home` is the folder of lora-dpo's own cached assets (the tiny base
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,8 +38,49 @@ def cache_home() -> Path:
 
 
 def temporary(path: Path) -> Path:
-    """Where `path` is written before the rename that publishes it: a hidden sibling."""
-    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+    """Where `path` is written before the rename that publishes it: a hidden sibling, this process's own (the
+    processes of one run may write the same file at once)."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Write `path` whole or not at all: the block writes the yielded temporary path; on success it is flushed to
+    disk and renamed into place, on failure removed. The one way lora-dpo writes a file."""
+    tmp = temporary(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path.write_text(text)`, atomically (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_folder(path: Path, replace: bool = True) -> Iterator[Path]:
+    """The same for a folder: the block fills the yielded temporary folder, which is then flushed and renamed
+    into place (`publish_folder`). `replace=False`: when another process published `path` first, keep its copy
+    (and never delete a folder another process may be reading)."""
+    tmp = temporary(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if replace:
+            publish_folder(tmp, path)
+        else:
+            sync_folder(tmp)
+            with contextlib.suppress(OSError):  # renaming onto a non-empty folder fails: another copy won
+                tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_temporaries(folder: Path) -> None:

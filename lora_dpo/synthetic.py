@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from lora_dpo import files
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -75,7 +77,5 @@ def write_shapes_dataset(out_dir: Path, n_pairs: int, size: int = 96, seed: int 
         lines.append(json.dumps({"prompt": prompt, "chosen": f"images/{index:05d}_chosen.png",
                                  "rejected": f"images/{index:05d}_rejected.png"}))
     path = out_dir / "pairs.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    files.write_text(path, "\n".join(lines) + "\n")
     return path

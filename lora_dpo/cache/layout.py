@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from lora_dpo import files
 from lora_dpo.recipe import Recipe
 
 FORMAT = 1
@@ -52,8 +52,6 @@ def save_shard(folder: Path, name: str, tensors: dict[str, Tensor], note: dict[s
     """Tensors, then the note that marks the shard complete; each under a temporary name, then renamed."""
     from safetensors.torch import save_file
 
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": note["fingerprint"]})
-    os.replace(tmp, folder / f"{name}.safetensors")
-    tmp.write_text(json.dumps(note))
-    os.replace(tmp, folder / f"{name}.json")
+    with files.atomic_file(folder / f"{name}.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": note["fingerprint"]})
+    files.write_text(folder / f"{name}.json", json.dumps(note))

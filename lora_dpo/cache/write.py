@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_dpo import data, models
+from lora_dpo import data, files, models
 from lora_dpo.cache.layout import FORMAT, KINDS, MANIFEST, Shard, identity, plan_shards, save_shard
 from lora_dpo.recipe import Recipe
 from lora_dpo.step import make_accelerator
@@ -160,8 +159,6 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
     }
     manifest["skipped"] |= stats.skipped  # rows dropped while reading the source, and while encoding it
     if accelerator.is_main_process:
-        tmp = out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out / MANIFEST)
+        files.write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     accelerator.wait_for_everyone()
     return manifest

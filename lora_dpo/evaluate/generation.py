@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from lora_dpo import models
+from lora_dpo import files, models
 from lora_dpo.evaluate.errors import EvalError
 from lora_dpo.export import ADAPTER_FILE
 
@@ -55,9 +54,8 @@ def _save_png(image: Image.Image, path: Path, stamp: dict[str, Any]) -> None:
     """Written under a temporary name and renamed: an interrupted run never leaves a half image to reuse."""
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(stamp, sort_keys=True))
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with files.atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _reusable(path: Path, stamp: dict[str, Any]) -> bool:

@@ -4,7 +4,6 @@ configs with random weights, warmed up on the demo images, saved as ordinary dif
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lora_dpo import synthetic
+from lora_dpo import files, synthetic
 from lora_dpo.files import cache_home
 from lora_dpo.models.parts import BaseModel, ModelError, encode_images, encode_prompts, unet_forward
 
@@ -219,11 +218,7 @@ def build_tiny_base(out_dir: Path, warmup_steps: int = 300, seed: int = 0, repla
         shutil.rmtree(out_dir)
     if warmup_steps:
         warm_up_tiny_base(pipe, warmup_steps, seed)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    pipe.save_pretrained(tmp)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process finished first (rename onto a non-empty folder fails): keep its copy
-        shutil.rmtree(tmp)
+    with files.atomic_folder(out_dir, replace=False) as tmp:  # another process finished first: keep its copy
+        pipe.save_pretrained(tmp)
     return out_dir

@@ -9,7 +9,6 @@ Pick-a-Pic-layout parquet.
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from lora_dpo import files
 from lora_dpo.rewards.scorers import Scorer
 
 TIE_LABEL = 0.5  # label_0 of a pair whose combined score difference is exactly zero (hard mode)
@@ -95,13 +95,12 @@ def _list_parts(parts_dir: Path) -> list[Path]:
 
 
 def _write_part(parts_dir: Path, index: int, tables: list[pa.Table]) -> int:
-    """Write scored batches as one part, atomically (temp file + os.replace); returns the rows written."""
+    """Write scored batches as one part, atomically (`files.atomic_file`); returns the rows written."""
     if not tables:
         return 0
     final = parts_dir / f"part-{index:05d}.parquet"
-    tmp = final.with_name(final.name + ".tmp")
-    pq.write_table(pa.concat_tables(tables), tmp)
-    os.replace(tmp, final)
+    with files.atomic_file(final) as tmp:
+        pq.write_table(pa.concat_tables(tables), tmp)
     return sum(t.num_rows for t in tables)
 
 
@@ -190,8 +189,8 @@ def _finalize(parts_dir: Path, out_path: Path, scorers: Sequence[tuple[Scorer, f
     s0 = torch.stack([scores[f"score_0_{n}"] for n in names])  # [K, N]
     s1 = torch.stack([scores[f"score_1_{n}"] for n in names])
     label_0 = preference_probability(s0, s1, [w for _, w in scorers], hard=hard, temperature=temperature)
-    schema, tmp, offset = _schema(names, with_labels=True), out_path.with_name(out_path.name + ".tmp"), 0
-    with pq.ParquetWriter(tmp, schema) as out:
+    schema, offset = _schema(names, with_labels=True), 0
+    with files.atomic_file(out_path) as tmp, pq.ParquetWriter(tmp, schema) as out:
         for part in parts:
             table = pq.read_table(part)
             labels = label_0[offset:offset + table.num_rows].numpy()
@@ -199,7 +198,6 @@ def _finalize(parts_dir: Path, out_path: Path, scorers: Sequence[tuple[Scorer, f
             table = table.append_column("label_0", pa.array(labels))
             table = table.append_column("label_1", pa.array(1.0 - labels))
             out.write_table(table.select(schema.names))
-    os.replace(tmp, out_path)
     means = {n: torch.cat([s0[k], s1[k]]).mean().item() for k, n in enumerate(names)}  # nan if empty
     return LabelSummary(n_pairs=len(label_0), n_swapped=int((label_0 < 0.5).sum()),
                         n_ties=int((label_0 == TIE_LABEL).sum()), mean_scores=means)

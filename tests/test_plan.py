@@ -13,7 +13,7 @@ import torch
 from conftest import replace
 from typer.testing import CliRunner
 
-from lora_dpo import plan
+from lora_dpo import models, plan
 from lora_dpo.cli import app
 from lora_dpo.recipe import LoraRecipe, ModelRecipe, ObjectiveRecipe
 
@@ -45,7 +45,7 @@ def test_cuda_autocast_norms_stay_inside_the_plan() -> None:
     norm = torch.nn.GroupNorm(2, 8).bfloat16()
     x = torch.randn(1, 8, 4, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with plan._cuda_autocast_norms():
+        with plan.trace._cuda_autocast_norms():
             assert norm(x).dtype == torch.float32
         assert norm(x).dtype == torch.bfloat16
     arch = plan.architecture(ModelRecipe(base="tiny"))
@@ -116,7 +116,7 @@ def test_local_folder_plans_like_the_builtin_tiny(tiny_arch_base: tuple[str, Pat
     key = _tiny_key(False)
     a, b = plan.measure_step(folder, key), plan.measure_step(builtin, key)
     assert (a.flops, a.peak) == (b.flops, b.peak)
-    with pytest.raises(plan.models.ModelError, match="unet/config.json"):
+    with pytest.raises(models.ModelError, match="unet/config.json"):
         plan.architecture(ModelRecipe(base=str(base_dir / "unet")))
 
 
@@ -132,7 +132,7 @@ def test_what_to_change_lowers_the_need_step_by_step(tiny_recipe) -> None:
     assert needs[1] < needs[0] and needs[2] < needs[1] and needs[4] < needs[3]
     # rank and resolution come last but one and last; each change keeps the ones before it
     big = plan.Setting.from_recipe(replace(replace(recipe, "lora", rank=64), "data", resolution=1024), False)
-    changes = list(plan._changes(big, recompute=0.24))
+    changes = list(plan.estimates._changes(big, recompute=0.24))
     assert [what.split(" ")[0] for what, _, _ in changes] == [
         "gradient", "cache", "LoRA", "8-bit", "4-bit", "resolution", "resolution", "resolution", "resolution"]
     last = changes[-1][2]
@@ -166,3 +166,37 @@ def test_cli_plan_on_the_tiny_recipe() -> None:
         assert text in out, text
     measured = re.search(r"measured on cpu .*measured / planned (\d\.\d+)", out)
     assert measured and 0.99 <= float(measured[1]) <= 1.05, out[-400:]
+
+
+PLAN_MODULES = ("gpus", "bases", "probe", "trace", "estimates", "report", "measure")  # the order they import in
+
+
+def test_the_plan_package_imports_one_way_and_defines_each_name_once() -> None:
+    """Each module of `lora_dpo.plan` imports only modules listed before it (no cycles); no top-level name is
+    defined in two of them (one cache of traced UNets and steps, in `trace`); the package re-exports each public
+    name from the one module that defines it."""
+    import ast
+    import importlib
+
+    folder = ROOT / "lora_dpo" / "plan"
+    assert {path.stem for path in folder.glob("*.py")} == {*PLAN_MODULES, "__init__"}
+    defined: dict[str, str] = {}
+    for index, name in enumerate(PLAN_MODULES):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {node.module.removeprefix("lora_dpo.plan.") for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lora_dpo.plan.")}
+        assert imported <= set(PLAN_MODULES[:index]), (name, imported)
+        assert not any(isinstance(node, ast.ImportFrom) and node.module == "lora_dpo"
+                       and any(alias.name == "plan" for alias in node.names) for node in ast.walk(tree)), name
+        for node in tree.body:
+            targets = ([node.target] if isinstance(node, ast.AnnAssign) else node.targets
+                       if isinstance(node, ast.Assign) else [node])
+            for target in targets:
+                key = getattr(target, "id", None) or getattr(target, "name", None)
+                if key:
+                    assert key not in defined, (key, defined.get(key), name)
+                    defined[key] = name
+    assert "_STEPS" in defined and defined["_STEPS"] == defined["_UNETS"] == "trace"
+    for name in plan.__all__:
+        module = importlib.import_module(f"lora_dpo.plan.{defined[name]}")
+        assert getattr(plan, name) is getattr(module, name), name

@@ -1,0 +1,98 @@
+"""The architecture of the recipe's base, from configs only: the UNet, VAE and scheduler configs and the text
+encoders' sizes, for the tiny bases (constants), the known hub ids (configs shipped with lora-dpo), or a local
+folder / hub id whose JSON configs are read (KBs, no weights).
+
+Imports nothing of the planner.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dpo import models
+from lora_dpo.recipe import ModelRecipe
+
+KNOWN_BASES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "runwayml/stable-diffusion-v1-5": "sd15",
+    "CompVis/stable-diffusion-v1-4": "sd15",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the plan needs of a base: UNet, VAE and scheduler configs, and the text encoders' sizes."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+    encoder_params: tuple[int, ...]
+    max_length: int = 77
+
+    @property
+    def is_sdxl(self) -> bool:
+        return models.is_sdxl_unet(self.unet)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+
+def architecture(model: ModelRecipe) -> Architecture:
+    """`tiny` / `tiny-sd15`, a known hub id (shipped configs), or a local folder / hub id whose configs are read
+    (KBs only)."""
+    if model.base in models.TINY_BASES:
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        arch = models.TINY_BASES[model.base]
+        config = CLIPTextConfig(**models.tiny_text_config())
+        encoders = (CLIPTextModel, CLIPTextModelWithProjection) if arch == "sdxl" else (CLIPTextModel,)
+        params = tuple(_count_params(lambda cls=cls: cls(config)) for cls in encoders)
+        return Architecture(model.base, models.tiny_unet_config(arch), dict(models.TINY_VAE),
+                            dict(models.TINY_SCHEDULER), params)
+    if model.base in KNOWN_BASES:
+        arch = KNOWN_BASES[model.base]
+        text = models.shipped_config(arch, "text")
+        return Architecture(arch, models.shipped_config(arch, "unet"), models.shipped_config(arch, "vae"),
+                            models.shipped_config(arch, "scheduler"), tuple(text["encoder_params"]), text["max_length"])
+    return _read_architecture(model)
+
+
+def _count_params(build: Callable[[], torch.nn.Module]) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def _read_architecture(model: ModelRecipe) -> Architecture:
+    def read(source: str, part: str, needed: bool = True) -> dict[str, Any] | None:
+        try:
+            if Path(source).exists():
+                return json.loads((Path(source) / part).read_text())
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(Path(hf_hub_download(source, part, revision=model.revision)).read_text())
+        except Exception as err:
+            if not needed:
+                return None
+            known = ", ".join([*models.TINY_BASES, *KNOWN_BASES])
+            raise models.ModelError(
+                f"[model].base = {source!r}: cannot read {part} ({type(err).__name__}); the plan needs a local "
+                f"diffusers folder, a reachable hub id, or one it knows: {known}") from None
+
+    import transformers
+
+    unet = read(model.base, "unet/config.json")
+    vae = read(model.vae, "config.json") if model.vae else read(model.base, "vae/config.json")
+    encoders = [read(model.base, f"{name}/config.json", needed=False) for name in ("text_encoder", "text_encoder_2")]
+    params = tuple(
+        _count_params(lambda c=c: getattr(transformers, c["architectures"][0])(transformers.AutoConfig.for_model(**c)))
+        for c in encoders if c)
+    return Architecture(model.base, unet, vae, read(model.base, "scheduler/scheduler_config.json"), params)

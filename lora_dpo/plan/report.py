@@ -1,0 +1,131 @@
+"""The plan as text: `render` sets memory and compute with checkpointing off and on beside each GPU and lists what
+to change when the step does not fit; `grid` is the Markdown table over ranks and resolutions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import replace
+
+from lora_dpo import models
+from lora_dpo.plan.bases import architecture
+from lora_dpo.plan.estimates import Plan, Setting, estimate, optimizer_bytes, seconds_per_pair
+from lora_dpo.plan.gpus import CONTEXT_GIB, FRAGMENTATION, GiB, Gpu
+from lora_dpo.recipe import Recipe
+
+
+def _size(n: float, unit: int) -> str:
+    return f"{n / unit:.2f}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}" if seconds < 1 else f"{seconds * 1e3:,.0f}"
+
+
+def render(plan: Plan, gpus: list[Gpu]) -> str:
+    """The plan as text: memory and compute with checkpointing off and on, the GPUs, what to change."""
+    recipe, arch, off, on = plan.recipe, plan.arch, plan.off, plan.on
+    key, m = off.setting.key, off.step
+    unit, unit_name = (GiB, "GiB") if off.peak >= GiB else (2**20, "MiB")
+    flop, flop_name = (1e12, "TFLOP") if off.total_flops >= 1e12 else (1e9, "GFLOP")
+    lora_params = sum(m.lora_numels)
+    dtype = str(models.DTYPES[key.precision]).removeprefix("torch.")
+    optimizer = off.setting.optimizer
+    lines = [
+        f"{arch.name} ({recipe.model.base}): {key.batch_size} pair(s) per step at {key.resolution} px, LoRA rank "
+        f"{key.lora.rank} on {', '.join(key.lora.target_modules)} ({lora_params / 1e6:.2f} M parameters)",
+        f"objective {key.objective.kind}, precision {key.precision}, {optimizer}, accumulation "
+        f"{off.setting.accumulation}, gradient checkpointing {json.dumps(recipe.train.gradient_checkpointing)}; "
+        + ("data cached" if off.setting.cached else "data encoded every step (VAE and text encoders on the GPU)"),
+        "",
+        f"{'memory (' + unit_name + ')':<52}{'ckpt off':>9}{'ckpt on':>9}",
+    ]
+
+    def row(label: str, a: float, b: float, fmt: Callable[[float], str]) -> None:
+        if a or b:
+            lines.append(f"  {label:<50}{fmt(a):>9}{fmt(b):>9}")
+
+    def size(n: float) -> str:
+        return _size(n, unit)
+
+    lora_bytes = 4 * lora_params
+    row(f"UNet weights, {dtype} ({m.base_params / 1e6:,.1f} M parameters)", m.base_bytes, m.base_bytes, size)
+    row("LoRA weights, fp32", lora_bytes, lora_bytes, size)
+    row(f"optimizer state, {optimizer} (AdamW 32-bit: {size(optimizer_bytes(m.lora_numels, 'adamw'))})",
+        off.optimizer_state, on.optimizer_state, size)
+    row("gradients kept across accumulation, fp32", off.grads_carried, on.grads_carried, size)
+    row("activations, gradients, batch at the step's peak", off.step.peak - m.base_bytes - lora_bytes,
+        on.step.peak - m.base_bytes - lora_bytes, size)
+    row("VAE and text encoder weights (no cache)", off.encoder_weights, on.encoder_weights, size)
+    row("VAE encoding a batch, above the step's peak", off.encode_excess, on.encode_excess, size)
+    row("peak", off.peak, on.peak, size)
+    lines.append(f"  {'  reached in':<50}{off.peak_phase:>18} / {on.peak_phase}")
+    row(f"a card needs: peak x {1 + FRAGMENTATION:.2f} + {CONTEXT_GIB} GiB CUDA context", off.required,
+        on.required, size)
+    lines += ["", f"{'compute (' + flop_name + ' per step)':<52}{'ckpt off':>9}{'ckpt on':>9}"]
+
+    def flops(n: float) -> str:
+        return f"{n / flop:.2f}"
+
+    for phase, label in (("policy forward", f"policy forward ({2 * key.batch_size} images)"),
+                         ("reference forward", f"reference forward ({2 * key.batch_size} images, adapters off)"),
+                         ("backward", "backward (and recompute, with checkpointing)")):
+        row(label, off.flops.get(phase, 0), on.flops.get(phase, 0), flops)
+    row(f"UNet step (checkpointing: +{plan.recompute:.0%})", off.unet_flops, on.unet_flops, flops)
+    row("VAE encode (no cache)", off.flops.get("VAE encode", 0), on.flops.get("VAE encode", 0), flops)
+    row("text encoders (no cache; 2 x parameters x tokens)", off.flops.get("text encoders", 0),
+        on.flops.get("text encoders", 0), flops)
+    row("total", off.total_flops, on.total_flops, flops)
+
+    lines += ["", f"per GPU: does the step fit, and the floor time per pair at 100 % / 50 % of the card's dense bf16 "
+                  f"peak; the run is {plan.pairs:,} pairs",
+              f"  {'GPU':<11}{'card':<23}{'GiB':>4}  {'ckpt off':<9}{'ckpt on':<8}{'runs':<9}"
+              f"{'ms per pair':>16}{'hours for the run':>22}"]
+    for gpu in gpus:
+        chosen = plan.choice(gpu.memory_gib)
+        fits = [("yes" if est.required <= gpu.memory_gib * GiB else "no") for est in (off, on, chosen)]
+        pick = ("ckpt on" if chosen is on else "ckpt off") if fits[2] == "yes" else "no fit"
+        times = [seconds_per_pair(chosen.total_flops, key.batch_size, gpu, u) for u in (1.0, 0.5)]
+        lines.append(f"  {gpu.name:<11}{gpu.card:<23}{gpu.memory_gib:>4g}  {fits[0]:<9}{fits[1]:<8}{pick:<9}"
+                     f"{_ms(times[0]):>9} / {_ms(times[1]):<5}{times[0] * plan.pairs / 3600:>12,.1f} / "
+                     f"{times[1] * plan.pairs / 3600:,.1f}")
+    misfits = [gpu for gpu in gpus if plan.choice(gpu.memory_gib).required > gpu.memory_gib * GiB]
+    if misfits:
+        smallest = min(misfits, key=lambda gpu: gpu.memory_gib)
+        lines += ["", f"does not fit {', '.join(g.name for g in misfits)} as the recipe stands; change, cheapest "
+                      "first (each on top of the ones above):"]
+        for change in plan.ladder(smallest.memory_gib):
+            est = change.estimate
+            fit = [g.name for g in misfits if est.required <= g.memory_gib * GiB]
+            lines.append(f"  {change.what:<44} card needs {size(est.required):>6} {unit_name}, "
+                         f"{est.total_flops / key.batch_size / flop:.1f} {flop_name}/pair; cost: {change.cost}"
+                         + (f"; fits {', '.join(fit)}" if fit else ""))
+    lines += ["", f"planned in {plan.seconds:.0f} s: lora_dpo.step.dpo_step and backward traced on fake tensors; "
+                  f"allowance not calibrated on a GPU yet (README, `plan --measure`)"]
+    return "\n".join(lines)
+
+
+def grid(recipe: Recipe, ranks: list[int], resolutions: list[int], gpus: list[Gpu]) -> str:
+    """A Markdown table, rank x resolution rows, one column per GPU: the cheapest of checkpointing off, on, on with
+    cached data that fits, and its floor time per pair at 100 % of the card's peak; `no` when none fits."""
+    arch = architecture(recipe.model)
+    rows = ["| rank | px | card needs (GiB): ckpt off / on / on + cache | TFLOP per pair, encoding included: off / on "
+            "| " + " | ".join(g.name for g in gpus) + " |", "|" + "---|" * (4 + len(gpus))]
+    batch = recipe.train.batch_size
+    for rank in ranks:
+        for resolution in resolutions:
+            variant = dataclasses.replace(recipe, lora=replace(recipe.lora, rank=rank, alpha=float(rank)),
+                                          data=replace(recipe.data, resolution=resolution))
+            off, on = (estimate(arch, Setting.from_recipe(variant, c)) for c in (False, True))
+            cached = estimate(arch, replace(on.setting, cached=True))
+            options = ((off, "off"), (on, "on"), (cached, "on + cache"))
+            cells = []
+            for gpu in gpus:
+                fit = [(est, name) for est, name in options if est.required <= gpu.memory_gib * GiB]
+                ms = seconds_per_pair(fit[0][0].total_flops, batch, gpu) * 1e3 if fit else 0
+                cells.append(f"{fit[0][1]}: {ms:,.0f} ms" if fit else "no")
+            rows.append(f"| {rank} | {resolution} | {' / '.join(f'{e.required / GiB:.1f}' for e, _ in options)} | "
+                        f"{off.total_flops / batch / 1e12:.1f} / {on.total_flops / batch / 1e12:.1f} | "
+                        + " | ".join(cells) + " |")
+    return "\n".join(rows)

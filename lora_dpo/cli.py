@@ -368,7 +368,11 @@ def bench(
         logging.basicConfig(level=logging.WARNING, format="lora-dpo: %(message)s")
         _quiet_imports()
         if data_only:
-            _bench_data(loaded, pairs)
+            from lora_dpo.cache import format_throughput, measure_data_throughput, text_shapes
+
+            rows = measure_data_throughput(loaded.data, text_shapes(loaded.model), n_pairs=pairs,
+                                           batch_size=loaded.train.batch_size, seed=loaded.train.seed)
+            typer.echo(format_throughput(rows, pairs, loaded))
             return
         import torch
 
@@ -409,17 +413,6 @@ def _bench_suite(suite: str, loaded: Recipe, arch: str | None, resolution: list[
     out.write_text(json.dumps(report, indent=1) + "\n")
     typer.echo(gpu_check.format_suite(report))
     typer.echo(f"wrote {out}")
-
-
-def _bench_data(loaded: Recipe, pairs: int) -> None:
-    from lora_dpo.cache import measure_data_throughput, text_shapes
-
-    rows = measure_data_throughput(loaded.data, text_shapes(loaded.model), n_pairs=pairs,
-                                   batch_size=loaded.train.batch_size, seed=loaded.train.seed)
-    typer.echo(f"{pairs} pairs of {loaded.data.resolution} px JPEGs, batch {loaded.train.batch_size}")
-    typer.echo(f"{'path':30} {'workers':>7} {'startup s':>10} {'pairs/s':>9}")
-    for row in rows:
-        typer.echo(f"{row['path']:30} {row['workers']:>7} {row['startup_s']:>10.2f} {row['pairs_per_s']:>9.1f}")
 
 
 @app.command("recipe-doc")

@@ -17,14 +17,15 @@ Modules, each importing only those above it:
   layout      the format number, manifest name, shard kinds and plan, `identity`, `save_shard`
   write       build_cache: encode the recipe's pairs and prompts, resumably, in parallel
   read        LatentCache, CachedPairs, collate_encoded, cached_datasets: a cache read for training
-  throughput  measure_data_throughput, text_shapes: how fast each data path feeds the trainer
+  throughput  measure_data_throughput, format_throughput, text_shapes: how fast each data path feeds the trainer
 This package sits on the trainer's floor: it uses `data` (pairs), `models` (to encode) and `step` (`EncodedBatch`,
 what it yields, and `make_accelerator`). It re-exports the names the CLI, the trainer and the tests use.
 """
 
 from lora_dpo.cache.layout import MANIFEST
 from lora_dpo.cache.read import LatentCache, cached_datasets
-from lora_dpo.cache.throughput import measure_data_throughput, text_shapes
+from lora_dpo.cache.throughput import format_throughput, measure_data_throughput, text_shapes
 from lora_dpo.cache.write import build_cache
 
-__all__ = ["MANIFEST", "LatentCache", "build_cache", "cached_datasets", "measure_data_throughput", "text_shapes"]
+__all__ = ["MANIFEST", "LatentCache", "build_cache", "cached_datasets", "format_throughput", "measure_data_throughput",
+           "text_shapes"]

@@ -18,7 +18,7 @@ import torch
 from lora_dpo import data, models, synthetic
 from lora_dpo.cache.layout import FORMAT, KINDS, MANIFEST, plan_shards, save_shard
 from lora_dpo.cache.read import CachedPairs, LatentCache, collate_encoded
-from lora_dpo.recipe import DataRecipe, ModelRecipe
+from lora_dpo.recipe import DataRecipe, ModelRecipe, Recipe
 
 
 def text_shapes(cfg: ModelRecipe) -> tuple[int, int, int | None]:
@@ -137,3 +137,12 @@ def measure_data_throughput(cfg: DataRecipe, shapes: tuple[int, int, int | None]
             results.append({"path": name, "pairs": pairs, "workers": workers, "startup_s": round(startup, 3),
                             "pairs_per_s": round(rate, 1)})
     return results
+
+
+def format_throughput(rows: list[dict[str, Any]], pairs: int, recipe: Recipe) -> str:
+    """`lora-dpo bench --data-only`'s table: one line per data path."""
+    lines = [f"{pairs} pairs of {recipe.data.resolution} px JPEGs, batch {recipe.train.batch_size}",
+             f"{'path':30} {'workers':>7} {'startup s':>10} {'pairs/s':>9}"]
+    lines += [f"{row['path']:30} {row['workers']:>7} {row['startup_s']:>10.2f} {row['pairs_per_s']:>9.1f}"
+              for row in rows]
+    return "\n".join(lines)

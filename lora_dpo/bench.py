@@ -22,11 +22,11 @@ import platform
 import resource
 import statistics
 import time
+import tomllib
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import tomllib
 import torch
 
 from lora_dpo import models

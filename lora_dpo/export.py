@@ -251,7 +251,7 @@ def modelspec(sdxl: bool, title: str, resolution: int | None = None) -> dict[str
             "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
             "modelspec.title": title,
-            "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+            "modelspec.date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
             "modelspec.description": f"LoRA aligned to human preferences with Diffusion-DPO (lora-dpo {__version__})"}
     if resolution:
         spec["modelspec.resolution"] = f"{resolution}x{resolution}"

@@ -2,10 +2,10 @@ import dataclasses
 import json
 import logging
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

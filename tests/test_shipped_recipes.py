@@ -6,11 +6,11 @@ recipes' `auto` means off on a CPU (host memory), and it is the path a small GPU
 
 import os
 import signal
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import torch
 from safetensors.torch import load_file
 

@@ -7,12 +7,11 @@ import dataclasses
 import difflib
 import logging
 import math
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from lora_dpo.recipe.schema import SECTIONS, ColumnMap, ObjectiveRecipe, Recipe, RecipeError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lora_dpo import data, files, guards
 from lora_dpo.export import ADAPTER_FILE, save_adapter
-from lora_dpo.recipe import Recipe
+from lora_dpo.recipe import ObjectiveRecipe, Recipe
 from lora_dpo.train import samples
 from lora_dpo.train.build import Run, setup
 from lora_dpo.train.loop import fit
@@ -38,8 +38,7 @@ def _check_processes_agree(run: Run) -> str:
     return mine
 
 
-def _objective_summary(recipe: Recipe) -> str:
-    cfg = recipe.objective
+def _objective_summary(cfg: ObjectiveRecipe) -> str:
     if cfg.kind == "mapo":
         return f"mapo, mapo_beta {cfg.mapo_beta:g}, mapo_snr {cfg.mapo_snr:g}"
     return cfg.kind if cfg.kind == "sft" else f"{cfg.kind}, beta {cfg.beta:g}"
@@ -67,7 +66,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     accelerator.print(f"lora-dpo: {run.data_summary}")
     accelerator.print(f"lora-dpo: {cfg.max_steps} steps x {effective} pairs (batch {cfg.batch_size} x accumulation "
                       f"{cfg.gradient_accumulation} x {accelerator.num_processes} processes) on "
-                      f"{accelerator.device}; objective {_objective_summary(recipe)}")
+                      f"{accelerator.device}; objective {_objective_summary(recipe.objective)}")
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     summary = fit(run)

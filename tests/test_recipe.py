@@ -80,12 +80,12 @@ def test_describe_documents_every_field() -> None:
     assert all(row[3] for row in rows)
 
 
-def test_readme_recipe_table_is_generated_from_the_dataclasses() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_the_recipe_reference_is_generated_from_the_dataclasses() -> None:
+    readme = (Path(__file__).parent.parent / "docs" / "recipe.md").read_text()
     table = readme.split("<!-- recipe-table:start -->\n")[1].split("\n<!-- recipe-table:end -->")[0]
     rows = [line for line in table.splitlines()[2:]]
     assert rows == [f"| `{k}` | {t} | `{d}` | {h} |" for k, t, d, h in recipe.describe()], \
-        "README's recipe table is stale: regenerate it with `lora-dpo recipe-doc`"
+        "docs/recipe.md's table is stale: regenerate it with `lora-dpo recipe-doc`"
 
 
 def test_a_key_the_objective_ignores_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -32,11 +32,6 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
 
 
-def _base_location(base: str) -> str:
-    """What `from_pretrained` needs for this base on this machine (a tiny base's cache folder, not `tiny`)."""
-    return str(models.tiny_base_path(models.TINY_BASES[base])) if base in models.TINY_BASES else base
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -143,7 +138,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         f"# {name}", "",
         f"A LoRA adapter for `{base}`{base_note}, aligned to human preferences with "
         f"{METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
-        "", "## Use it", "", _snippet(_base_location(base), ref, sdxl), "",
+        "", "## Use it", "", _snippet(models.base_location(base), ref, sdxl), "",
         "ComfyUI, AUTOMATIC1111 and Forge need the kohya format: "
         f"`lora-dpo export {ref} --format kohya --out {name}.safetensors`, then put the file in the "
         "tool's LoRA folder.", "",

@@ -261,6 +261,7 @@ def modelspec(sdxl: bool, title: str, resolution: int | None = None) -> dict[str
 def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl: bool) -> dict[str, str]:
     """What a trained adapter says about itself (safetensors metadata values are strings)."""
     stamp = {"lora_dpo.version": __version__, "lora_dpo.base_model": recipe.model.base,
+             "lora_dpo.base_location": models.base_location(recipe.model.base),
              "lora_dpo.rank": str(recipe.lora.rank), "lora_dpo.alpha": repr(recipe.lora.alpha),
              "lora_dpo.target_modules": json.dumps(list(recipe.lora.target_modules)),
              "lora_dpo.objective": recipe.objective.kind, "lora_dpo.beta": repr(recipe.objective.beta),
@@ -415,6 +416,7 @@ def inspect_adapter(source: str | Path) -> dict[str, Any]:
     info: dict[str, Any] = {
         "file": str(path), "format": fmt,
         "base_model": meta.get("lora_dpo.base_model") or meta.get("ss_sd_model_name") or "unknown",
+        "base_location": meta.get("lora_dpo.base_location") or meta.get("lora_dpo.base_model") or "unknown",
         "architecture": meta.get("modelspec.architecture") or meta.get("ss_base_model_version") or arch or "unknown",
         "rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": alphas[0] if len(alphas) == 1 else alphas,
         "targets": targets, "layers": len(layers),

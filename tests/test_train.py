@@ -223,3 +223,17 @@ def test_fp16_on_the_cpu_is_refused_by_name_unless_the_recipe_opts_in(tiny_recip
     run = setup(tiny_recipe(train={"mixed_precision": "fp16", "device_fallback": True}), tmp_path / "opted")
     assert run.accelerator.mixed_precision == "bf16"
     assert 'running "bf16" instead ([train].device_fallback = true)' in caplog.text
+
+
+def test_the_run_names_its_base_as_a_loadable_folder(tiny_recipe, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A run on `tiny` says where the tiny base is, in the final lines and in the adapter (for `inspect`)."""
+    from lora_dpo.export import inspect_adapter
+
+    recipe = tiny_recipe(train={"max_steps": 1}, data={"val_pairs": 2})
+    path = train(recipe)
+    out = capsys.readouterr().out
+    assert f"load_lora_weights({str(path.parent)!r})" in out and recipe.model.base in out
+    assert "held-out reward accuracy" in out
+    assert inspect_adapter(path)["base_location"] == recipe.model.base  # a folder: already loadable as written
+    assert models.base_location("tiny") == str(models.tiny_base_path("sdxl"))

@@ -34,6 +34,7 @@ from lora_dpo.models.tiny import (
                                    TINY_UNET,
                                    TINY_VAE,
                                    TinyArch,
+                                   base_location,
                                    build_tiny_base,
                                    build_tiny_pipeline,
                                    resolve_base,
@@ -47,9 +48,9 @@ from lora_dpo.models.tiny import (
 __all__ = [
     "ARCHITECTURES", "DTYPES", "KNOWN_BASES", "PREDICTION_TYPES", "STORAGE_DTYPES", "TINY_BASES", "TINY_FOLDERS",
     "TINY_RESOLUTION", "TINY_SCHEDULER", "TINY_SD15_UNET", "TINY_UNET", "TINY_VAE", "BaseModel", "ModelError",
-    "TinyArch", "adapters_disabled", "add_lora", "base_unet_config", "build_tiny_base", "build_tiny_pipeline",
-    "cache_home", "encode_images", "encode_prompts", "is_sdxl_unet", "load_base", "lora_config", "lora_parameters",
-    "pooled_dim", "quantize_nf4", "read_pipeline_json", "resolve_base", "shipped_config", "tiny_base_path",
-    "tiny_text_config", "tiny_tokenizer", "tiny_unet_config", "unet_forward", "unet_from_config",
-    "warm_up_tiny_base",
+    "TinyArch", "adapters_disabled", "add_lora", "base_location", "base_unet_config", "build_tiny_base",
+    "build_tiny_pipeline", "cache_home", "encode_images", "encode_prompts", "is_sdxl_unet", "load_base",
+    "lora_config", "lora_parameters", "pooled_dim", "quantize_nf4", "read_pipeline_json", "resolve_base",
+    "shipped_config", "tiny_base_path", "tiny_text_config", "tiny_tokenizer", "tiny_unet_config", "unet_forward",
+    "unet_from_config", "warm_up_tiny_base",
 ]

@@ -37,6 +37,11 @@ def tiny_base_path(arch: TinyArch = "sdxl") -> Path:
     return cache_home() / TINY_FOLDERS[arch]
 
 
+def base_location(name: str) -> str:
+    """What `from_pretrained` needs for this base on this machine: a tiny base's cache folder, not `tiny`."""
+    return str(tiny_base_path(TINY_BASES[name])) if name in TINY_BASES else name
+
+
 def resolve_base(name: str) -> str:
     """`tiny` / `tiny-sd15` -> the cached built-in tiny base (built on first use); anything else as is."""
     if name not in TINY_BASES:

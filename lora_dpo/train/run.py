@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from lora_dpo import data, files, guards
+from lora_dpo import data, files, guards, models
 from lora_dpo.export import ADAPTER_FILE, save_adapter
 from lora_dpo.recipe import ObjectiveRecipe, Recipe
 from lora_dpo.train import samples
@@ -79,8 +79,11 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
             path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary)
         samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
         keys = ("val_reward_accuracy", "reward_accuracy", "val_error_accuracy", "error_accuracy")
-        acc = next((f"{k.removeprefix('val_').replace('_', ' ')} {summary[k]:.3f}; " for k in keys if k in summary), "")
+        acc = next((f"{'held-out ' if k.startswith('val_') else ''}{k.removeprefix('val_').replace('_', ' ')} "
+                    f"{summary[k]:.3f}; " for k in keys if k in summary), "")
         accelerator.print(f"lora-dpo: done in {summary['seconds']:.0f} s; {acc}wrote {path}")
+        accelerator.print(f"lora-dpo: load it on its base: {run.base.pipeline_class.__name__}.from_pretrained("
+                          f"{models.base_location(recipe.model.base)!r}).load_lora_weights({str(run_dir)!r})")
         processes = accelerator.num_processes
         accelerator.print(f"lora-dpo: adapter sha256 {digest[:16]}"
                           + (f", identical on all {processes} processes" if processes > 1 else ""))

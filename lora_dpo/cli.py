@@ -347,6 +347,10 @@ def bench(
                                                            "compile, max_memory_gb. Repeatable.")] = None,
     set_: SetOption = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch. Default: the recipe's train.num_threads, "
+                                                     "else 1 on a CPU (as recipes/tiny.toml: two threads on a busy "
+                                                     "2-core machine were ~30x slower), torch's own on a GPU.",
+                                                min=1)] = None,
     data_only: Annotated[bool, typer.Option(help="Measure only how fast each data path (parquet, JSONL images, "
                                                  "latent cache) feeds the trainer, in pairs/s.")] = False,
     pairs: Annotated[int, typer.Option(help="With --data-only: pairs drawn through each path.", min=2)] = 64,
@@ -365,6 +369,7 @@ def bench(
     try:
         loaded = (recipe_module.load(recipe, set_ or []) if recipe else
                   recipe_module.from_dict({}, "--set", tuple(set_ or [])))
+        loaded = _bench_threads(loaded, threads)
         logging.basicConfig(level=logging.WARNING, format="lora-dpo: %(message)s")
         _quiet_imports()
         if data_only:
@@ -379,7 +384,13 @@ def bench(
         if suite is not None:
             if json_out:
                 raise recipe_module.RecipeError("--suite writes its JSON to --out (default bench-gpu.json)")
-            _bench_suite(suite, loaded, arch, resolution, steps, warmup, max_memory_gb, compare, out)
+            from lora_dpo import gpu_check
+
+            if compare:
+                raise recipe_module.RecipeError("--suite gpu runs its own settings; "
+                                                "--compare goes with the plain bench")
+            typer.echo(gpu_check.run_to_file(suite, loaded, arch, resolution[0] if resolution else None, steps,
+                                             warmup, max_memory_gb, out))
             return
 
         chosen = arch or ("recipe" if recipe else "sdxl" if torch.cuda.is_available() else "tiny")
@@ -395,24 +406,14 @@ def bench(
         json_out.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _bench_suite(suite: str, loaded: Recipe, arch: str | None, resolution: list[int] | None, steps: int,
-                 warmup: int, max_memory_gb: float | None, compare: list[str] | None, out: Path) -> None:
-    import json
+def _bench_threads(loaded: Recipe, threads: int | None) -> Recipe:
+    """--threads, else the recipe's, else one thread on a CPU: what the measured tables used."""
+    import dataclasses
 
     import torch
 
-    from lora_dpo import gpu_check
-    from lora_dpo.recipe import RecipeError
-
-    if suite != "gpu":
-        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
-    if compare:
-        raise RecipeError("--suite gpu runs its own settings; --compare goes with the plain bench")
-    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
-    report = gpu_check.run_suite(chosen, loaded, resolution[0] if resolution else None, steps, warmup, max_memory_gb)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    typer.echo(gpu_check.format_suite(report))
-    typer.echo(f"wrote {out}")
+    chosen = threads or loaded.train.num_threads or (None if torch.cuda.is_available() else 1)
+    return dataclasses.replace(loaded, train=dataclasses.replace(loaded.train, num_threads=chosen))
 
 
 @app.command("recipe-doc")

@@ -43,6 +43,14 @@ def temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
+def _umask_mode(path: Path) -> None:
+    """Give a written file the mode the user's umask gives new files (safetensors and some writers create 0600
+    files, which another account or a web server could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Write `path` whole or not at all: the block writes the yielded temporary path; on success it is flushed to
@@ -52,6 +60,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        _umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -73,6 +82,9 @@ def atomic_folder(path: Path, replace: bool = True) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _umask_mode(file)
         if replace:
             publish_folder(tmp, path)
         else:

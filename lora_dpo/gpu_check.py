@@ -348,3 +348,17 @@ def format_suite(report: dict[str, Any]) -> str:
     lines += ["", f"{ok} of {len(report['items'])} items ok"
               + ("; the CPU has no allocator statistics: run it on a CUDA GPU for the memory figures" if cpu else "")]
     return "\n".join(lines)
+
+
+def run_to_file(suite: str, recipe: Recipe, arch: str | None, resolution: int | None, steps: int, warmup: int,
+                max_memory_gb: float | None, out: Path) -> str:
+    """`lora-dpo bench --suite gpu`: run the suite (SDXL on a GPU, the tiny base without one), write the JSON to
+    `out`, return the Markdown table and where it went."""
+    import json
+
+    if suite != "gpu":
+        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
+    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
+    report = run_suite(chosen, recipe, resolution, steps, warmup, max_memory_gb)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return f"{format_suite(report)}\nwrote {out}"

@@ -187,3 +187,12 @@ def test_gpu_suite_table_on_cuda_shows_measured_beside_planned() -> None:
     row = next(line for line in table.splitlines() if line.startswith("| a1"))
     assert "| 21 | 19.6 | 1.071 | 23 | 21.6 | 1.067 |" in row and "n/a" not in table
     assert "loss scale 32768" in table and "2 of 2 items ok" in table
+
+
+def test_threads_default_to_one_on_the_cpu_and_follow_the_option() -> None:
+    """The README's CPU table is reproducible with the command beside it: one thread unless told otherwise."""
+    from lora_dpo.cli import _bench_threads
+
+    assert _bench_threads(_recipe(num_threads=None), None).train.num_threads == 1
+    assert _bench_threads(_recipe(num_threads=None), 2).train.num_threads == 2
+    assert _bench_threads(_recipe(num_threads=3), None).train.num_threads == 3

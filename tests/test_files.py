@@ -40,3 +40,22 @@ def test_no_module_renames_temporaries_by_hand() -> None:
             continue
         text = source.read_text()
         assert not re.search(r"os\.replace\(|\.rename\(|\.replace\(\w*path\)", text), source
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    """safetensors creates 0600 files; what lora-dpo publishes is readable as the user's umask says."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(0o022)
+    try:
+        with files.atomic_file(tmp_path / "a.safetensors") as tmp:
+            save_file({"x": torch.zeros(1)}, tmp)
+        with files.atomic_folder(tmp_path / "folder") as tmp:
+            save_file({"x": torch.zeros(1)}, tmp / "b.safetensors")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder" / "b.safetensors").stat().st_mode & 0o777 == 0o644

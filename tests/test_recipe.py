@@ -191,3 +191,12 @@ def test_any_value_for_any_key_is_valid_or_a_recipe_error(key: str, value) -> No
         assert f"[{section}].{name}" in str(err)
         return
     assert recipe.from_dict(tomllib.loads(loaded.to_toml())) == loaded  # valid: it round-trips
+
+
+def test_a_bad_set_value_is_blamed_on_set_not_on_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text("[train]\nlearning_rate = 'fast'\n")
+    with pytest.raises(RecipeError) as err:
+        recipe.load(path, ["train.max_steps=many"])
+    assert str(err.value) == (f"{path}: [train].learning_rate = 'fast' must be a number; "
+                              "--set: [train].max_steps = 'many' must be a whole number")

@@ -118,37 +118,42 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def from_dict(raw: dict[str, Any], source: str = "<recipe>", overrides: tuple[str, ...] = ()) -> Recipe:
-    """Build a Recipe from parsed TOML plus `--set` overrides, reporting every problem at once."""
+    """Build a Recipe from parsed TOML plus `--set` overrides, reporting every problem at once, each blamed on
+    where it was written: the file or `--set`."""
     merged: dict[str, dict[str, Any]] = {}
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {source: [], "--set": []}
     for section, values in raw.items():
         if not isinstance(values, dict):
-            problems.append(f"`{section}` must be a [section] table{_closest(section, list(SECTIONS))}")
+            problems[source].append(f"`{section}` must be a [section] table{_closest(section, list(SECTIONS))}")
             continue
         merged[section] = dict(values)
+    overridden = set()
     for text in overrides:
         section, key, value = parse_override(text)
         merged.setdefault(section, {})[key] = value
+        overridden.add((section, key))
     kwargs: dict[str, Any] = {}
     for section, values in merged.items():
         if section not in SECTIONS:
-            problems.append(f"unknown section [{section}]{_closest(section, list(SECTIONS))}")
+            origin = "--set" if any(s == section for s, _ in overridden) else source
+            problems[origin].append(f"unknown section [{section}]{_closest(section, list(SECTIONS))}")
             continue
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         section_kwargs = {}
         for key, value in values.items():
+            origin = "--set" if (section, key) in overridden else source
             if key not in fields:
-                problems.append(f"unknown key [{section}].{key}{_closest(key, list(fields))}")
+                problems[origin].append(f"unknown key [{section}].{key}{_closest(key, list(fields))}")
                 continue
             checked, problem = _check_value(f"[{section}].{key}", value, hints[key], dict(fields[key].metadata))
             if problem:
-                problems.append(problem)
+                problems[origin].append(problem)
             section_kwargs[key] = checked
         kwargs[section] = cls(**section_kwargs)
-    if problems:
-        raise RecipeError(f"{source}: " + "; ".join(problems))
+    if any(problems.values()):
+        raise RecipeError("; ".join(f"{origin}: " + "; ".join(found) for origin, found in problems.items() if found))
     built = Recipe(**kwargs)
     _warn_unused_objective_keys(built.objective, merged.get("objective", {}), source)
     return built

@@ -237,3 +237,12 @@ def test_the_run_names_its_base_as_a_loadable_folder(tiny_recipe, tmp_path: Path
     assert "held-out reward accuracy" in out
     assert inspect_adapter(path)["base_location"] == recipe.model.base  # a folder: already loadable as written
     assert models.base_location("tiny") == str(models.tiny_base_path("sdxl"))
+
+
+def test_a_run_that_never_starts_leaves_no_folder(tiny_recipe, tmp_path: Path) -> None:
+    from lora_dpo.errors import LoraDpoError
+
+    recipe = tiny_recipe(data={"source": str(tmp_path / "absent.jsonl")})
+    with pytest.raises(LoraDpoError, match="absent.jsonl"):
+        train(recipe)
+    assert not (tmp_path / "adapters" / "test").exists()

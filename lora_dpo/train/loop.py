@@ -60,11 +60,12 @@ def fit(run: Run) -> dict[str, Any]:
     """Train, guarded: SIGINT/SIGTERM stop the run after the current optimizer step and a checkpoint
     (`guards.Interrupted`); running out of GPU memory becomes advice on settings that fit."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     main = run.accelerator.is_main_process
     with (guards.out_of_memory_advice(run.recipe), guards.StopSignals(announce=main) as stop,
           tqdm(total=run.recipe.train.max_steps, initial=run.start_step, desc=run.recipe.objective.kind,
-               disable=not main) as bar):
+               disable=not main) as bar, logging_redirect_tqdm()):  # log lines above the bar, not inside it
         return _loop(run, stop, bar)
 
 

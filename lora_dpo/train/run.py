@@ -4,6 +4,7 @@ file, the training plot and the closing lines."""
 from __future__ import annotations
 
 import gc
+import shutil
 from pathlib import Path
 
 from lora_dpo import data, files, guards, models
@@ -58,8 +59,14 @@ def _data_report(run: Run) -> str:
 def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = None) -> Path:
     """Train a LoRA adapter as the recipe says; return the adapter file's path."""
     run_dir = Path(recipe.output.dir) / recipe.run_name(recipe_path)
-    with guards.out_of_memory_advice(recipe):  # loading the base onto a small GPU may not fit either
-        run = setup(recipe, run_dir, resume)
+    fresh = not run_dir.exists()
+    try:
+        with guards.out_of_memory_advice(recipe):  # loading the base onto a small GPU may not fit either
+            run = setup(recipe, run_dir, resume)
+    except BaseException:
+        if fresh:  # a run that never started leaves no folder behind (tensorboard logs, temporaries)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     accelerator = run.accelerator
     cfg = recipe.train
     effective = cfg.batch_size * cfg.gradient_accumulation * accelerator.num_processes

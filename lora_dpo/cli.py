@@ -51,12 +51,14 @@ def train(
     = False,
 ) -> None:
     """Train a LoRA adapter with the recipe's objective; writes adapters/<run>/."""
+    from lora_dpo import hub
     from lora_dpo import recipe as recipe_module
     from lora_dpo.errors import Interrupted
 
     try:
         overrides = [*(set_ or []), *(["output.overwrite=true"] if overwrite else [])]
         loaded = recipe_module.load(recipe, overrides)
+        hub.preflight_model(loaded.model)
         logging.basicConfig(level=logging.INFO, format="lora-dpo: %(message)s")
         _quiet_imports()
         from lora_dpo.train import train as run_training

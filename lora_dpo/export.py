@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lora_dpo import __version__, card, files, kohya, models
+from lora_dpo import __version__, card, files, hub, kohya, models
 from lora_dpo.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,12 @@ def resolve_adapter_file(source: str | Path) -> Path:
         raise AdapterError(f"{source}: no such file or folder (and not a hub id like owner/name)")
     from huggingface_hub import hf_hub_download
 
+    online = hub.prepare()
     try:
         return Path(hf_hub_download(str(source), ADAPTER_FILE))
     except Exception as err:
+        if not online:
+            raise hub.unavailable(str(source), "the adapter") from None
         raise AdapterError(f"{source}: not a local file or folder, and no {ADAPTER_FILE} could be fetched from the "
                            f"hub ({type(err).__name__}); check the path or the id and your network") from None
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from lora_dpo import files, models
+from lora_dpo import files, hub, models
 from lora_dpo.evaluate.errors import EvalError
 from lora_dpo.export import ADAPTER_FILE
 
@@ -93,11 +93,14 @@ def load_pipeline(base: str, adapter: Path, device: torch.device, dtype: torch.d
     from diffusers import DiffusionPipeline
 
     source = models.resolve_base(base)
+    online = Path(source).exists() or hub.prepare()
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases know only that
             warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
             pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
     except (OSError, ValueError) as err:
+        if not online:
+            raise hub.unavailable(base, "the base pipeline") from None
         raise EvalError(f"--base {base!r}: cannot load the pipeline: {str(err).splitlines()[0]}") from None
     if not hasattr(pipe, "load_lora_weights"):
         raise EvalError(f"--base {base!r}: {type(pipe).__name__} does not take LoRA adapters; lora-dpo evaluates "

@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from lora_dpo import hub
 from lora_dpo.evaluate.errors import EvalError
 
 PROMPT_COLUMNS = ("prompt", "caption", "text")  # looked for, in this order and case-insensitively
@@ -87,9 +88,12 @@ def _dataset_prompts(name: str, split: str) -> list[str]:
     except ImportError:
         raise EvalError(f"--prompts {name!r}: hub and folder datasets need the `datasets` package "
                         "(pip install datasets)") from None
+    online = Path(name).exists() or hub.prepare()
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets raises many types; all mean "cannot use this name"
+        if not online:
+            raise hub.unavailable(name, "the prompt set") from None
         raise EvalError(f"--prompts {name!r}: cannot load split {split!r} ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); check the name, split and network") from None
     return list(dataset[_column(dataset.column_names, name)])
@@ -104,10 +108,13 @@ def _hpsv2_prompts(key: str) -> list[str]:
     from huggingface_hub import hf_hub_download
 
     prompts: list[str] = []
+    online = hub.prepare()
     for name in [style] if style else HPSV2_STYLES:
         try:
             path = hf_hub_download(HPSV2_REPO, f"benchmark/{name}.json", repo_type="dataset")
         except Exception as err:
+            if not online:
+                raise hub.unavailable(HPSV2_REPO, "the HPS v2 prompt set") from None
             raise EvalError(f"--prompts {key!r}: cannot download {HPSV2_REPO}/benchmark/{name}.json "
                             f"({type(err).__name__}); check your network, or pass a local copy") from None
         prompts += _file_prompts(Path(path))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lora_dpo import hub
 from lora_dpo.models.parts import KNOWN_BASES, PREDICTION_TYPES, BaseModel, ModelError, shipped_config
 from lora_dpo.models.tiny import resolve_base
 from lora_dpo.recipe import ModelRecipe
@@ -23,9 +24,12 @@ def read_pipeline_json(source: str, filename: str, revision: str | None = None) 
         return json.loads(path.read_text())
     from huggingface_hub import hf_hub_download
 
+    online = hub.prepare()
     try:
         return json.loads(Path(hf_hub_download(source, filename, revision=revision)).read_text())
     except Exception as err:
+        if not online:
+            raise hub.unavailable(source, "the base pipeline") from None
         raise ModelError(f"{source}: cannot read {filename} from the hub ({type(err).__name__}); "
                          "check the id, your network, or pass a local diffusers folder") from None
 
@@ -47,6 +51,7 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
                          "SDXL text-to-image pipeline")
     is_sdxl = "text_encoder_2" in index and index.get("text_encoder_2") != [None, None]
     common = {"revision": cfg.revision}
+    online = hub.prepare() if not Path(source).exists() or (cfg.vae and not Path(cfg.vae).exists()) else True
     try:
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
@@ -67,6 +72,9 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
                                     torch_dtype=weight_dtype, **common)
                 for cls, n in zip(encoders, names, strict=False))
     except (OSError, ValueError) as err:
+        if not online:
+            raise hub.unavailable(cfg.vae if cfg.vae and not Path(cfg.vae).exists() else source,
+                                  "the base pipeline") from None
         raise ModelError(f"{source}: cannot load the base pipeline: {str(err).splitlines()[0]}") from None
     for module in (base.unet, base.vae, *base.text_encoders):
         if module is not None:

@@ -15,12 +15,13 @@ from torch import Tensor
 from lora_dpo import files, synthetic
 from lora_dpo.files import cache_home
 from lora_dpo.models.parts import BaseModel, ModelError, encode_images, encode_prompts, unet_forward
+from lora_dpo.recipe import BUILTIN_BASES
 
 log = logging.getLogger(__name__)
 
 TinyArch = Literal["sdxl", "sd15"]
 # `[model].base` names of the built-in tiny bases -> their architecture; `tiny` stays the SDXL one
-TINY_BASES: dict[str, TinyArch] = {"tiny": "sdxl", "tiny-sd15": "sd15"}
+TINY_BASES: dict[str, TinyArch] = dict(zip(BUILTIN_BASES, ("sdxl", "sd15"), strict=True))
 # Their cache folders under cache_home(): bump a version when that base's weights change, so that no stale
 # cached copy is reused
 TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v1", "sd15": "tiny-sd15-v1"}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lora_dpo import models
+from lora_dpo import hub, models
 from lora_dpo.recipe import ModelRecipe
 
 KNOWN_BASES = {
@@ -73,15 +73,19 @@ def _count_params(build: Callable[[], torch.nn.Module]) -> int:
 
 def _read_architecture(model: ModelRecipe) -> Architecture:
     def read(source: str, part: str, needed: bool = True) -> dict[str, Any] | None:
+        online = True
         try:
             if Path(source).exists():
                 return json.loads((Path(source) / part).read_text())
             from huggingface_hub import hf_hub_download
 
+            online = hub.prepare()  # offline: the local cache may still hold it
             return json.loads(Path(hf_hub_download(source, part, revision=model.revision)).read_text())
         except Exception as err:
             if not needed:
                 return None
+            if not online:
+                raise hub.unavailable(source, f"the base's {part}") from None
             known = ", ".join([*models.TINY_BASES, *KNOWN_BASES])
             raise models.ModelError(
                 f"[model].base = {source!r}: cannot read {part} ({type(err).__name__}); the plan needs a local "

@@ -7,22 +7,23 @@
 
 from lora_dpo.recipe.parse import describe, from_dict, load, parse_override
 from lora_dpo.recipe.schema import (
-                                    COLUMN_NAMES,
-                                    SECTIONS,
-                                    ColumnMap,
-                                    DataRecipe,
-                                    LoraRecipe,
-                                    ModelRecipe,
-                                    ObjectiveKind,
-                                    ObjectiveRecipe,
-                                    OutputRecipe,
-                                    Precision,
-                                    Recipe,
-                                    RecipeError,
-                                    SampleRecipe,
-                                    TrainRecipe,
+    BUILTIN_BASES,
+    COLUMN_NAMES,
+    SECTIONS,
+    ColumnMap,
+    DataRecipe,
+    LoraRecipe,
+    ModelRecipe,
+    ObjectiveKind,
+    ObjectiveRecipe,
+    OutputRecipe,
+    Precision,
+    Recipe,
+    RecipeError,
+    SampleRecipe,
+    TrainRecipe,
 )
 
-__all__ = ["COLUMN_NAMES", "SECTIONS", "ColumnMap", "DataRecipe", "LoraRecipe", "ModelRecipe", "ObjectiveKind",
-           "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe", "TrainRecipe",
-           "describe", "from_dict", "load", "parse_override"]
+__all__ = ["BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "ColumnMap", "DataRecipe", "LoraRecipe", "ModelRecipe",
+           "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe",
+           "TrainRecipe", "describe", "from_dict", "load", "parse_override"]

@@ -27,6 +27,7 @@ from lora_dpo.recipe import Recipe
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+LORA_SUFFIXES = (".lora_A.weight", ".lora_down.weight")  # peft/diffusers and kohya down-projections
 Format = Literal["diffusers", "kohya"]
 DIFFUSERS_CONFIG_KEY = "lora_adapter_metadata"  # where diffusers keeps the peft LoraConfig in the header
 
@@ -101,9 +102,14 @@ def read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
     try:
         with safe_open(str(path), "pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None
+    if not any(k.endswith(LORA_SUFFIXES) for k in tensors):
+        raise AdapterError(f"{path}: holds no LoRA weights ({len(tensors)} tensors, none named *.lora_A.weight or "
+                           "*.lora_down.weight): a full model or another kind of file, not an adapter")
+    return tensors, metadata
 
 
 def detect_format(tensors: dict[str, Tensor]) -> Format:

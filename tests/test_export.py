@@ -310,3 +310,16 @@ def test_kohya_layer_unknown_to_the_base_is_reported_not_dropped(trained_run: Pa
     config = json.loads((tiny_base_dir / "unet" / "config.json").read_text())
     with pytest.raises(AdapterError, match=r"first mismatched layer lora_unet_input_blocks_9_1_proj_in \(no such"):
         export.check_fits(adapter, export.skeleton(config), "tiny")
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "merge"])
+def test_a_file_that_holds_no_lora_is_named_as_such(tmp_path: Path, command: str, tiny_base_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3), "conv_in.bias": torch.zeros(4)}, model)
+    args = {"inspect": [str(model)], "export": [str(model), "--format", "kohya", "--out", str(tmp_path / "k")],
+            "merge": [str(model), "--base", str(tiny_base_dir), "--out", str(tmp_path / "m")]}[command]
+    result = CliRunner().invoke(app, [command, *args])
+    assert result.exit_code == 2, result.output
+    assert f"{model}: holds no LoRA weights (2 tensors" in result.output

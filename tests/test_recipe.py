@@ -200,3 +200,14 @@ def test_a_bad_set_value_is_blamed_on_set_not_on_the_file(tmp_path: Path) -> Non
         recipe.load(path, ["train.max_steps=many"])
     assert str(err.value) == (f"{path}: [train].learning_rate = 'fast' must be a number; "
                               "--set: [train].max_steps = 'many' must be a whole number")
+
+
+def test_values_the_model_and_data_cannot_take_are_refused_before_anything_loads(tiny_recipe) -> None:
+    """A resolution the VAE cannot halve three times, and a batch larger than the data."""
+    with pytest.raises(RecipeError, match=r"\[data\].resolution = 63 must be a multiple of 8"):
+        recipe.from_dict({"data": {"resolution": 63}})
+    from lora_dpo.data import DataError, build_datasets
+
+    cfg = tiny_recipe().data
+    with pytest.raises(DataError, match=r"\[train\].batch_size = 100000 is larger than the 20 training pairs"):
+        build_datasets(cfg, 0, 10, 100000)

@@ -51,6 +51,9 @@ def build_datasets(cfg: DataRecipe, seed: int, draws: int, batch_size: int, proc
     if not pairs:
         raise DataError(f"[data].source = {cfg.source!r}: no usable pairs ({stats.summary()})")
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_pairs, seed)
+    if len(train_pairs) < batch_size:  # a batch larger than the data would only repeat pairs (and fill memory)
+        raise DataError(f"[train].batch_size = {batch_size} is larger than the {len(train_pairs)} training pairs of "
+                        f"[data].source = {cfg.source!r} ({len(val_pairs)} held out); lower it, or hold out fewer")
     blocks = locality_blocks(train_pairs)
     reader = ImageReader()
     if blocks:  # hold the row groups of a shuffle window (both image columns); sized by the median group, so

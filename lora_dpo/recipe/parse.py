@@ -93,6 +93,8 @@ def _check_value(key: str, value: Any, annotation: Any, meta: dict[str, Any]) ->
         return value, f"{key} = {value!r} must be >= {meta['min']}"
     if "max" in meta and value > meta["max"]:
         return value, f"{key} = {value!r} must be <= {meta['max']}"
+    if "multiple" in meta and value % meta["multiple"]:
+        return value, f"{key} = {value!r} must be a multiple of {meta['multiple']}"
     return value, None
 
 

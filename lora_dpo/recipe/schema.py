@@ -105,7 +105,8 @@ class DataRecipe:
         "Folder of a latent cache written by `lora-dpo cache`: train from it, never loading the VAE or the text "
         "encoders. Refused if it was made for another model, resolution or data.",
     )
-    resolution: int = _f(1024, "Training resolution in pixels (square).", min=8)
+    resolution: int = _f(1024, "Training resolution in pixels (square); a multiple of 8, the VAE's downsampling.",
+                         min=8, multiple=8)
     crop: Literal["random", "center"] = _f("random", "How the resized pair is cropped (the same for both images).")
     random_flip: bool = _f(True, "Flip both images of a pair horizontally with probability 0.5.")
     ties: Literal["drop", "keep"] = _f(

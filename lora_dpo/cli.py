@@ -7,14 +7,11 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from lora_dpo.errors import LoraDpoError  # every problem a user can cause or meet: one line, exit code 2
-
-if TYPE_CHECKING:
-    from lora_dpo.recipe import Recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO.")
@@ -70,42 +67,65 @@ def train(
         _fail(str(err))
 
 
+ScorerOption = Annotated[list[str], typer.Option(help="KIND[@SOURCE][:WEIGHT], repeatable: pickscore, hps, clip, "
+                                                     "aesthetic (e.g. --scorer pickscore --scorer aesthetic@F:0.3).")]
+
+
 @app.command()
 def label(
-    data: Annotated[str, typer.Argument(help="Pairs to relabel: a .jsonl, a .parquet file or folder.")],
-    scorer: Annotated[list[str], typer.Option(help="KIND[@SOURCE][:WEIGHT], repeatable: pickscore, hps, clip, "
-                                                   "aesthetic (e.g. --scorer pickscore --scorer aesthetic@F:0.3).")],
+    data: Annotated[str, typer.Argument(help="Pairs to relabel: any [data].source (.jsonl, .csv, .parquet, hub id).")],
+    scorer: ScorerOption,
     out: Annotated[Path, typer.Option(help="Output parquet in the Pick-a-Pic layout (label_0 = P(image 0 wins)).")],
+    ties: Annotated[str, typer.Option(help="Human ties: drop them, as training does, or relabel them.")] = "drop",
+    strict: Annotated[bool, typer.Option(help="Stop at the first unusable row instead of skipping it.")] = False,
     soft: Annotated[bool, typer.Option(help="Soft labels sigmoid(score difference) instead of 1/0.")] = False,
     batch_size: Annotated[int, typer.Option(help="Pairs scored per batch.")] = 16,
     device: Annotated[str, typer.Option(help="Device for the scorers.")] = "cpu",
 ) -> None:
-    """Label pairs with reward models (AI feedback, as in the paper); resumable. Train on the result with
-    `[data] source = "OUT"`."""
+    """Label pairs with reward models (AI feedback, as in the paper); resumable. The data's ties policy and
+    filters apply first; unusable rows are skipped and counted. Train on the result with `[data] source = "OUT"`."""
     _quiet_imports()
     from lora_dpo import rewards
-    from lora_dpo.data import open_image, read_records
-    from lora_dpo.recipe import DataRecipe
 
     try:
         scorers = rewards.build_scorers(scorer, device=device)
-        records = read_records(DataRecipe(source=data))
-        rows = ((r.where, r.prompt, open_image(r.image_0, r.where), open_image(r.image_1, r.where)) for r in records)
-        summary = rewards.label_pairs(rows, scorers, out, batch_size=batch_size, hard=not soft)
-    except (LoraDpoError, ValueError) as err:  # the scorers raise ValueError on a bad spec
+        summary = rewards.relabel_source(data, scorers, out, ties=ties, strict=strict, hard=not soft,
+                                         batch_size=batch_size)
+    except LoraDpoError as err:
         _fail(str(err))
-    typer.echo(f"labelled {summary.n_pairs} pairs into {out}: {summary.n_swapped} swapped (the scorers prefer "
-               f"image 1), {summary.n_ties} ties; mean scores {summary.mean_scores}")
+    for line in summary.lines(out):
+        typer.echo(line)
 
 
-def _numbers(values: list[str] | None, default: list, cast: type, option: str) -> list:
-    """Repeated and/or comma-separated numbers: `--scale 0.5 --scale 1` or `--scale 0.5,1`."""
-    from lora_dpo.evaluate import EvalError
+@app.command()
+def pairs(
+    prompts: Annotated[str, typer.Argument(help="A .txt (one prompt a line) or anything `eval --prompts` takes.")],
+    base: Annotated[str, typer.Option(help="Base pipeline: hub id, folder or `tiny`.")],
+    scorer: ScorerOption,
+    out: Annotated[Path, typer.Option(help="Output parquet in the Pick-a-Pic layout; `train` reads it as it is.")],
+    adapter: Annotated[Path | None, typer.Option(help="Generate with base + this adapter (the next on-policy "
+                                                 "round).")] = None,
+    images_per_prompt: Annotated[int, typer.Option(min=2, help="Images per prompt; best vs worst is the pair.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of each prompt's first image (then seed + 1, ...).")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Inference steps.")] = 30,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the pipeline's own.")] = None,
+    resolution: Annotated[int | None, typer.Option(min=8, help="Image size; default: the base's.")] = None,
+    precision: Annotated[str, typer.Option(help="no, fp16 or bf16 on GPU; the CPU runs fp32.")] = "bf16",
+) -> None:
+    """A preference set from prompts alone: N images per prompt, scored, best vs worst; resumable (images are
+    reused), with grids of what was chosen over what. Train on it with `[data] source = "OUT"`."""
+    logging.basicConfig(level=logging.INFO, format="lora-dpo: %(message)s")
+    _quiet_imports()
+    from lora_dpo import pairs as pairs_module
 
     try:
-        return [cast(v) for text in values for v in text.split(",") if v.strip()] if values else default
-    except ValueError:
-        raise EvalError(f"{option} {', '.join(values)}: expected numbers, e.g. {option} 0.5,1.0") from None
+        summary = pairs_module.run(prompts, base, scorer, out, adapter=adapter, images_per_prompt=images_per_prompt,
+                                   seed=seed, steps=steps, guidance_scale=guidance,
+                                   resolution=resolution, precision=precision)
+    except LoraDpoError as err:
+        _fail(str(err))
+    for line in summary.lines(out):
+        typer.echo(line)
 
 
 @app.command("eval")
@@ -141,8 +161,8 @@ def eval_(
     if threads:
         torch.set_num_threads(threads)
     try:
-        scales = _numbers(scale, [1.0], float, "--scale")
-        seeds = _numbers(seed, [0], int, "--seed")
+        scales = evaluate.parse_numbers(scale, [1.0], float, "--scale")
+        seeds = evaluate.parse_numbers(seed, [0], int, "--seed")
         prompt_list = evaluate.load_prompts(prompts, limit)
         scorers = evaluate.build_scorers(scorer or [])
         out_dir = out or evaluate.adapter_file(adapter).parent / "eval"
@@ -379,7 +399,10 @@ def bench(
         if suite is not None:
             if json_out:
                 raise recipe_module.RecipeError("--suite writes its JSON to --out (default bench-gpu.json)")
-            _bench_suite(suite, loaded, arch, resolution, steps, warmup, max_memory_gb, compare, out)
+            from lora_dpo import gpu_check
+
+            typer.echo(gpu_check.run_command(suite, loaded, arch, resolution, steps, warmup, max_memory_gb, compare,
+                                             out))
             return
 
         chosen = arch or ("recipe" if recipe else "sdxl" if torch.cuda.is_available() else "tiny")
@@ -393,26 +416,6 @@ def bench(
     typer.echo(bench_module.format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")
-
-
-def _bench_suite(suite: str, loaded: Recipe, arch: str | None, resolution: list[int] | None, steps: int,
-                 warmup: int, max_memory_gb: float | None, compare: list[str] | None, out: Path) -> None:
-    import json
-
-    import torch
-
-    from lora_dpo import gpu_check
-    from lora_dpo.recipe import RecipeError
-
-    if suite != "gpu":
-        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
-    if compare:
-        raise RecipeError("--suite gpu runs its own settings; --compare goes with the plain bench")
-    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
-    report = gpu_check.run_suite(chosen, loaded, resolution[0] if resolution else None, steps, warmup, max_memory_gb)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    typer.echo(gpu_check.format_suite(report))
-    typer.echo(f"wrote {out}")
 
 
 @app.command("recipe-doc")

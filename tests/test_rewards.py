@@ -29,6 +29,7 @@ from lora_dpo.rewards import (
     AestheticMLP,
     AestheticScorer,
     ClipScorer,
+    RewardError,
     Scorer,
     build_scorer,
     label_pairs,
@@ -212,7 +213,7 @@ def test_aesthetic_rejects_wrong_widths_and_pickles(tiny_clip: tuple[CLIPModel, 
         AestheticMLP.from_safetensors(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="only safetensors"):
         resolve_weights_file("sac+logos+ava1-l14-linearMSE.pth")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(RewardError, match="no such local file"):
         resolve_weights_file(tmp_path / "missing.safetensors")
 
 

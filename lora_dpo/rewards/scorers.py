@@ -280,6 +280,7 @@ def _build_scorer(kind: str, source: str | None, device: str | torch.device, dty
 
 def build_scorers(specs: Iterable[str], device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> list[tuple[Scorer, float]]:
-    """Parse and build several specs, e.g. ``["pickscore:0.7", "aesthetic@mlp.safetensors:0.3"]``."""
-    return [(build_scorer(kind, source, device, dtype), weight)
-            for kind, source, weight in map(parse_scorer_spec, specs)]
+    """Parse and build several specs, e.g. ``["pickscore:0.7", "aesthetic@mlp.safetensors:0.3"]``. Every spec is
+    parsed before any model loads: a typo in the last one fails at once."""
+    parsed = [parse_scorer_spec(spec) for spec in specs]
+    return [(build_scorer(kind, source, device, dtype), weight) for kind, source, weight in parsed]

@@ -51,12 +51,18 @@ def test_the_pairs_follow_the_scores(written: tuple) -> None:
     assert [p.name for p in summary.grids] == ["grid-000.png"] and summary.grids[0].is_file()
 
 
-def test_a_recipe_trains_from_the_written_file(written: tuple, tiny_recipe) -> None:
+def test_a_recipe_trains_from_the_written_file_and_the_adapter_makes_the_next_round(
+        written: tuple, tiny_recipe, tiny_base_dir: Path, tmp_path: Path) -> None:
     from lora_dpo.train import train
 
-    out, _, _ = written
+    out, _, scorer = written
     run = train(tiny_recipe(data={"source": str(out), "val_pairs": 0}, train={"max_steps": 2, "batch_size": 1}))
     assert run.is_file()
+    round2 = tmp_path / "round2.parquet"
+    summary = pairs.generate_pairs(PROMPTS[:1], str(tiny_base_dir), [(scorer, 1.0)], round2, adapter=run.parent,
+                                   **{**SETTINGS, "images_per_prompt": 2})
+    assert summary.generated == 2 and sorted(p.name for p in pairs.images_dir(round2).iterdir()) == [
+        "00000_0_adapter-1.png", "00000_1_adapter-1.png"]
 
 
 def test_a_rerun_reuses_every_image(written: tuple, tiny_base_dir: Path) -> None:

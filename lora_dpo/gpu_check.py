@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import resource
@@ -304,6 +305,20 @@ def run_suite(arch: str, recipe: Recipe, resolution: int | None = None, steps: i
             "items": [dataclasses.asdict(c) for c in checks], "seconds": round(time.perf_counter() - started, 1)}
 
 
+def run_command(suite: str, recipe: Recipe, arch: str | None, resolution: list[int] | None, steps: int, warmup: int,
+                max_memory_gb: float | None, compare: list[str] | None, out: Path) -> str:
+    """`lora-dpo bench --suite NAME`: check the options, run the suite, write its JSON to `out`; returns the text
+    to print."""
+    if suite != "gpu":
+        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
+    if compare:
+        raise RecipeError("--suite gpu runs its own settings; --compare goes with the plain bench")
+    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
+    report = run_suite(chosen, recipe, resolution[0] if resolution else None, steps, warmup, max_memory_gb)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return f"{format_suite(report)}\nwrote {out}"
+
+
 def _cell(value: Any, spec: str = ".3g") -> str:
     if value is None:
         return ""
@@ -349,16 +364,3 @@ def format_suite(report: dict[str, Any]) -> str:
               + ("; the CPU has no allocator statistics: run it on a CUDA GPU for the memory figures" if cpu else "")]
     return "\n".join(lines)
 
-
-def run_to_file(suite: str, recipe: Recipe, arch: str | None, resolution: int | None, steps: int, warmup: int,
-                max_memory_gb: float | None, out: Path) -> str:
-    """`lora-dpo bench --suite gpu`: run the suite (SDXL on a GPU, the tiny base without one), write the JSON to
-    `out`, return the Markdown table and where it went."""
-    import json
-
-    if suite != "gpu":
-        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
-    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
-    report = run_suite(chosen, recipe, resolution, steps, warmup, max_memory_gb)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    return f"{format_suite(report)}\nwrote {out}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import subprocess
@@ -29,6 +30,7 @@ from lora_dpo.rewards import (
     AestheticMLP,
     AestheticScorer,
     ClipScorer,
+    RewardError,
     Scorer,
     build_scorer,
     label_pairs,
@@ -212,7 +214,7 @@ def test_aesthetic_rejects_wrong_widths_and_pickles(tiny_clip: tuple[CLIPModel, 
         AestheticMLP.from_safetensors(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="only safetensors"):
         resolve_weights_file("sac+logos+ava1-l14-linearMSE.pth")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(RewardError, match="no such local file"):
         resolve_weights_file(tmp_path / "missing.safetensors")
 
 
@@ -395,6 +397,69 @@ def test_label_cli_relabels_a_pair_set_and_training_reads_the_result(
         assert label == (1.0 if s0 > s1 else 0.0 if s0 < s1 else 0.5)
     run = train(tiny_recipe(data={"source": str(out), "ties": "keep"}, train={"max_steps": 2}))
     assert run.is_file()
+
+
+@pytest.fixture
+def messy_source(tmp_path: Path) -> Path:
+    """Seven rows as people leave them: 1 and 4 fine (4 prefers `rejected`), 2 a human tie, 3 a missing image,
+    5 an empty caption, 6 an undecodable image, 7 fine."""
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    for i in range(8):
+        _image(300 + i).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    rows = [{"prompt": "a cat one", "chosen": "0.png", "rejected": "1.png"},
+            {"prompt": "a cat two", "chosen": "2.png", "rejected": "3.png", "label": 0.5},
+            {"prompt": "a cat three", "chosen": "absent.png", "rejected": "3.png"},
+            {"prompt": "a cat four", "chosen": "4.png", "rejected": "5.png", "label": 0.0},
+            {"prompt": "", "chosen": "6.png", "rejected": "7.png"},
+            {"prompt": "a cat six", "chosen": "broken.png", "rejected": "7.png"},
+            {"prompt": "a cat seven", "chosen": "7.png", "rejected": "0.png"}]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_label_applies_the_ties_policy_and_skips_unusable_rows(tiny_clip_dir: Path, messy_source: Path,
+                                                               tmp_path: Path) -> None:
+    """In process (typer's runner). Default: the human tie is dropped before scoring and counted; the missing,
+    empty-caption and undecodable rows are skipped and counted, and none stops the command. `--ties relabel`
+    scores the tie; `--strict` stops at the first unusable row, named, as one line with exit code 2."""
+    from typer.testing import CliRunner
+
+    from lora_dpo.cli import app
+
+    def label(out: Path, *extra: str) -> object:
+        return CliRunner().invoke(app, ["label", str(messy_source), "--scorer", f"pickscore@{tiny_clip_dir}",
+                                        "--out", str(out), *extra])
+
+    dropped = label(tmp_path / "dropped.parquet")
+    assert dropped.exit_code == 0, dropped.output[-2000:]
+    table = pq.read_table(tmp_path / "dropped.parquet").to_pydict()
+    assert table["caption"] == ["a cat one", "a cat four", "a cat seven"]
+    assert Image.open(io.BytesIO(table["jpg_0"][1])).tobytes() == _image(305).tobytes()  # people's choice first
+    assert "human ties: 1 dropped before scoring" in dropped.stdout
+    assert f"7 pairs read, 3 kept; dropped: 1 ties; skipped 3 unusable: 1 missing image (first: {messy_source}:3)" \
+        in dropped.stdout and "1 empty caption" in dropped.stdout and "1 undecodable image" in dropped.stdout
+
+    again = label(tmp_path / "dropped.parquet")  # a resume does not stop on the bad rows, nor rescore the rest
+    assert again.exit_code == 0 and "(3 from an earlier run)" in again.stdout
+
+    relabelled = label(tmp_path / "relabelled.parquet", "--ties", "relabel")
+    assert relabelled.exit_code == 0, relabelled.output[-2000:]
+    table = pq.read_table(tmp_path / "relabelled.parquet").to_pydict()
+    assert table["caption"] == ["a cat one", "a cat two", "a cat four", "a cat seven"]
+    assert table["label_0"][1] in (0.0, 1.0)  # the scorer decided the tie
+    assert "human ties: 1 relabelled by the scorers" in relabelled.stdout and "4 kept" in relabelled.stdout
+
+    for extra, message in ((["--strict"], f"lora-dpo: error: {messy_source}:3: missing image (--strict stops"),
+                           (["--ties", "keep"], "--ties 'keep': choose drop"),
+                           (["--scorer", "imagereward"], "unknown scorer kind 'imagereward'"),
+                           (["--batch-size", "0"], "batch_size and part_size must be >= 1")):
+        failed = label(tmp_path / "failed.parquet", *extra)
+        assert failed.exit_code == 2 and message in failed.stderr, failed.output[-2000:]
+        assert "Traceback" not in failed.stderr
+        assert failed.stderr.strip().splitlines()[-1].startswith("lora-dpo: error: ")  # above it: progress bars
 
 
 # ---------------------------------------------------------------- the package

@@ -24,8 +24,8 @@ Modules, each importing only those above it (and never `models`, `step` or the t
   rows       one source row -> a PairRecord, in the path layout or Pick-a-Pic's; `[data].columns`
   hub        hub datasets: recognising an id, loading a split, reading a downloaded one by reference
   readers    JSONL, CSV, local parquet, the generated demo set; `read_records` picks one from `[data].source`
-  pairs      the ties policy and orientation, the held-out split, parquet row-group blocks
-  images     ImageReader (fetches a reference), decode_image, open_image
+  pairs      the ties policy and orientation (orient), the held-out split, parquet row-group blocks
+  images     ImageReader (fetches a reference), decode_image, decode_pair, open_image
   dataset    the pair transform, caption dropout, PreferenceDataset, PreferenceBatch, collate, StreamSampler
   streaming  a streamed hub split: its held-out head and StreamingPreferenceDataset
   build      Datasets and build_datasets, what the trainer builds its loaders from
@@ -41,8 +41,8 @@ from lora_dpo.data.dataset import (
     collate,
     transform_pair,
 )
-from lora_dpo.data.images import ImageReader, open_image
-from lora_dpo.data.pairs import locality_blocks, prepare_pairs, split_pairs
+from lora_dpo.data.images import ImageReader, decode_pair, open_image
+from lora_dpo.data.pairs import locality_blocks, orient, prepare_pairs, split_pairs
 from lora_dpo.data.readers import read_records, synthetic_source
 from lora_dpo.data.records import POLICY_DROPS, DataError, HubCell, Pair, PairRecord, PairStats, ParquetCell
 
@@ -62,8 +62,10 @@ __all__ = [
     "build_datasets",
     "caption_dropped",
     "collate",
+    "decode_pair",
     "locality_blocks",
     "open_image",
+    "orient",
     "prepare_pairs",
     "read_records",
     "split_pairs",

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lora_dpo.data.images import ImageReader, decode_image
+from lora_dpo.data.images import ImageReader, decode_pair
 from lora_dpo.data.records import POLICY_DROPS, DataError, Pair, PairStats
 from lora_dpo.recipe import DataRecipe
 
@@ -60,17 +60,9 @@ def caption_dropped(seed: int, key: int, probability: float) -> bool:
 
 def make_item(pair: Pair, reader: ImageReader, cfg: DataRecipe, seed: int, key: int, train: bool) -> dict | str:
     """Pair decoded and transformed with draw `key`'s crop and flip (full prompt), or why it is unusable."""
-    raw = (reader.read(pair.image_w), reader.read(pair.image_l))
-    if raw[0] and raw[0] == raw[1]:
-        return "identical images"
-    images = []
-    for data in raw:
-        image = decode_image(data)
-        if isinstance(image, str):
-            return image
-        if image.mode != "RGB":  # Pick-a-Pic is all RGB: another mode is a broken or foreign row
-            return f"{image.mode} image (not RGB)"
-        images.append(image)
+    images = decode_pair(pair.image_w, pair.image_l, reader)
+    if isinstance(images, str):
+        return images
     rng = random.Random(seed * 1_000_003 + key)
     crop = cfg.crop if train else "center"
     pixels, time_ids = transform_pair((images[0], images[1]), cfg.resolution, crop, train and cfg.random_flip, rng)

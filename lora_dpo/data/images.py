@@ -1,5 +1,6 @@
 """Fetching and decoding the image an `ImageRef` points to: `ImageReader` (with an LRU of parquet row-group
-columns, per process), `decode_image` (the image, or why it is unusable) and `open_image` (RGB, or a `DataError`).
+columns, per process), `decode_image` (the image, or why it is unusable), `decode_pair` (both images of a pair as
+training accepts them, or why not) and `open_image` (RGB, or a `DataError`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ def decode_image(data: bytes | str | None) -> Image.Image | str:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return "undecodable image"
     return image
+
+
+def decode_pair(image_0: ImageRef, image_1: ImageRef, reader: ImageReader) -> tuple[Image.Image, Image.Image] | str:
+    """Both images of a pair, decoded, or why the pair is unusable: the one rule training and labelling share."""
+    raw = (reader.read(image_0), reader.read(image_1))
+    if raw[0] and raw[0] == raw[1]:
+        return "identical images"
+    images = []
+    for data in raw:
+        image = decode_image(data)
+        if isinstance(image, str):
+            return image
+        if image.mode != "RGB":  # Pick-a-Pic is all RGB: another mode is a broken or foreign row
+            return f"{image.mode} image (not RGB)"
+        images.append(image)
+    return images[0], images[1]
 
 
 def open_image(ref: ImageRef, where: str, reader: ImageReader | None = None) -> Image.Image:

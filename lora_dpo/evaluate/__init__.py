@@ -7,11 +7,13 @@ reports the adapter's win rate with a bootstrap interval over prompts, plus grid
 The modules, each importing only those above it:
 
 * `errors`: `EvalError`, the one error this package raises (a `LoraDpoError`).
-* `prompts`: `load_prompts` and its sources: prompt files, dataset folders, hub datasets, PartiPrompts, HPS v2.
+* `prompts`: `load_prompts` and its sources: prompt files, dataset folders, hub datasets, PartiPrompts, HPS v2;
+  `parse_numbers` for the `--scale` and `--seed` lists.
 * `winrate`: `WinRate` and `win_rate`, the adapter's win rate with a bootstrap interval over prompts.
 * `grids`: `GridRow` and `make_grid`, images side by side with notes and captions.
 * `generation`: `Generation` (settings that make images comparable), image paths, stamped PNGs that a later run
-  reuses, `load_pipeline`, seeded `generate`, and `generate_images` over prompts, seeds and strengths.
+  reuses, `load_pipeline` and `open_generation`, seeded `generate`, `generate_or_reuse` (one stamped image), and
+  `generate_images` over prompts, seeds and strengths.
 * `report`: scoring (`build_scorers`, `score_images`), the report (`build_report`, `summary_lines`,
   `write_markdown`, `write_grids`) and `evaluate_adapter`, which runs them all.
 
@@ -27,12 +29,14 @@ from lora_dpo.evaluate.generation import (
     base_from_recipe,
     generate,
     generate_images,
+    generate_or_reuse,
     image_path,
     load_pipeline,
+    open_generation,
     variant_name,
 )
 from lora_dpo.evaluate.grids import GridRow, make_grid
-from lora_dpo.evaluate.prompts import load_prompts
+from lora_dpo.evaluate.prompts import load_prompts, parse_numbers
 from lora_dpo.evaluate.report import (
     build_report,
     build_scorers,
@@ -56,10 +60,13 @@ __all__ = [
     "evaluate_adapter",
     "generate",
     "generate_images",
+    "generate_or_reuse",
     "image_path",
     "load_pipeline",
     "load_prompts",
     "make_grid",
+    "open_generation",
+    "parse_numbers",
     "score_images",
     "summary_lines",
     "variant_name",

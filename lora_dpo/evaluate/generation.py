@@ -1,6 +1,7 @@
 """Generation with the stock diffusers pipeline: the settings that make images comparable (`Generation`), where
 each image is saved, PNGs stamped so a later run can reuse them, finding the adapter and its base,
-`load_pipeline`, seeded `generate`, and `generate_images` over every prompt, seed and adapter strength."""
+`load_pipeline` and `open_generation` (the pipeline and its settings), seeded `generate`, `generate_or_reuse` (one
+stamped image) and `generate_images` over every prompt, seed and adapter strength."""
 
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ def base_from_recipe(adapter: Path) -> str:
         raise EvalError(f"{adapter}: no recipe.toml with [model].base beside the adapter; pass --base") from None
 
 
-def load_pipeline(base: str, adapter: Path, device: torch.device, dtype: torch.dtype) -> Any:
-    """The stock diffusers pipeline of `base` with the adapter loaded as `load_lora_weights` loads it."""
+def load_pipeline(base: str, adapter: Path | None, device: torch.device, dtype: torch.dtype) -> Any:
+    """The stock diffusers pipeline of `base` with the adapter loaded as `load_lora_weights` loads it (None: the
+    base alone)."""
     from diffusers import DiffusionPipeline
 
     source = models.resolve_base(base)
@@ -107,6 +109,8 @@ def load_pipeline(base: str, adapter: Path, device: torch.device, dtype: torch.d
                         "SD 1.5 and SDXL text-to-image pipelines")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if adapter is None:
+        return pipe
     file = adapter_file(adapter)
     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER_NAME)
     return pipe
@@ -131,6 +135,36 @@ def generate(pipe: Any, prompt: str, seed: int, steps: int, guidance_scale: floa
     return out.images[0] if output_type == "pil" else out.images
 
 
+def open_generation(base: str, adapter: Path | None, *, steps: int, guidance_scale: float | None,
+                    resolution: int | None, precision: str) -> tuple[Any, Generation]:
+    """The pipeline (on the GPU when there is one; fp32 on the CPU) and the settings its images are stamped with.
+    `guidance_scale`/`resolution` None: the pipeline's own defaults."""
+    import inspect
+
+    cuda = torch.cuda.is_available()
+    precision = precision if cuda and precision != "no" else "fp32"  # half precision on CPU is slow, poorly supported
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    pipe = load_pipeline(base, adapter, torch.device("cuda" if cuda else "cpu"), dtype)
+    if guidance_scale is None:
+        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+    sha = "" if adapter is None else hashlib.sha256(adapter_file(adapter).read_bytes()).hexdigest()
+    gen = Generation(base=base, adapter_sha256=sha, scheduler=type(pipe.scheduler).__name__, steps=steps,
+                     guidance_scale=float(guidance_scale),
+                     resolution=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                     precision=precision)
+    return pipe, gen
+
+
+def generate_or_reuse(pipe: Any, prompt: str, seed: int, variant: str, gen: Generation, path: Path) -> bool:
+    """Generate one image into `path`, unless the one there was made from the same prompt, seed, variant and
+    settings; returns whether it generated. The caller has set the adapter strength `variant` names."""
+    stamp = {"prompt": prompt, "seed": seed, "variant": variant, "settings": gen.fingerprint()}
+    if _reusable(path, stamp):
+        return False
+    _save_png(generate(pipe, prompt, seed, gen.steps, gen.guidance_scale, gen.resolution), path, stamp)
+    return True
+
+
 def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], scales: Sequence[float],
                     gen: Generation, images_dir: Path) -> int:
     """Every (prompt, seed) with the adapter off and at every scale, saved as PNGs in `images_dir`. An image
@@ -141,13 +175,9 @@ def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], sca
     made = 0
     for index, prompt in enumerate(tqdm(prompts, desc="eval", unit="prompt")):
         for scale in (None, *scales):
+            _use_scale(pipe, scale)
+            variant = variant_name(scale)
             for seed in seeds:
-                variant = variant_name(scale)
                 path = image_path(images_dir, index, seed, variant)
-                stamp = {"prompt": prompt, "seed": seed, "variant": variant, "settings": gen.fingerprint()}
-                if _reusable(path, stamp):
-                    continue
-                _use_scale(pipe, scale)
-                _save_png(generate(pipe, prompt, seed, gen.steps, gen.guidance_scale, gen.resolution), path, stamp)
-                made += 1
+                made += generate_or_reuse(pipe, prompt, seed, variant, gen, path)
     return made

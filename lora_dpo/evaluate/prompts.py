@@ -1,5 +1,6 @@
 """Prompt sets: `load_prompts` reads a prompt file (`.txt`, `.csv`, `.tsv`, `.jsonl`, `.json`), a local dataset
-folder, a hub dataset, PartiPrompts (`parti`) or the HPS v2 benchmark (`hpsv2[:STYLE]`)."""
+folder, a hub dataset, PartiPrompts (`parti`) or the HPS v2 benchmark (`hpsv2[:STYLE]`); `parse_numbers` reads the
+other lists `eval` takes (strengths, seeds)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
     if not prompts:
         raise EvalError(f"--prompts {spec!r}: no prompts found")
     return prompts[:limit] if limit else prompts
+
+
+def parse_numbers(values: list[str] | None, default: list, cast: type, option: str) -> list:
+    """Repeated and/or comma-separated numbers: `--scale 0.5 --scale 1` or `--scale 0.5,1`."""
+    try:
+        return [cast(v) for text in values for v in text.split(",") if v.strip()] if values else default
+    except ValueError:
+        raise EvalError(f"{option} {', '.join(values)}: expected numbers, e.g. {option} 0.5,1.0") from None
 
 
 def _column(columns: Sequence[str], where: str) -> str:

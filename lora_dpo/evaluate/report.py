@@ -4,7 +4,6 @@ with reward models (`build_scorers`, `score_images`), and writes the report as d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -18,12 +17,11 @@ from PIL import Image
 
 from lora_dpo.evaluate.errors import EvalError
 from lora_dpo.evaluate.generation import (
-    Generation,
     adapter_file,
     base_from_recipe,
     generate_images,
     image_path,
-    load_pipeline,
+    open_generation,
     variant_name,
 )
 from lora_dpo.evaluate.grids import GridRow, make_grid
@@ -175,30 +173,19 @@ def evaluate_adapter(adapter: Path, prompts: Sequence[str], prompt_source: str, 
                      cell: int | None = None) -> dict[str, Any]:
     """Generate (resumably), score, and write `report.json`, `report.md`, `grids/` and `images/` into
     `out_dir`. Returns the report. `guidance_scale`/`resolution` None: the pipeline's own defaults."""
-    import inspect
-
-    file = adapter_file(adapter)
+    adapter_file(adapter)  # a missing adapter fails here, before the base is loaded
     base = base or base_from_recipe(adapter)
     scales, seeds = list(dict.fromkeys(scales)), list(dict.fromkeys(seeds))  # a repeat would be counted twice
     if not scales or any(s <= 0 for s in scales):
         raise EvalError(f"--scale {list(scales)}: give one or more positive adapter strengths")
-    cuda = torch.cuda.is_available()
-    precision = precision if cuda and precision != "no" else "fp32"  # half precision on CPU is slow, poorly supported
-    device = torch.device("cuda" if cuda else "cpu")
-    pipe = load_pipeline(base, adapter, device, {"fp32": torch.float32, "fp16": torch.float16,
-                                                 "bf16": torch.bfloat16}[precision])
-    if guidance_scale is None:
-        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
-    gen = Generation(base=base, adapter_sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
-                     scheduler=type(pipe.scheduler).__name__, steps=steps, guidance_scale=float(guidance_scale),
-                     resolution=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-                     precision=precision)
+    pipe, gen = open_generation(base, adapter, steps=steps, guidance_scale=guidance_scale, resolution=resolution,
+                                precision=precision)
     images_dir = out_dir / "images"
     made = generate_images(pipe, prompts, seeds, scales, gen, images_dir)
     total = len(prompts) * len(seeds) * (1 + len(scales))
     log.info("generated %d images, reused %d from an earlier run", made, total - made)
     del pipe
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     scores = score_images(scorers, prompts, seeds, ["base", *(variant_name(s) for s in scales)], images_dir)
     meta = {"adapter": str(adapter), "base": base, "prompts": prompt_source, "generation": asdict(gen),

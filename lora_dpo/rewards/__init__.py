@@ -1,18 +1,30 @@
 """AI-feedback reward models: score images with a reward model, and relabel preference pairs with those scores
 instead of people.
 
-The modules:
+The modules, each importing only those above it:
 
+* `errors`: `RewardError`, the one error this package raises (a `LoraDpoError`).
 * `scorers`: the reward models (`ClipScorer` for PickScore, HPS v2 and CLIP score; `AestheticScorer` with its
   `AestheticMLP` head), their score conventions, and the `KIND[@SOURCE][:WEIGHT]` specs that build them
   (`parse_scorer_spec`, `build_scorer`, `build_scorers`).
 * `labelling`: the rule that turns one or several scores into a label (`preference_probability`) and
   `label_pairs`, which relabels a pair set with scorers into resumable Pick-a-Pic-layout parquet.
+* `relabel`: `relabel_source` (the `lora-dpo label` command): the rows of a `[data].source` that training would use
+  (the data package's ties policy, filters and unusable-row rule, counted in `PairStats`) through `label_pairs`.
 """
 
 from __future__ import annotations
 
-from lora_dpo.rewards.labelling import TIE_LABEL, LabelSummary, PairRow, label_pairs, preference_probability
+from lora_dpo.rewards.errors import RewardError
+from lora_dpo.rewards.labelling import (
+    TIE_LABEL,
+    LabelSummary,
+    PairRow,
+    label_pairs,
+    labelled_ids,
+    preference_probability,
+)
+from lora_dpo.rewards.relabel import TIES_CHOICES, RelabelSummary, relabel_source, usable_rows
 from lora_dpo.rewards.scorers import (
     DEFAULT_SOURCES,
     SCORER_KINDS,
@@ -29,17 +41,23 @@ from lora_dpo.rewards.scorers import (
 __all__ = [
     "DEFAULT_SOURCES",
     "SCORER_KINDS",
+    "TIES_CHOICES",
     "TIE_LABEL",
     "AestheticMLP",
     "AestheticScorer",
     "ClipScorer",
     "LabelSummary",
     "PairRow",
+    "RelabelSummary",
+    "RewardError",
     "Scorer",
     "build_scorer",
     "build_scorers",
     "label_pairs",
+    "labelled_ids",
     "parse_scorer_spec",
     "preference_probability",
+    "relabel_source",
     "resolve_weights_file",
+    "usable_rows",
 ]

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lora_dpo import files
+from lora_dpo.rewards.errors import RewardError
 from lora_dpo.rewards.scorers import Scorer
 
 TIE_LABEL = 0.5  # label_0 of a pair whose combined score difference is exactly zero (hard mode)
@@ -50,10 +51,10 @@ def preference_probability(scores_0: torch.Tensor, scores_1: torch.Tensor,
     s0, s1 = (s0[None], s1[None]) if s0.dim() == 1 else (s0, s1)
     w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1, 1)
     if s0.shape != s1.shape or s0.dim() != 2 or len(w) != len(s0):
-        raise ValueError(f"need two [K, N] score tensors and K weights; got {tuple(s0.shape)}, "
+        raise RewardError(f"need two [K, N] score tensors and K weights; got {tuple(s0.shape)}, "
                          f"{tuple(s1.shape)} and {len(w)} weights")
     if not hard and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for soft labels, got {temperature}")
+        raise RewardError(f"temperature must be > 0 for soft labels, got {temperature}")
     diff = s0 - s1  # [K, N]
     if (len(s0) > 1) if standardize is None else standardize:
         rms = diff.pow(2).mean(dim=1, keepdim=True).sqrt().nan_to_num(0.0)  # nan for N = 0
@@ -114,10 +115,20 @@ def _score_batch(batch: list[PairRow], scorers: Sequence[tuple[Scorer, float]],
     for scorer, _ in scorers:  # one call per scorer, with both images of every pair
         scores = scorer.score(prompts + prompts, images_0 + images_1).detach().double().cpu().reshape(-1)
         if len(scores) != 2 * n:
-            raise ValueError(f"scorer {scorer.name!r} returned {len(scores)} scores for {2 * n} images")
+            raise RewardError(f"scorer {scorer.name!r} returned {len(scores)} scores for {2 * n} images")
         columns[f"score_0_{scorer.name}"] = scores[:n].tolist()
         columns[f"score_1_{scorer.name}"] = scores[n:].tolist()
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def labelled_ids(out_path: Path) -> set[str]:
+    """The pair_ids already scored into ``<out>.parts`` by an earlier call: a caller that decodes images
+    can skip them before paying for the decode (`label_pairs` itself skips them either way)."""
+    parts_dir = Path(out_path).with_name(Path(out_path).name + ".parts")
+    if not parts_dir.is_dir():
+        return set()
+    return {str(i) for part in _list_parts(parts_dir)
+            for i in pq.read_table(part, columns=["pair_id"])["pair_id"].to_pylist()}
 
 
 def label_pairs(pairs: Iterable[PairRow], scorers: list[tuple[Scorer, float]], out_path: Path, *,
@@ -136,9 +147,9 @@ def label_pairs(pairs: Iterable[PairRow], scorers: list[tuple[Scorer, float]], o
     """
     names = [scorer.name for scorer, _ in scorers]
     if not scorers or len(set(names)) != len(names) or not all(_NAME_RE.match(n) for n in names):
-        raise ValueError(f"need >= 1 scorer with distinct names matching {_NAME_RE.pattern}, got {names}")
+        raise RewardError(f"need >= 1 scorer with distinct names matching {_NAME_RE.pattern}, got {names}")
     if batch_size < 1 or part_size < 1:
-        raise ValueError(f"batch_size and part_size must be >= 1, got {batch_size} and {part_size}")
+        raise RewardError(f"batch_size and part_size must be >= 1, got {batch_size} and {part_size}")
     out_path = Path(out_path)
     parts_dir = out_path.with_name(out_path.name + ".parts")
     if not resume and parts_dir.exists():
@@ -147,7 +158,7 @@ def label_pairs(pairs: Iterable[PairRow], scorers: list[tuple[Scorer, float]], o
     schema, parts, done = _schema(names, with_labels=False), _list_parts(parts_dir), set[str]()
     for part in parts:
         if pq.read_schema(part).names != schema.names:
-            raise ValueError(f"{part} was written with other scorers ({pq.read_schema(part).names}); "
+            raise RewardError(f"{part} was written with other scorers ({pq.read_schema(part).names}); "
                              "pass resume=False or use another out_path")
         done.update(pq.read_table(part, columns=["pair_id"])["pair_id"].to_pylist())
     index = int(_PART_RE.match(parts[-1].name)[1]) + 1 if parts else 0

@@ -23,9 +23,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
+
+from lora_dpo.rewards.errors import RewardError
 
 SCORER_KINDS: tuple[str, ...] = ("pickscore", "hps", "clip", "aesthetic")
 LAION_VIT_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -70,7 +73,7 @@ def _chunked(fn: Callable[[list[str], list[Image.Image]], torch.Tensor], prompts
              images: list[Image.Image], batch_size: int) -> torch.Tensor:
     """Score in chunks of ``batch_size`` so one big call cannot run out of memory."""
     if len(prompts) != len(images):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+        raise RewardError(f"got {len(prompts)} prompts but {len(images)} images")
     rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
     out = [fn(prompts[i:i + batch_size], rgb[i:i + batch_size]) for i in range(0, len(rgb), batch_size)]
     return torch.cat(out).float().cpu() if out else torch.empty(0)
@@ -81,7 +84,7 @@ def _reject_open_clip(source: str) -> None:
     path = Path(source)
     open_clip_dir = path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.pt"))
     if path.suffix in _PICKLE_SUFFIXES or open_clip_dir:
-        raise ValueError(
+        raise RewardError(
             f"{source!r} looks like an open_clip checkpoint (HPS v2 ships as HPS_v2_compressed.pt); "
             "ClipScorer needs a transformers-format CLIP (config.json + model.safetensors). Convert the "
             "open_clip weights to transformers' CLIPModel layout first and pass that directory.")
@@ -110,11 +113,11 @@ class ClipScorer:
                  processor_source: str | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 32, name: str | None = None) -> None:
         if kind not in _CLIP_KINDS:
-            raise ValueError(f"ClipScorer kind must be one of {', '.join(_CLIP_KINDS)}, got {kind!r}")
+            raise RewardError(f"ClipScorer kind must be one of {', '.join(_CLIP_KINDS)}, got {kind!r}")
         if model is None or processor is None:
             src = str(source or DEFAULT_SOURCES[kind] or "")
             if not src:
-                raise ValueError(f"scorer {kind!r} needs a source: a transformers-format CLIP id or path "
+                raise RewardError(f"scorer {kind!r} needs a source: a transformers-format CLIP id or path "
                                  f"(spec '{kind}@PATH'); the official HPS v2 .pt must be converted first")
             _reject_open_clip(src)
             model = model or CLIPModel.from_pretrained(src)
@@ -149,7 +152,7 @@ class AestheticMLP(nn.Module):
     def __init__(self, dims: Sequence[int] = (768, 1024, 128, 64, 16, 1)) -> None:
         super().__init__()
         if len(dims) != 6:
-            raise ValueError(f"AestheticMLP needs 6 layer widths, got {list(dims)}")
+            raise RewardError(f"AestheticMLP needs 6 layer widths, got {list(dims)}")
         d = list(dims)
         self.layers = nn.Sequential(
             nn.Linear(d[0], d[1]), nn.Dropout(0.2), nn.Linear(d[1], d[2]), nn.Dropout(0.2),
@@ -166,7 +169,7 @@ class AestheticMLP(nn.Module):
             widths = [state[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)]
             mlp = cls([state["layers.0.weight"].shape[1], *widths])
         except KeyError as err:
-            raise ValueError(f"{path} is not an improved-aesthetic-predictor state dict (no {err})") from None
+            raise RewardError(f"{path} is not an improved-aesthetic-predictor state dict (no {err})") from None
         mlp.load_state_dict(state)
         return mlp.eval()
 
@@ -175,7 +178,7 @@ def resolve_weights_file(source: str | Path) -> Path:
     """A local file, or ``owner/repo/path/in/repo.safetensors`` fetched (and cached) from the HF hub."""
     path = Path(source)
     if path.suffix in _PICKLE_SUFFIXES:
-        raise ValueError(f"{source!r} is a pickle checkpoint and only safetensors are loaded; convert it "
+        raise RewardError(f"{source!r} is a pickle checkpoint and only safetensors are loaded; convert it "
                          "once with safetensors.torch.save_file(torch.load(p, weights_only=True), out_path)")
     if path.is_file():
         return path
@@ -184,7 +187,7 @@ def resolve_weights_file(source: str | Path) -> Path:
         from huggingface_hub import hf_hub_download  # lazy: only hub files need it
 
         return Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
-    raise FileNotFoundError(f"aesthetic weights {source!r}: no such local file, and not 'owner/repo/file'")
+    raise RewardError(f"aesthetic weights {source!r}: no such local file, and not 'owner/repo/file'")
 
 
 class AestheticScorer:
@@ -205,7 +208,7 @@ class AestheticScorer:
         processor = processor or CLIPImageProcessor.from_pretrained(clip_source)
         in_dim = weights.layers[0].in_features
         if model.config.projection_dim != in_dim:
-            raise ValueError(f"aesthetic MLP expects {in_dim}-d embeddings but the CLIP model projects to "
+            raise RewardError(f"aesthetic MLP expects {in_dim}-d embeddings but the CLIP model projects to "
                              f"{model.config.projection_dim}-d (LAION's head needs CLIP ViT-L/14)")
         self.name, self.batch_size, self.device, self.dtype = name, batch_size, torch.device(device), dtype
         self.mlp = weights.to(self.device).eval()  # stays float32: it is tiny, so precision is free
@@ -237,34 +240,47 @@ def parse_scorer_spec(spec: str) -> tuple[str, str | None, float]:
             weight, text = float(tail), head
         except ValueError:
             if not re.search(r"[@=]", head):
-                raise ValueError(f"bad weight {tail!r} in scorer spec {spec!r}; {_SPEC_HELP}") from None
+                raise RewardError(f"bad weight {tail!r} in scorer spec {spec!r}; {_SPEC_HELP}") from None
     cut = re.search(r"[@=]", text)
     kind, sep, source = (text[:cut.start()], cut[0], text[cut.end():]) if cut else (text, "", "")
     kind, source = kind.strip().lower(), source.strip()
     if kind not in SCORER_KINDS:
-        raise ValueError(f"unknown scorer kind {kind!r} in spec {spec!r}; {_SPEC_HELP}")
+        raise RewardError(f"unknown scorer kind {kind!r} in spec {spec!r}; {_SPEC_HELP}")
     if sep and not source:
-        raise ValueError(f"empty source after {sep!r} in scorer spec {spec!r}; {_SPEC_HELP}")
+        raise RewardError(f"empty source after {sep!r} in scorer spec {spec!r}; {_SPEC_HELP}")
     if not math.isfinite(weight) or weight <= 0:
-        raise ValueError(f"weight must be a positive finite number in scorer spec {spec!r}; {_SPEC_HELP}")
+        raise RewardError(f"weight must be a positive finite number in scorer spec {spec!r}; {_SPEC_HELP}")
     return kind, source or None, weight
 
 
 def build_scorer(kind: str, source: str | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Scorer:
-    """Factory behind the specs: ``source`` is a CLIP id or dir, or the MLP weights for ``aesthetic``."""
+    """Factory behind the specs: ``source`` is a CLIP id or dir, or the MLP weights for ``aesthetic``. Every
+    failure is a `RewardError` naming the scorer: a wrong path or an offline hub reaches the user as one line."""
+    try:
+        return _build_scorer(kind, source, device, dtype)
+    except RewardError:
+        raise
+    except (OSError, ValueError, SafetensorError) as err:  # from_pretrained, the hub, a damaged weights file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        shown = source or DEFAULT_SOURCES.get(kind)
+        raise RewardError(f"scorer {kind!r} from {shown!r}: cannot load it ({first})") from None
+
+
+def _build_scorer(kind: str, source: str | None, device: str | torch.device, dtype: torch.dtype) -> Scorer:
     if kind == "aesthetic":
         if source is None:
-            raise ValueError("the aesthetic scorer needs its MLP weights: 'aesthetic@PATH.safetensors' or "
+            raise RewardError("the aesthetic scorer needs its MLP weights: 'aesthetic@PATH.safetensors' or "
                              "'aesthetic@owner/repo/file.safetensors'")
         return AestheticScorer(source, device=device, dtype=dtype)
     if kind in _CLIP_KINDS:
         return ClipScorer(kind, source, device=device, dtype=dtype)
-    raise ValueError(f"unknown scorer kind {kind!r}; valid kinds: {', '.join(SCORER_KINDS)}")
+    raise RewardError(f"unknown scorer kind {kind!r}; valid kinds: {', '.join(SCORER_KINDS)}")
 
 
 def build_scorers(specs: Iterable[str], device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> list[tuple[Scorer, float]]:
-    """Parse and build several specs, e.g. ``["pickscore:0.7", "aesthetic@mlp.safetensors:0.3"]``."""
-    return [(build_scorer(kind, source, device, dtype), weight)
-            for kind, source, weight in map(parse_scorer_spec, specs)]
+    """Parse and build several specs, e.g. ``["pickscore:0.7", "aesthetic@mlp.safetensors:0.3"]``. Every spec is
+    parsed before any model loads: a typo in the last one fails at once."""
+    parsed = [parse_scorer_spec(spec) for spec in specs]
+    return [(build_scorer(kind, source, device, dtype), weight) for kind, source, weight in parsed]

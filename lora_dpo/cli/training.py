@@ -1,11 +1,9 @@
-"""The `lora-dpo` command: parses arguments and delegates; user errors become one line and exit code 2."""
+"""The commands that train and measure: train, cache, plan, bench, tiny-base, recipe-doc."""
 
 from __future__ import annotations
 
 import logging
-import os
 import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,28 +14,7 @@ from lora_dpo.errors import LoraDpoError  # every problem a user can cause or me
 if TYPE_CHECKING:
     from lora_dpo.recipe import Recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO.")
-
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value.")]
-
-
-def _quiet_imports() -> None:
-    """The stack logs noise on CPU-only installs (bitsandbytes' missing kernels, transformers' torchvision)."""
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"lora-dpo: error: {message}", err=True)
-    raise typer.Exit(2)
+from lora_dpo.cli.common import SetOption, _fail, _quiet_imports, app
 
 
 @app.command()
@@ -70,92 +47,6 @@ def train(
         raise typer.Exit(err.exit_code) from None
     except LoraDpoError as err:
         _fail(str(err))
-
-
-@app.command()
-def label(
-    data: Annotated[str, typer.Argument(help="Pairs to relabel: a .jsonl, a .parquet file or folder.")],
-    scorer: Annotated[list[str], typer.Option(help="KIND[@SOURCE][:WEIGHT], repeatable: pickscore, hps, clip, "
-                                                   "aesthetic (e.g. --scorer pickscore --scorer aesthetic@F:0.3).")],
-    out: Annotated[Path, typer.Option(help="Output parquet in the Pick-a-Pic layout (label_0 = P(image 0 wins)).")],
-    soft: Annotated[bool, typer.Option(help="Soft labels sigmoid(score difference) instead of 1/0.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Pairs scored per batch.")] = 16,
-    device: Annotated[str, typer.Option(help="Device for the scorers.")] = "cpu",
-) -> None:
-    """Label pairs with reward models (AI feedback, as in the paper); resumable. Train on the result with
-    `[data] source = "OUT"`."""
-    _quiet_imports()
-    from lora_dpo import rewards
-    from lora_dpo.data import open_image, read_records
-    from lora_dpo.recipe import DataRecipe
-
-    try:
-        scorers = rewards.build_scorers(scorer, device=device)
-        records = read_records(DataRecipe(source=data))
-        rows = ((r.where, r.prompt, open_image(r.image_0, r.where), open_image(r.image_1, r.where)) for r in records)
-        summary = rewards.label_pairs(rows, scorers, out, batch_size=batch_size, hard=not soft)
-    except (LoraDpoError, ValueError) as err:  # the scorers raise ValueError on a bad spec
-        _fail(str(err))
-    typer.echo(f"labelled {summary.n_pairs} pairs into {out}: {summary.n_swapped} swapped (the scorers prefer "
-               f"image 1), {summary.n_ties} ties; mean scores {summary.mean_scores}")
-
-
-def _numbers(values: list[str] | None, default: list, cast: type, option: str) -> list:
-    """Repeated and/or comma-separated numbers: `--scale 0.5 --scale 1` or `--scale 0.5,1`."""
-    from lora_dpo.evaluate import EvalError
-
-    try:
-        return [cast(v) for text in values for v in text.split(",") if v.strip()] if values else default
-    except ValueError:
-        raise EvalError(f"{option} {', '.join(values)}: expected numbers, e.g. {option} 0.5,1.0") from None
-
-
-@app.command("eval")
-def eval_(
-    adapter: Annotated[Path, typer.Argument(help="Run folder (adapters/<run>) or its .safetensors LoRA file.")],
-    prompts: Annotated[str, typer.Option(help="A .txt (one prompt a line), a .csv/.tsv/.jsonl/.json with a prompt "
-                                         "column, `parti`, `hpsv2[:STYLE]`, or a hub dataset id[:split].")],
-    base: Annotated[str | None, typer.Option(help="Base pipeline: hub id, folder or `tiny`; default: the "
-                                             "\\[model].base of the recipe.toml beside the adapter.")] = None,
-    scorer: Annotated[list[str] | None, typer.Option(help="Reward model KIND\\[@SOURCE]: pickscore, clip, hps, "
-                                                     "aesthetic; repeat for several.")] = None,
-    scale: Annotated[list[str] | None, typer.Option(help="Adapter strength(s), repeated or comma-separated; "
-                                                    "each adds a column (default 1.0).")] = None,
-    seed: Annotated[list[str] | None, typer.Option(help="Seed(s): one image per prompt and seed "
-                                                   "(default 0).")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Inference steps.")] = 30,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale; default: the pipeline's own.")] = None,
-    resolution: Annotated[int | None, typer.Option(min=8, help="Image size; default: the base's.")] = None,
-    precision: Annotated[str, typer.Option(help="no, fp16 or bf16 on GPU; the CPU runs fp32.")] = "bf16",
-    out: Annotated[Path | None, typer.Option(help="Output folder; default: <adapter folder>/eval.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch; default: torch's.")] = None,
-) -> None:
-    """Base vs base + adapter on a prompt set: win rates with 95 % intervals, report.md/json and grids."""
-    if precision not in ("no", "fp16", "bf16"):
-        _fail(f"--precision {precision!r}: expected no, fp16 or bf16")
-    logging.basicConfig(level=logging.INFO, format="lora-dpo: %(message)s")
-    _quiet_imports()
-    import torch
-
-    from lora_dpo import evaluate
-
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        scales = _numbers(scale, [1.0], float, "--scale")
-        seeds = _numbers(seed, [0], int, "--seed")
-        prompt_list = evaluate.load_prompts(prompts, limit)
-        scorers = evaluate.build_scorers(scorer or [])
-        out_dir = out or evaluate.adapter_file(adapter).parent / "eval"
-        report = evaluate.evaluate_adapter(adapter, prompt_list, prompts, scorers, out_dir, base=base, scales=scales,
-                                           seeds=seeds, steps=steps, guidance_scale=guidance, resolution=resolution,
-                                           precision=precision)
-    except LoraDpoError as err:
-        _fail(str(err))
-    for line in evaluate.summary_lines(report):
-        typer.echo(line)
-    typer.echo(f"wrote {out_dir / 'report.md'}, {out_dir / 'report.json'} and {len(report['grids'])} grid(s)")
 
 
 @app.command()
@@ -251,84 +142,6 @@ def tiny_base(
     typer.echo(f"wrote {path}: load it with {pipeline}.from_pretrained({str(path)!r})")
 
 
-@app.command("export")
-def export_(
-    adapter: Annotated[str, typer.Argument(help="Adapter: run folder, .safetensors file or hub id (either format).")],
-    out: Annotated[Path, typer.Option("--out", help="File to write (.safetensors).")],
-    format_: Annotated[str, typer.Option("--format", help="`kohya` (ComfyUI, A1111, Forge) or `diffusers`.")] = "kohya",
-    dtype: Annotated[str, typer.Option(help="Weight precision: fp16, bf16 or fp32.")] = "fp16",
-    base: Annotated[str | None, typer.Option(help="Base the adapter is for (default: from its metadata).")] = None,
-) -> None:
-    """Convert an adapter to the kohya/webui or the diffusers format."""
-    _quiet_imports()
-    from lora_dpo.export import export_adapter
-
-    try:
-        path = export_adapter(adapter, out, format_, dtype, base)  # type: ignore[arg-type]
-    except LoraDpoError as err:
-        _fail(str(err))
-    typer.echo(f"wrote {path} ({format_}, {dtype})")
-
-
-@app.command()
-def merge(
-    adapter: Annotated[str, typer.Argument(help="Adapter: run folder, .safetensors file or hub id.")],
-    base: Annotated[str, typer.Option(help="Base pipeline: hub id, local folder or `tiny`.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the fused pipeline into.")],
-    scale: Annotated[float, typer.Option(help="Adapter strength fused into the weights.")] = 1.0,
-    dtype: Annotated[str, typer.Option(help="Precision of the written pipeline: fp32, fp16 or bf16.")] = "fp32",
-) -> None:
-    """Write a full diffusers pipeline with the adapter fused in (no LoRA loading needed to use it)."""
-    _quiet_imports()
-    from lora_dpo.export import merge_adapter
-    from lora_dpo.models import STORAGE_DTYPES
-
-    if dtype not in STORAGE_DTYPES:
-        _fail(f"--dtype {dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
-    try:
-        path = merge_adapter(adapter, base, scale, out, dtype)
-    except LoraDpoError as err:
-        _fail(str(err))
-    typer.echo(f"wrote {path}: load it with DiffusionPipeline.from_pretrained({str(path)!r})")
-
-
-@app.command()
-def inspect(
-    adapter: Annotated[str, typer.Argument(help="Adapter file, folder or hub id; ours or made elsewhere.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Describe an adapter from its file alone: base, rank, alpha, targets, size, and how it was trained."""
-    import json
-
-    from lora_dpo.export import inspect_adapter
-
-    try:
-        info = inspect_adapter(adapter)
-    except LoraDpoError as err:
-        _fail(str(err))
-    if as_json:
-        typer.echo(json.dumps(info, indent=1))
-        return
-    for key, value in info.items():
-        typer.echo(f"{key:>20}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
-
-
-@app.command()
-def push(
-    adapter: Annotated[Path, typer.Argument(help="Run folder (adapters/<run>).")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repo to create or update, owner/name.")],
-    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
-) -> None:
-    """Upload a run folder to the Hugging Face hub as a model repo (card, adapter, recipe; no checkpoints)."""
-    from lora_dpo.card import push as push_folder
-
-    try:
-        url = push_folder(adapter, repo_id, private)
-    except LoraDpoError as err:
-        _fail(str(err))
-    typer.echo(f"uploaded {adapter} to {url}")
-
-
 @app.command()
 def bench(
     recipe: Annotated[Path | None, typer.Option(help="Recipe whose settings (and, with --arch recipe, model) to "
@@ -388,11 +201,8 @@ def bench(
                 raise recipe_module.RecipeError("--suite writes its JSON to --out (default bench-gpu.json)")
             from lora_dpo import gpu_check
 
-            if compare:
-                raise recipe_module.RecipeError("--suite gpu runs its own settings; "
-                                                "--compare goes with the plain bench")
-            typer.echo(gpu_check.run_to_file(suite, loaded, arch, resolution[0] if resolution else None, steps,
-                                             warmup, max_memory_gb, out))
+            typer.echo(gpu_check.run_command(suite, loaded, arch, resolution, steps, warmup, max_memory_gb, compare,
+                                             out))
             return
 
         chosen = arch or ("recipe" if recipe else "sdxl" if torch.cuda.is_available() else "tiny")
@@ -428,23 +238,3 @@ def recipe_doc() -> None:
         typer.echo(f"| `{key}` | {type_name} | `{default}` | {help_text} |")
 
 
-def bare_resume(args: list[str]) -> list[str]:
-    """`--resume` with no value means `--resume latest` (typer's options cannot make their value optional)."""
-    out = []
-    for index, arg in enumerate(args):
-        out.append(arg)
-        if arg == "--resume" and (index + 1 == len(args) or args[index + 1].startswith("-")):
-            out.append("latest")
-    return out
-
-
-def main() -> None:
-    sys.argv[1:] = bare_resume(sys.argv[1:])
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

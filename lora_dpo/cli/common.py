@@ -1,0 +1,55 @@
+"""What every command shares: the typer app, `--set`, quiet imports, the one-line failure, `--resume` alone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    pass
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO.")
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value.")]
+
+
+def _quiet_imports() -> None:
+    """The stack logs noise on CPU-only installs (bitsandbytes' missing kernels, transformers' torchvision)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"lora-dpo: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def bare_resume(args: list[str]) -> list[str]:
+    """`--resume` with no value means `--resume latest` (typer's options cannot make their value optional)."""
+    out = []
+    for index, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--resume" and (index + 1 == len(args) or args[index + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
+def run() -> None:
+    sys.argv[1:] = bare_resume(sys.argv[1:])
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+

@@ -6,6 +6,7 @@ and the same timestep for both images of a pair (Wallace et al. 2023, Sec. 4).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,19 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     benchmarks (a notebook, the tests) starts each from a clean state. The process group (PartialState) stays."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+    cpu = not torch.cuda.is_available()
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # Launched with a DeepSpeed config on a machine without CUDA (CI, a laptop): accelerate runs DeepSpeed
+        # only with cpu=False. With cpu=True it silently drops DeepSpeed and runs DDP over gloo (the yaml's
+        # `use_cpu` is ignored), so the DeepSpeed path would never be exercised; with cpu=False alone it picks
+        # no process group that DeepSpeed's CPU accelerator can use and every rank believes it is alone. gloo
+        # is the CPU's backend; DeepSpeed's CPU accelerator runs its collectives over it.
+        cpu = False
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
 
 
 @dataclass
@@ -102,6 +113,14 @@ def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: 
     embeds = batch.prompt_embeds.repeat(repeat, 1, 1)
     pooled = None if batch.pooled is None else batch.pooled.repeat(repeat, 1)
     time_ids = _stack(batch.time_ids_w, batch.time_ids_l, pair)
+    dtype = next(extract_model_from_parallel(unet).parameters()).dtype  # conv_in's: never quantised
+    if noisy.dtype != dtype and not torch.is_autocast_enabled(noisy.device.type):
+        # DeepSpeed holds the whole UNet, LoRA included, in the run's precision (bf16) and accelerate autocasts
+        # nothing under it: the fp32 latents and embeddings would meet bf16 weights. Elsewhere autocast (bf16,
+        # fp16) or fp32 weights ("no") match them already and nothing is cast. time_ids stay fp32: the UNet
+        # embeds them sinusoidally and casts the result itself, as under autocast.
+        noisy, embeds = noisy.to(dtype), embeds.to(dtype)
+        pooled = None if pooled is None else pooled.to(dtype)
     prediction = unet_forward(unet, noisy, timesteps, embeds, pooled, time_ids)
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 

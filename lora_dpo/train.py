@@ -125,7 +125,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
                                    log_with="tensorboard", project_dir=run_dir)
     accelerator.init_trackers("tensorboard")  # `tensorboard --logdir adapters/<run>/tensorboard`
     device = accelerator.device
-    _check_parallelism(accelerator, cfg.checkpoint_every)
+    _check_parallelism(accelerator, cfg)
 
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before any weight is loaded
     checkpointing, why = plan.resolve_checkpointing(recipe, free)
@@ -175,7 +175,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     return run
 
 
-def _check_parallelism(accelerator: Any, checkpoint_every: int) -> None:
+def _check_parallelism(accelerator: Any, cfg: TrainRecipe) -> None:
     """Refuse, before anything loads, the launch layouts that shard parameters (FSDP, DeepSpeed ZeRO-3): the
     adapter and checkpoints are saved from the main process's own copy of the LoRA weights, which must be
     whole. Data parallel (DDP, ZeRO-2) keeps whole replicas, and for a LoRA nothing else is worth having."""
@@ -187,14 +187,46 @@ def _check_parallelism(accelerator: Any, checkpoint_every: int) -> None:
         raise RecipeError(f"accelerate {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} shards the parameters, and "
                           "lora-dpo saves adapters from whole ones: launch with recipes/accelerate/ddp.yaml (the base "
                           "fits on each GPU; the adapter's gradients are a few MB) or deepspeed_zero2.yaml")
-    if kind == DistributedType.DEEPSPEED:
-        accelerator.print("lora-dpo: DeepSpeed steps the optimizer inside backward, so a step whose loss or gradients "
-                          "are NaN/Inf cannot be skipped here: it is counted, and [train].max_bad_steps in a row stop "
-                          "the run (under DDP such steps are skipped and leave the adapter as it was)")
-    if kind == DistributedType.DEEPSPEED and checkpoint_every:
+    if kind == DistributedType.DEEPSPEED and cfg.checkpoint_every:
         raise RecipeError("[train].checkpoint_every: DeepSpeed partitions the optimizer state across processes, and "
                           "lora-dpo's checkpoints hold it whole: launch with recipes/accelerate/ddp.yaml to keep "
                           "resumable checkpoints, or set train.checkpoint_every = 0")
+    if kind == DistributedType.DEEPSPEED:
+        _deepspeed_settings(accelerator, cfg)
+        accelerator.print("lora-dpo: DeepSpeed steps the optimizer inside backward, so lora-dpo cannot skip a step "
+                          "itself: DeepSpeed skips an update whose gradients are NaN/Inf (its gradient norm then reads "
+                          "inf), lora-dpo counts it as a bad step, and [train].max_bad_steps in a row stop the run. A "
+                          "DeepSpeed that applies such an update stops the run at once")
+
+
+# DeepSpeed config key -> the recipe's key that decides it (0 = no clipping, for both)
+_DEEPSPEED_KEYS = {"gradient_clipping": "max_grad_norm", "gradient_accumulation_steps": "gradient_accumulation",
+                   "train_micro_batch_size_per_gpu": "batch_size"}
+
+
+def _deepspeed_settings(accelerator: Any, cfg: TrainRecipe) -> None:
+    """DeepSpeed clips gradients, accumulates and counts the micro-batch itself, from its own config, and
+    accelerate fills a value left out ("auto") with a default of its own (gradient_clipping 1.0) or quietly
+    prefers DeepSpeed's over the recipe's (accumulation). The recipe decides, as under DDP: a value left out is
+    set from the recipe, one set in the accelerate or DeepSpeed config must equal it, or the run stops here."""
+    plugin = accelerator.state.deepspeed_plugin
+    mismatched = []
+    for key, recipe_key in _DEEPSPEED_KEYS.items():
+        wanted = getattr(cfg, recipe_key)
+        value = plugin.deepspeed_config.get(key, "auto")
+        if value == "auto":
+            plugin.deepspeed_config[key] = wanted
+        elif float(value) != float(wanted):
+            mismatched.append(f"DeepSpeed's {key} = {value} but [train].{recipe_key} = {wanted}")
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation and not mismatched:
+        # the launcher's --gradient_accumulation_steps (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) overrides the recipe's
+        mismatched.append(f"accelerate's gradient_accumulation_steps = {accelerator.gradient_accumulation_steps} but "
+                          f"[train].gradient_accumulation = {cfg.gradient_accumulation}")
+    if mismatched:
+        raise RecipeError("; ".join(mismatched) + ". DeepSpeed would apply its own values and the "
+                          "recipe's would not hold: remove them from the accelerate config (deepspeed_config) or the "
+                          "DeepSpeed JSON, or the launch flags (--gradient_clipping, --gradient_accumulation_steps), "
+                          "so the recipe decides; or make them equal")
 
 
 def _resume(run: Run, which: str) -> None:
@@ -270,8 +302,9 @@ def train_step(accelerator: Any, unet: Any, base: models.BaseModel, batch: Encod
     """One micro-step as training runs it, and as `lora-dpo bench` times it: the DPO step, backward, and on an
     accumulation boundary clipping, one host sync, and the optimizer step unless the loss or the gradient norm
     was NaN/Inf on some process. fp16's loss scaler skips overflowing steps itself (so its optimizer.step() is
-    always called: that is where the scale is lowered). DeepSpeed steps inside `backward`, so there a bad step
-    is counted but cannot be skipped (said at start)."""
+    always called: that is where the scale is lowered). DeepSpeed steps inside `backward` (its optimizer.step()
+    does nothing) and skips a step with NaN/Inf gradients itself: its `step_was_skipped` says whether the update
+    reached the weights, and its clip_grad_norm_ returns the pre-clip norm, inf for a skipped step."""
     with accelerator.accumulate(unet):
         out = dpo_step(unet, base, batch, objective, generator)
         accelerator.backward(out.loss)
@@ -284,7 +317,16 @@ def train_step(accelerator: Any, unet: Any, base: models.BaseModel, batch: Encod
         ok, stopping = guards.step_flags(accelerator, healthy, stop_requested)
         if ok or scaled:
             optimizer.step()
-        applied = (ok or _deepspeed(accelerator)) and not optimizer.step_was_skipped
+        if _deepspeed(accelerator):  # the step happened in backward; only DeepSpeed knows if it was applied
+            applied = not optimizer.step_was_skipped
+            if applied and not ok:
+                raise RuntimeError("DeepSpeed applied an optimizer step whose loss or gradients were NaN/Inf, so "
+                                   "the adapter's weights are lost. DeepSpeed 0.19.8 skips such steps in fp32 and "
+                                   "bf16 (unless the DeepSpeed config sets bf16.check_grad_overflow = false; older "
+                                   "versions may not skip them): upgrade deepspeed, or launch with "
+                                   "recipes/accelerate/ddp.yaml, where lora-dpo skips them itself")
+        else:
+            applied = ok and not optimizer.step_was_skipped
         optimizer.zero_grad(set_to_none=True)
     return TrainStep(out, True, boundary=True, healthy=ok, applied=applied, stopping=stopping)
 
@@ -293,6 +335,18 @@ def _deepspeed(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _layout(accelerator: Any) -> str:
+    """How this run was launched, as accelerate set it up: what a launch that silently fell back to something
+    else (DDP for DeepSpeed, one process for two) shows at start."""
+    processes = accelerator.num_processes
+    if _deepspeed(accelerator):
+        kind = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    else:
+        kind = "data parallel (DDP)" if processes > 1 else "one process"
+    backend = accelerator.state.backend
+    return f"{kind}, {processes} process{'es' if processes > 1 else ''}" + (f", {backend}" if backend else "")
 
 
 def _encode(run: Run, batch: data.PreferenceBatch | EncodedBatch) -> EncodedBatch:
@@ -483,6 +537,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     accelerator.print(f"lora-dpo: {cfg.max_steps} steps x {effective} pairs (batch {cfg.batch_size} x accumulation "
                       f"{cfg.gradient_accumulation} x {accelerator.num_processes} processes) on "
                       f"{accelerator.device}; objective {_objective_summary(recipe)}")
+    accelerator.print(f"lora-dpo: launch: {_layout(accelerator)}")
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     summary = fit(run)

@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections import Counter
@@ -182,6 +183,10 @@ def _check_parallelism(accelerator: Any, cfg: TrainRecipe) -> None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and kind != DistributedType.DEEPSPEED:
+        raise RecipeError(f"launched with a DeepSpeed config, but accelerate set up {kind.value} instead "
+                          "(ACCELERATE_USE_CPU=true or --cpu turn DeepSpeed off without a word): unset them, or "
+                          "launch with recipes/accelerate/ddp.yaml")
     zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     if kind == DistributedType.FSDP or zero3:
         raise RecipeError(f"accelerate {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} shards the parameters, and "
@@ -320,11 +325,11 @@ def train_step(accelerator: Any, unet: Any, base: models.BaseModel, batch: Encod
         if _deepspeed(accelerator):  # the step happened in backward; only DeepSpeed knows if it was applied
             applied = not optimizer.step_was_skipped
             if applied and not ok:
-                raise RuntimeError("DeepSpeed applied an optimizer step whose loss or gradients were NaN/Inf, so "
-                                   "the adapter's weights are lost. DeepSpeed 0.19.8 skips such steps in fp32 and "
-                                   "bf16 (unless the DeepSpeed config sets bf16.check_grad_overflow = false; older "
-                                   "versions may not skip them): upgrade deepspeed, or launch with "
-                                   "recipes/accelerate/ddp.yaml, where lora-dpo skips them itself")
+                raise guards.TrainingError(
+                    "DeepSpeed applied an optimizer step whose loss or gradients were NaN/Inf, so the adapter's "
+                    "weights are lost. DeepSpeed 0.19.8 skips such steps in fp32 and bf16 (unless its config sets "
+                    "bf16.check_grad_overflow = false; older versions may not skip them): upgrade deepspeed, or "
+                    "launch with recipes/accelerate/ddp.yaml, where lora-dpo skips them itself")
         else:
             applied = ok and not optimizer.step_was_skipped
         optimizer.zero_grad(set_to_none=True)

@@ -309,20 +309,24 @@ def train_step(accelerator: Any, unet: Any, base: models.BaseModel, batch: Encod
     was NaN/Inf on some process. fp16's loss scaler skips overflowing steps itself (so its optimizer.step() is
     always called: that is where the scale is lowered). DeepSpeed steps inside `backward` (its optimizer.step()
     does nothing) and skips a step with NaN/Inf gradients itself: its `step_was_skipped` says whether the update
-    reached the weights, and its clip_grad_norm_ returns the pre-clip norm, inf for a skipped step."""
+    reached the weights, and its clip_grad_norm_ returns the pre-clip norm, inf for a skipped step (fp16 under
+    DeepSpeed: its own loss scaler, untested here: the CPU runs no fp16)."""
     with accelerator.accumulate(unet):
         out = dpo_step(unet, base, batch, objective, generator)
         accelerator.backward(out.loss)
         finite = torch.isfinite(out.metrics["loss"]) & finite
         if not accelerator.sync_gradients:
             return TrainStep(out, finite)
-        scaled = accelerator.scaler is not None
+        deepspeed = _deepspeed(accelerator)
+        # a loss scaler (torch's, or DeepSpeed's own for fp16) skips an overflowing step and lowers the scale: that
+        # skip is its routine, not a bad step, so only the loss decides health; the norm reads inf for it
+        scaled = accelerator.scaler is not None or (deepspeed and accelerator.mixed_precision == "fp16")
         norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)  # inf: only measure the norm
         healthy = finite if scaled else finite & _finite_norm(norm, out.loss.device)
         ok, stopping = guards.step_flags(accelerator, healthy, stop_requested)
         if ok or scaled:
             optimizer.step()
-        if _deepspeed(accelerator):  # the step happened in backward; only DeepSpeed knows if it was applied
+        if deepspeed:  # the step happened in backward; only DeepSpeed knows if it was applied
             applied = not optimizer.step_was_skipped
             if applied and not ok:
                 raise guards.TrainingError(

@@ -200,8 +200,9 @@ def _check_parallelism(accelerator: Any, cfg: TrainRecipe) -> None:
         _deepspeed_settings(accelerator, cfg)
         accelerator.print("lora-dpo: DeepSpeed steps the optimizer inside backward, so lora-dpo cannot skip a step "
                           "itself: DeepSpeed skips an update whose gradients are NaN/Inf (its gradient norm then reads "
-                          "inf), lora-dpo counts it as a bad step, and [train].max_bad_steps in a row stop the run. A "
-                          "DeepSpeed that applies such an update stops the run at once")
+                          "inf), lora-dpo counts it as a bad step and holds the LR schedule back, and "
+                          "[train].max_bad_steps in a row stop the run; should DeepSpeed apply such an update, the "
+                          "run stops at once")
 
 
 # DeepSpeed config key -> the recipe's key that decides it (0 = no clipping, for both)
@@ -350,10 +351,9 @@ def _layout(accelerator: Any) -> str:
     """How this run was launched, as accelerate set it up: what a launch that silently fell back to something
     else (DDP for DeepSpeed, one process for two) shows at start."""
     processes = accelerator.num_processes
-    if _deepspeed(accelerator):
-        kind = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    else:
-        kind = "data parallel (DDP)" if processes > 1 else "one process"
+    if not _deepspeed(accelerator) and processes == 1:
+        return "one process"
+    kind = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if _deepspeed(accelerator) else "DDP"
     backend = accelerator.state.backend
     return f"{kind}, {processes} process{'es' if processes > 1 else ''}" + (f", {backend}" if backend else "")
 

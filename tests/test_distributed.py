@@ -53,6 +53,7 @@ def test_two_processes_train_the_adapter_one_process_trains_with_the_same_global
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "3 steps x 2 pairs (batch 1 x accumulation 1 x 2 processes)" in result.stdout
+    assert "lora-dpo: launch: DDP, 2 processes, gloo" in result.stdout
     assert "identical on all 2 processes" in result.stdout  # every rank hashed its adapter; all agree
 
     train(tiny_recipe(train={**settings, "batch_size": 2}, data={"val_pairs": 0},

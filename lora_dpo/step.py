@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +54,19 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     benchmarks (a notebook, the tests) starts each from a clean state. The process group (PartialState) stays."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+    cpu = not torch.cuda.is_available()
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # Launched with a DeepSpeed config on a machine without CUDA (CI, a laptop): accelerate runs DeepSpeed
+        # only with cpu=False. With cpu=True it silently drops DeepSpeed and runs DDP over gloo (the yaml's
+        # `use_cpu` is ignored), so the DeepSpeed path would never be exercised; with cpu=False alone it picks
+        # no process group that DeepSpeed's CPU accelerator can use and every rank believes it is alone. gloo
+        # is the CPU's backend; DeepSpeed's CPU accelerator runs its collectives over it.
+        cpu = False
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +246,14 @@ def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: 
     embeds = batch.prompt_embeds.repeat(repeat, 1, 1)
     pooled = None if batch.pooled is None else batch.pooled.repeat(repeat, 1)
     time_ids = _stack(batch.time_ids_w, batch.time_ids_l, pair)
+    dtype = next(extract_model_from_parallel(unet).parameters()).dtype  # conv_in's: never quantised
+    if noisy.dtype != dtype and not torch.is_autocast_enabled(noisy.device.type):
+        # DeepSpeed holds the whole UNet, LoRA included, in the run's precision (bf16) and accelerate autocasts
+        # nothing under it: the fp32 latents and embeddings would meet bf16 weights. Elsewhere autocast (bf16,
+        # fp16) or fp32 weights ("no") match them already and nothing is cast. time_ids stay fp32: the UNet
+        # embeds them sinusoidally and casts the result itself, as under autocast.
+        noisy, embeds = noisy.to(dtype), embeds.to(dtype)
+        pooled = None if pooled is None else pooled.to(dtype)
     prediction = unet_forward(unet, noisy, timesteps, embeds, pooled, time_ids)
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
@@ -335,20 +354,34 @@ def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch
     """One micro-step as training runs it, and as `lora-dpo bench` times it: the DPO step, backward, and on an
     accumulation boundary clipping, one host sync, and the optimizer step unless the loss or the gradient norm
     was NaN/Inf on some process. fp16's loss scaler skips overflowing steps itself (so its optimizer.step() is
-    always called: that is where the scale is lowered). DeepSpeed steps inside `backward`, so there a bad step
-    is counted but cannot be skipped (said at start)."""
+    always called: that is where the scale is lowered). DeepSpeed steps inside `backward` (its optimizer.step()
+    does nothing) and skips a step with NaN/Inf gradients itself: its `step_was_skipped` says whether the update
+    reached the weights, and its clip_grad_norm_ returns the pre-clip norm, inf for a skipped step (fp16 under
+    DeepSpeed: its own loss scaler, untested here: the CPU runs no fp16)."""
     with accelerator.accumulate(unet):
         out = dpo_step(unet, base, batch, objective, generator)
         accelerator.backward(out.loss)
         finite = torch.isfinite(out.metrics["loss"]) & finite
         if not accelerator.sync_gradients:
             return TrainStep(out, finite)
-        scaled = accelerator.scaler is not None
+        deepspeed = is_deepspeed(accelerator)
+        # a loss scaler (torch's, or DeepSpeed's own for fp16) skips an overflowing step and lowers the scale: that
+        # skip is its routine, not a bad step, so only the loss decides health; the norm reads inf for it
+        scaled = accelerator.scaler is not None or (deepspeed and accelerator.mixed_precision == "fp16")
         norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)  # inf: only measure the norm
         healthy = finite if scaled else finite & _finite_norm(norm, out.loss.device)
         ok, stopping = guards.step_flags(accelerator, healthy, stop_requested)
         if ok or scaled:
             optimizer.step()
-        applied = (ok or is_deepspeed(accelerator)) and not optimizer.step_was_skipped
+        if deepspeed:  # the step happened in backward; only DeepSpeed knows if it was applied
+            applied = not optimizer.step_was_skipped
+            if applied and not ok:
+                raise guards.TrainingError(
+                    "DeepSpeed applied an optimizer step whose loss or gradients were NaN/Inf, so the adapter's "
+                    "weights are lost. DeepSpeed 0.19.8 skips such steps in fp32 and bf16 (unless its config sets "
+                    "bf16.check_grad_overflow = false; older versions may not skip them): upgrade deepspeed, or "
+                    "launch with recipes/accelerate/ddp.yaml, where lora-dpo skips them itself")
+        else:
+            applied = ok and not optimizer.step_was_skipped
         optimizer.zero_grad(set_to_none=True)
     return TrainStep(out, True, boundary=True, healthy=ok, applied=applied, stopping=stopping)

@@ -7,6 +7,7 @@ recipe -> data (live, streamed, or a latent cache) + base model -> policy (step.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from lora_dpo import cache, checkpoint, data, files, guards, models, plan, step
 from lora_dpo.export import ADAPTER_FILE
-from lora_dpo.recipe import Recipe, RecipeError
+from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe
 from lora_dpo.train import samples
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
                                    log_with="tensorboard", project_dir=run_dir)
     accelerator.init_trackers("tensorboard")  # `tensorboard --logdir adapters/<run>/tensorboard`
     device = accelerator.device
-    _check_parallelism(accelerator, cfg.checkpoint_every)
+    _check_parallelism(accelerator, cfg)
 
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before any weight is loaded
     checkpointing, why = plan.resolve_checkpointing(recipe, free)
@@ -127,26 +128,63 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     return run
 
 
-def _check_parallelism(accelerator: Any, checkpoint_every: int) -> None:
+def _check_parallelism(accelerator: Any, cfg: TrainRecipe) -> None:
     """Refuse, before anything loads, the launch layouts that shard parameters (FSDP, DeepSpeed ZeRO-3): the
     adapter and checkpoints are saved from the main process's own copy of the LoRA weights, which must be
     whole. Data parallel (DDP, ZeRO-2) keeps whole replicas, and for a LoRA nothing else is worth having."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and kind != DistributedType.DEEPSPEED:
+        raise RecipeError(f"launched with a DeepSpeed config, but accelerate set up {kind.value} instead "
+                          "(ACCELERATE_USE_CPU=true or --cpu turn DeepSpeed off without a word): unset them, or "
+                          "launch with recipes/accelerate/ddp.yaml")
     zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     if kind == DistributedType.FSDP or zero3:
         raise RecipeError(f"accelerate {'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} shards the parameters, and "
                           "lora-dpo saves adapters from whole ones: launch with recipes/accelerate/ddp.yaml (the base "
                           "fits on each GPU; the adapter's gradients are a few MB) or deepspeed_zero2.yaml")
-    if kind == DistributedType.DEEPSPEED:
-        accelerator.print("lora-dpo: DeepSpeed steps the optimizer inside backward, so a step whose loss or gradients "
-                          "are NaN/Inf cannot be skipped here: it is counted, and [train].max_bad_steps in a row stop "
-                          "the run (under DDP such steps are skipped and leave the adapter as it was)")
-    if kind == DistributedType.DEEPSPEED and checkpoint_every:
+    if kind == DistributedType.DEEPSPEED and cfg.checkpoint_every:
         raise RecipeError("[train].checkpoint_every: DeepSpeed partitions the optimizer state across processes, and "
                           "lora-dpo's checkpoints hold it whole: launch with recipes/accelerate/ddp.yaml to keep "
                           "resumable checkpoints, or set train.checkpoint_every = 0")
+    if kind == DistributedType.DEEPSPEED:
+        _deepspeed_settings(accelerator, cfg)
+        accelerator.print("lora-dpo: DeepSpeed steps the optimizer inside backward, so lora-dpo cannot skip a step "
+                          "itself: DeepSpeed skips an update whose gradients are NaN/Inf (its gradient norm then reads "
+                          "inf), lora-dpo counts it as a bad step and holds the LR schedule back, and "
+                          "[train].max_bad_steps in a row stop the run; should DeepSpeed apply such an update, the "
+                          "run stops at once")
+
+
+# DeepSpeed config key -> the recipe's key that decides it (0 = no clipping, for both)
+_DEEPSPEED_KEYS = {"gradient_clipping": "max_grad_norm", "gradient_accumulation_steps": "gradient_accumulation",
+                   "train_micro_batch_size_per_gpu": "batch_size"}
+
+
+def _deepspeed_settings(accelerator: Any, cfg: TrainRecipe) -> None:
+    """DeepSpeed clips gradients, accumulates and counts the micro-batch itself, from its own config, and
+    accelerate fills a value left out ("auto") with a default of its own (gradient_clipping 1.0) or quietly
+    prefers DeepSpeed's over the recipe's (accumulation). The recipe decides, as under DDP: a value left out is
+    set from the recipe, one set in the accelerate or DeepSpeed config must equal it, or the run stops here."""
+    plugin = accelerator.state.deepspeed_plugin
+    mismatched = []
+    for key, recipe_key in _DEEPSPEED_KEYS.items():
+        wanted = getattr(cfg, recipe_key)
+        value = plugin.deepspeed_config.get(key, "auto")
+        if value == "auto":
+            plugin.deepspeed_config[key] = wanted
+        elif float(value) != float(wanted):
+            mismatched.append(f"DeepSpeed's {key} = {value} but [train].{recipe_key} = {wanted}")
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation and not mismatched:
+        # the launcher's --gradient_accumulation_steps (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) overrides the recipe's
+        mismatched.append(f"accelerate's gradient_accumulation_steps = {accelerator.gradient_accumulation_steps} but "
+                          f"[train].gradient_accumulation = {cfg.gradient_accumulation}")
+    if mismatched:
+        raise RecipeError("; ".join(mismatched) + ". DeepSpeed would apply its own values and the "
+                          "recipe's would not hold: remove them from the accelerate config (deepspeed_config) or the "
+                          "DeepSpeed JSON, or the launch flags (--gradient_clipping, --gradient_accumulation_steps), "
+                          "so the recipe decides; or make them equal")
 
 
 def _resume(run: Run, which: str) -> None:

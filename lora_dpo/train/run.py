@@ -6,10 +6,12 @@ from __future__ import annotations
 import gc
 import shutil
 from pathlib import Path
+from typing import Any
 
 from lora_dpo import data, files, guards, models
 from lora_dpo.export import ADAPTER_FILE, save_adapter
 from lora_dpo.recipe import ObjectiveRecipe, Recipe
+from lora_dpo.step import is_deepspeed
 from lora_dpo.train import samples
 from lora_dpo.train.build import Run, setup
 from lora_dpo.train.loop import fit
@@ -37,6 +39,17 @@ def _check_processes_agree(run: Run) -> str:
                                f"({', '.join(d[:12] for d in digests)}): their gradients were not synchronised; "
                                "check the accelerate launch configuration")
     return mine
+
+
+def _layout(accelerator: Any) -> str:
+    """How this run was launched, as accelerate set it up: what a launch that silently fell back to something
+    else (DDP for DeepSpeed, one process for two) shows at start."""
+    processes, deepspeed = accelerator.num_processes, is_deepspeed(accelerator)
+    if not deepspeed and processes == 1:
+        return "one process"
+    kind = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if deepspeed else "DDP"
+    backend = accelerator.state.backend
+    return f"{kind}, {processes} process{'es' if processes > 1 else ''}" + (f", {backend}" if backend else "")
 
 
 def _objective_summary(cfg: ObjectiveRecipe) -> str:
@@ -74,6 +87,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     accelerator.print(f"lora-dpo: {cfg.max_steps} steps x {effective} pairs (batch {cfg.batch_size} x accumulation "
                       f"{cfg.gradient_accumulation} x {accelerator.num_processes} processes) on "
                       f"{accelerator.device}; objective {_objective_summary(recipe.objective)}")
+    accelerator.print(f"lora-dpo: launch: {_layout(accelerator)}")
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     summary = fit(run)

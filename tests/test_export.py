@@ -101,6 +101,7 @@ def test_trained_adapter_is_stamped_and_keeps_diffusers_own_metadata(arch: str, 
     recipe = json.loads(meta["lora_dpo.recipe"])
     assert recipe["data"]["source"] == meta["lora_dpo.dataset"] and len(meta["lora_dpo.fingerprint"]) == 16
     assert meta["modelspec.architecture"] == ARCHS[arch].modelspec  # from the trained UNet's own architecture
+    assert meta["modelspec.implementation"] == "diffusers"  # the file's keys are diffusers module names
     assert all(isinstance(v, str) for v in meta.values())
 
 
@@ -126,6 +127,8 @@ def test_kohya_export_loads_in_stock_diffusers_like_the_diffusers_file(arch: str
     assert meta["ss_base_model_version"] == expected.ss_version and meta["ss_network_module"] == "networks.lora"
     assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["lora_dpo.steps"] == "3"
     assert meta["modelspec.architecture"] == expected.modelspec
+    assert meta["modelspec.implementation"] == ("https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+                                                else "diffusers")  # whose module names the keys use
 
     inputs = _inputs(**expected.inputs)
     reference = _out(_stock_pipe(base_dir, trained_run, arch).unet, inputs)

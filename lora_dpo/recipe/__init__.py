@@ -9,6 +9,7 @@ from lora_dpo.recipe.parse import describe, from_dict, load, parse_override
 from lora_dpo.recipe.schema import (
                                     COLUMN_NAMES,
                                     SECTIONS,
+                                    TRACKERS,
                                     ColumnMap,
                                     DataRecipe,
                                     LoraRecipe,
@@ -23,6 +24,6 @@ from lora_dpo.recipe.schema import (
                                     TrainRecipe,
 )
 
-__all__ = ["COLUMN_NAMES", "SECTIONS", "ColumnMap", "DataRecipe", "LoraRecipe", "ModelRecipe", "ObjectiveKind",
-           "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe", "TrainRecipe",
-           "describe", "from_dict", "load", "parse_override"]
+__all__ = ["COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe", "LoraRecipe", "ModelRecipe",
+           "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe",
+           "TrainRecipe", "describe", "from_dict", "load", "parse_override"]

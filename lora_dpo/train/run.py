@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from lora_dpo import data, files, guards
+from lora_dpo import data, files, guards, trackers
 from lora_dpo.export import ADAPTER_FILE, save_adapter
 from lora_dpo.recipe import ObjectiveRecipe, Recipe
 from lora_dpo.train import samples
@@ -77,7 +77,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         unet = accelerator.unwrap_model(run.unet)
         with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
             path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary)
-        samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        plot = samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        if plot is not None:
+            trackers.log_image(accelerator, "training_curves", plot, summary["steps"])
         keys = ("val_reward_accuracy", "reward_accuracy", "val_error_accuracy", "error_accuracy")
         acc = next((f"{k.removeprefix('val_').replace('_', ' ')} {summary[k]:.3f}; " for k in keys if k in summary), "")
         accelerator.print(f"lora-dpo: done in {summary['seconds']:.0f} s; {acc}wrote {path}")

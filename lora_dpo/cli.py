@@ -7,16 +7,15 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from lora_dpo.errors import LoraDpoError  # every problem a user can cause or meet: one line, exit code 2
 
-if TYPE_CHECKING:
-    from lora_dpo.recipe import Recipe
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text is shown as written; rich markup would eat every `[word]` (`KIND[@SOURCE]`,
+# `[data].cache`) as a style tag
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO.")
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value.")]
@@ -33,6 +32,20 @@ def _quiet_imports() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lora_dpo import __version__
+
+        typer.echo(f"lora-dpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO."""
 
 
 def _fail(message: str) -> None:
@@ -114,8 +127,8 @@ def eval_(
     prompts: Annotated[str, typer.Option(help="A .txt (one prompt a line), a .csv/.tsv/.jsonl/.json with a prompt "
                                          "column, `parti`, `hpsv2[:STYLE]`, or a hub dataset id[:split].")],
     base: Annotated[str | None, typer.Option(help="Base pipeline: hub id, folder or `tiny`; default: the "
-                                             "\\[model].base of the recipe.toml beside the adapter.")] = None,
-    scorer: Annotated[list[str] | None, typer.Option(help="Reward model KIND\\[@SOURCE]: pickscore, clip, hps, "
+                                             "[model].base of the recipe.toml beside the adapter.")] = None,
+    scorer: Annotated[list[str] | None, typer.Option(help="Reward model KIND[@SOURCE]: pickscore, clip, hps, "
                                                      "aesthetic; repeat for several.")] = None,
     scale: Annotated[list[str] | None, typer.Option(help="Adapter strength(s), repeated or comma-separated; "
                                                     "each adds a column (default 1.0).")] = None,
@@ -379,7 +392,10 @@ def bench(
         if suite is not None:
             if json_out:
                 raise recipe_module.RecipeError("--suite writes its JSON to --out (default bench-gpu.json)")
-            _bench_suite(suite, loaded, arch, resolution, steps, warmup, max_memory_gb, compare, out)
+            from lora_dpo import gpu_check
+
+            typer.echo(gpu_check.suite_command(suite, loaded, arch, resolution, steps, warmup, max_memory_gb,
+                                               compare, out))
             return
 
         chosen = arch or ("recipe" if recipe else "sdxl" if torch.cuda.is_available() else "tiny")
@@ -393,26 +409,6 @@ def bench(
     typer.echo(bench_module.format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")
-
-
-def _bench_suite(suite: str, loaded: Recipe, arch: str | None, resolution: list[int] | None, steps: int,
-                 warmup: int, max_memory_gb: float | None, compare: list[str] | None, out: Path) -> None:
-    import json
-
-    import torch
-
-    from lora_dpo import gpu_check
-    from lora_dpo.recipe import RecipeError
-
-    if suite != "gpu":
-        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
-    if compare:
-        raise RecipeError("--suite gpu runs its own settings; --compare goes with the plain bench")
-    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
-    report = gpu_check.run_suite(chosen, loaded, resolution[0] if resolution else None, steps, warmup, max_memory_gb)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    typer.echo(gpu_check.format_suite(report))
-    typer.echo(f"wrote {out}")
 
 
 @app.command("recipe-doc")

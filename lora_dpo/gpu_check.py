@@ -348,3 +348,18 @@ def format_suite(report: dict[str, Any]) -> str:
     lines += ["", f"{ok} of {len(report['items'])} items ok"
               + ("; the CPU has no allocator statistics: run it on a CUDA GPU for the memory figures" if cpu else "")]
     return "\n".join(lines)
+
+
+def suite_command(suite: str, loaded: Recipe, arch: str | None, resolution: list[int] | None, steps: int,
+                  warmup: int, max_memory_gb: float | None, compare: list[str] | None, out: Path) -> str:
+    """`lora-dpo bench --suite gpu`: run the suite, write its JSON to `out`, return the report's text."""
+    import json
+
+    if suite != "gpu":
+        raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
+    if compare:
+        raise RecipeError("--suite gpu runs its own settings; --compare goes with the plain bench")
+    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
+    report = run_suite(chosen, loaded, resolution[0] if resolution else None, steps, warmup, max_memory_gb)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return f"{format_suite(report)}\nwrote {out}"

@@ -77,7 +77,9 @@ class DataRecipe:
     source: str = _f(
         "yuvalkirstain/pickapic_v2",
         "Pairs to train on: a `.jsonl` or `.csv` (prompt, chosen, rejected[, label]; image paths relative to "
-        "it), a `.parquet` file or folder in the Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0), a hub "
+        "it), a folder holding `w/` and `l/` (preferred and rejected images of the same file names, the prompt in "
+        "`w/<name>.txt`: sd-scripts' DPO layout), a `.parquet` file or folder in the Pick-a-Pic layout (caption, "
+        "jpg_0, jpg_1, label_0), a hub "
         "dataset id (or `hf:<id or folder>`, read by the `datasets` library), or `synthetic:shapes` (the "
         "generated demo set).",
     )

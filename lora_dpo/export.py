@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lora_dpo import __version__, card, files, hub, kohya, models
+from lora_dpo import __version__, card, files, hub, kohya, models, webui
 from lora_dpo.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -254,19 +254,6 @@ def load_adapter(unet: Any, source: str | Path, base: str | None = None, adapter
 # Metadata and writing
 
 
-def modelspec(sdxl: bool, title: str, resolution: int | None = None) -> dict[str, str]:
-    """The Stability model-spec keys that webui tools read to sort and label a LoRA."""
-    spec = {"modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
-            "modelspec.title": title,
-            "modelspec.date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-            "modelspec.description": f"LoRA aligned to human preferences with Diffusion-DPO (lora-dpo {__version__})"}
-    if resolution:
-        spec["modelspec.resolution"] = f"{resolution}x{resolution}"
-    return spec
-
-
 def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl: bool) -> dict[str, str]:
     """What a trained adapter says about itself (safetensors metadata values are strings)."""
     stamp = {"lora_dpo.version": __version__, "lora_dpo.base_model": recipe.model.base,
@@ -277,24 +264,34 @@ def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl:
              "lora_dpo.steps": str(metrics.get("steps", "")), "lora_dpo.dataset": recipe.data.source,
              "lora_dpo.fingerprint": recipe.fingerprint(), "lora_dpo.recipe": json.dumps(recipe.to_dict()),
              "lora_dpo.metrics": json.dumps(metrics)}
-    return {**stamp, **modelspec(sdxl, title, recipe.data.resolution)}
+    return {**stamp, **webui.modelspec(sdxl, title, recipe.data.resolution, webui.IMPLEMENTATION_DIFFUSERS)}
 
 
 def _carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if k.startswith(("lora_dpo.", "modelspec."))}
 
 
-def _webui_metadata(adapter: Adapter, config: Any, name: str) -> dict[str, str]:
-    """sd-scripts' keys (A1111/Forge show and sort by them) plus model-spec, over what the adapter carried."""
+def _webui_metadata(adapter: Adapter, config: Any, name: str, tensors: dict[str, Tensor]) -> dict[str, str]:
+    """sd-scripts' keys (A1111/Forge show and sort by them) plus model-spec, over what the adapter carried: the
+    training keys from the recipe it carries (none for an adapter made elsewhere), then the hashes of `tensors`."""
     sdxl = kohya.is_sdxl(config)
-    meta = {**modelspec(sdxl, name), **_carried_metadata(adapter.metadata)}
+    carried = _carried_metadata(adapter.metadata)
+    recipe = json.loads(carried.get("lora_dpo.recipe") or "{}")
+    resolution = recipe["data"]["resolution"] if recipe else (1024 if sdxl else 512)
+    meta = {**webui.modelspec(sdxl, name, resolution, webui.IMPLEMENTATION_DIFFUSERS), **carried}
+    # the names of this file's keys: SGM for SDXL, diffusers for SD 1.x (kohya.py), whatever the source file said
+    meta["modelspec.implementation"] = webui.IMPLEMENTATION_SGM if sdxl else webui.IMPLEMENTATION_DIFFUSERS
     meta |= {"ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1", "ss_network_module": "networks.lora",
              "ss_network_dim": str(kohya.most_common(adapter.ranks)),
              "ss_network_alpha": repr(float(kohya.most_common(adapter.alphas))), "ss_output_name": name,
              "ss_sd_model_name": adapter.base, "ss_training_comment": "Diffusion-DPO LoRA made with lora-dpo"}
     if "lora_dpo.steps" in meta:
         meta["ss_steps"] = meta["lora_dpo.steps"]
-    return meta
+    if recipe:
+        finished = datetime.datetime.fromisoformat(meta["modelspec.date"]).replace(tzinfo=datetime.UTC).timestamp()
+        meta |= webui.training_keys(recipe, json.loads(carried.get("lora_dpo.metrics") or "{}"), finished)
+    meta |= webui.network_args(adapter.weights, adapter.alphas)
+    return meta | webui.hash_keys(tensors, meta)
 
 
 def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], out: Path) -> Path:
@@ -325,7 +322,7 @@ def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.floa
 
 def write_kohya(adapter: Adapter, out: Path, config: Any, dtype: torch.dtype = torch.float16) -> Path:
     tensors = kohya.to_kohya(adapter.weights, adapter.alphas, config, dtype)
-    return _write_atomic(tensors, _webui_metadata(adapter, config, out.stem), out)
+    return _write_atomic(tensors, _webui_metadata(adapter, config, out.stem, tensors), out)
 
 
 def export_adapter(source: str | Path, out: Path, fmt: Format, dtype: str = "fp16", base: str | None = None) -> Path:

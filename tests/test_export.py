@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from lora_dpo import export, models
 from lora_dpo.cli import app
 from lora_dpo.export import ADAPTER_FILE, Adapter, AdapterError
+from lora_dpo.hub import HubUnavailableError
 from lora_dpo.recipe import from_dict
 from lora_dpo.train import train
 
@@ -101,6 +102,7 @@ def test_trained_adapter_is_stamped_and_keeps_diffusers_own_metadata(arch: str, 
     recipe = json.loads(meta["lora_dpo.recipe"])
     assert recipe["data"]["source"] == meta["lora_dpo.dataset"] and len(meta["lora_dpo.fingerprint"]) == 16
     assert meta["modelspec.architecture"] == ARCHS[arch].modelspec  # from the trained UNet's own architecture
+    assert meta["modelspec.implementation"] == "diffusers"  # the file's keys are diffusers module names
     assert all(isinstance(v, str) for v in meta.values())
 
 
@@ -126,6 +128,8 @@ def test_kohya_export_loads_in_stock_diffusers_like_the_diffusers_file(arch: str
     assert meta["ss_base_model_version"] == expected.ss_version and meta["ss_network_module"] == "networks.lora"
     assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["lora_dpo.steps"] == "3"
     assert meta["modelspec.architecture"] == expected.modelspec
+    assert meta["modelspec.implementation"] == ("https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+                                                else "diffusers")  # whose module names the keys use
 
     inputs = _inputs(**expected.inputs)
     reference = _out(_stock_pipe(base_dir, trained_run, arch).unet, inputs)
@@ -211,7 +215,7 @@ def test_load_adapter_reads_folder_file_and_kohya_like_stock_diffusers(trained_r
         torch.testing.assert_close(_out(unet, inputs), expected, rtol=0, atol=1e-5)
     with pytest.raises(AdapterError, match="no such file or folder"):
         export.resolve_adapter_file(tmp_path / "missing.safetensors")
-    with pytest.raises(AdapterError, match="owner/none.*could be fetched from the hub"):  # offline in tests
+    with pytest.raises(HubUnavailableError, match="owner/none: the adapter comes from the Hugging Face hub"):  # offline
         export.resolve_adapter_file("owner/none")
 
 

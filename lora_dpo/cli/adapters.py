@@ -78,8 +78,8 @@ def eval_(
     prompts: Annotated[str, typer.Option(help="A .txt (one prompt a line), a .csv/.tsv/.jsonl/.json with a prompt "
                                          "column, `parti`, `hpsv2[:STYLE]`, or a hub dataset id[:split].")],
     base: Annotated[str | None, typer.Option(help="Base pipeline: hub id, folder or `tiny`; default: the "
-                                             "\\[model].base of the recipe.toml beside the adapter.")] = None,
-    scorer: Annotated[list[str] | None, typer.Option(help="Reward model KIND\\[@SOURCE]: pickscore, clip, hps, "
+                                             "[model].base of the recipe.toml beside the adapter.")] = None,
+    scorer: Annotated[list[str] | None, typer.Option(help="Reward model KIND[@SOURCE]: pickscore, clip, hps, "
                                                      "aesthetic; repeat for several.")] = None,
     scale: Annotated[list[str] | None, typer.Option(help="Adapter strength(s), repeated or comma-separated; "
                                                     "each adds a column (default 1.0).")] = None,

@@ -12,7 +12,9 @@ import typer
 if TYPE_CHECKING:
     pass
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text is shown as written; rich markup would eat every `[word]` (`KIND[@SOURCE]`,
+# `[data].cache`) as a style tag
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO.")
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value.")]
@@ -29,6 +31,20 @@ def _quiet_imports() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lora_dpo import __version__
+
+        typer.echo(f"lora-dpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO."""
 
 
 def _fail(message: str) -> None:

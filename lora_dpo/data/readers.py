@@ -1,4 +1,5 @@
-"""Sources -> `PairRecord`s, no image decoded: JSONL and CSV files of paths, local parquet (a file, or a folder of
+"""Sources -> `PairRecord`s, no image decoded: JSONL and CSV files of paths, a folder of `w/` and `l/` images with
+`.txt` captions (sd-scripts' DPO layout), local parquet (a file, or a folder of
 a split's files; metadata read one row group at a time, images left in the file as `ParquetCell`s), hub
 datasets (`hub`), and the generated demo set (`synthetic:shapes[:N]`, written under `files.cache_home()` on first
 use). `read_records` picks the reader from `[data].source`.
@@ -49,6 +50,50 @@ def _read_csv(path: Path, cols: dict[str, str]) -> Iterator[PairRecord]:
                         "rejected (and optionally label), or map yours with [data].columns")
     for row in reader:
         yield path_record(row, f"{path}:{reader.line_num}", path.parent, cols)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PAIR_FOLDERS = ("w", "l")  # preferred ("winner") and rejected ("loser") images, the same file names in each
+
+
+def is_pair_folders(path: Path) -> bool:
+    return all((path / name).is_dir() for name in PAIR_FOLDERS)
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+
+
+def _caption(stem: str, folders: tuple[Path, Path]) -> str | None:
+    """`w/<stem>.txt`, else `l/<stem>.txt` (UTF-8, stripped); None if neither exists."""
+    for folder in folders:
+        text = folder / f"{stem}.txt"
+        if text.is_file():
+            try:
+                return text.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def _read_pair_folders(path: Path) -> Iterator[PairRecord]:
+    """`w/0001.png` preferred over `l/0001.png` (any image suffix, matched by file stem), the prompt in
+    `w/0001.txt` (or `l/0001.txt`). An image without its partner is an unusable row: counted and skipped, or the
+    error under `[data].strict`."""
+    w_dir, l_dir = path / "w", path / "l"
+    winners, losers = _images_by_stem(w_dir), _images_by_stem(l_dir)
+    for stem in sorted(winners.keys() | losers.keys()):
+        if stem not in losers:
+            yield bad_record(str(winners[stem]), "no image of the same name in l/")
+            continue
+        if stem not in winners:
+            yield bad_record(str(losers[stem]), "no image of the same name in w/")
+            continue
+        caption = _caption(stem, (w_dir, l_dir))
+        if caption is None:
+            yield bad_record(str(winners[stem]), f"no caption ({stem}.txt in w/ or l/, UTF-8)")
+            continue
+        yield PairRecord(caption, str(winners[stem].resolve()), str(losers[stem].resolve()), 1.0, str(winners[stem]))
 
 
 def _check_parquet_types(schema: Any, cols: dict[str, str], file: Path) -> None:
@@ -132,10 +177,12 @@ def read_records(cfg: DataRecipe) -> Iterator[PairRecord]:
         if not path.is_file():
             raise DataError(f"[data].source = {source!r}: no such file")
         yield from (_read_jsonl if path.suffix == ".jsonl" else _read_csv)(path, cols)
+    elif path.is_dir() and is_pair_folders(path):
+        yield from _read_pair_folders(path)
     elif path.suffix == ".parquet" or path.is_dir():
         if not path.exists():
             raise DataError(f"[data].source = {source!r}: no such file or folder")
         yield from _read_parquet(path, cfg, cols)
     else:
-        raise DataError(f"[data].source = {source!r}: not a .jsonl, .csv, .parquet, folder of parquet files, hub "
-                        "dataset id or `hf:<id or folder>`")
+        raise DataError(f"[data].source = {source!r}: not a .jsonl, .csv, .parquet, folder of parquet files, folder "
+                        "with w/ and l/ image folders, hub dataset id or `hf:<id or folder>`")

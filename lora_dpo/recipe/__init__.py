@@ -10,6 +10,7 @@ from lora_dpo.recipe.schema import (
     BUILTIN_BASES,
     COLUMN_NAMES,
     SECTIONS,
+    TRACKERS,
     ColumnMap,
     DataRecipe,
     LoraRecipe,
@@ -24,6 +25,7 @@ from lora_dpo.recipe.schema import (
     TrainRecipe,
 )
 
-__all__ = ["BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "ColumnMap", "DataRecipe", "LoraRecipe", "ModelRecipe",
+__all__ = ["BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe", "LoraRecipe",
+           "ModelRecipe",
            "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe",
            "TrainRecipe", "describe", "from_dict", "load", "parse_override"]

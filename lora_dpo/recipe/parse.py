@@ -70,6 +70,9 @@ def _check_value(key: str, value: Any, annotation: Any, meta: dict[str, Any]) ->
         if not isinstance(value, list) or not all(
                 _is_text(v) if item is str else isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value, f"{key} = {value!r} must be a list of {'strings' if item is str else 'whole numbers'}"
+        unknown = [v for v in value if "choices" in meta and v not in meta["choices"]]
+        if unknown:
+            return value, f"{key}: unknown name(s) {', '.join(map(repr, unknown))}; valid: {', '.join(meta['choices'])}"
         return tuple(value), None
     if annotation is bool:
         if not isinstance(value, bool):

@@ -16,6 +16,9 @@ from lora_dpo.errors import LoraDpoError
 
 Precision = Literal["no", "fp16", "bf16"]
 ObjectiveKind = Literal["dpo", "ipo", "hinge", "mapo", "sft"]
+# The experiment trackers accelerate speaks (`log_with`) -> the package `pip install` brings
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
 ColumnMap = tuple[tuple[str, str], ...]  # a TOML table {name = "column in the data"}, kept ordered and frozen
 
 # The column names lora-dpo reads, in the Pick-a-Pic layout (parquet, hub) and the path layout (JSONL, CSV)
@@ -75,7 +78,9 @@ class DataRecipe:
     source: str = _f(
         "yuvalkirstain/pickapic_v2",
         "Pairs to train on: a `.jsonl` or `.csv` (prompt, chosen, rejected[, label]; image paths relative to "
-        "it), a `.parquet` file or folder in the Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0), a hub "
+        "it), a folder holding `w/` and `l/` (preferred and rejected images of the same file names, the prompt in "
+        "`w/<name>.txt`: sd-scripts' DPO layout), a `.parquet` file or folder in the Pick-a-Pic layout (caption, "
+        "jpg_0, jpg_1, label_0), a hub "
         "dataset id (or `hf:<id or folder>`, read by the `datasets` library), or `synthetic:shapes` (the "
         "generated demo set).",
     )
@@ -218,6 +223,14 @@ class OutputRecipe:
     name: str | None = _f(None, "Run name; defaults to the recipe file's stem.")
     overwrite: bool = _f(False, "Allow replacing an earlier run of the same name: its finished adapter, or the "
                                 "checkpoints of an unfinished run (deleted when the new run starts).")
+    report_to: tuple[str, ...] = _f(
+        ("tensorboard",),
+        "Experiment trackers that receive the run's config, its metrics, the sample grids and the training plot "
+        "(through accelerate): any of " + ", ".join(TRACKERS) + "; `[]`: none. tensorboard writes to "
+        "`<run>/tensorboard`; the others read their usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...); see "
+        "docs/trackers.md.",
+        choices=tuple(TRACKERS),
+    )
     license: str | None = _f(
         None, "License in the model card (hub license id); None: the base's (SDXL `openrail++`, SD 1.5 "
         "`creativeml-openrail-m`), `other` for unknown bases."

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lora_dpo import cache, checkpoint, data, files, guards, models, plan, step
+from lora_dpo import cache, checkpoint, data, files, guards, models, plan, step, trackers
 from lora_dpo.export import ADAPTER_FILE
 from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe
 from lora_dpo.train import samples
@@ -72,9 +72,11 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     precision = step.resolve_precision(cfg)
+    trackers.check_installed(recipe.output.report_to)
+    log_with, init_kwargs = trackers.accelerate_trackers(recipe.output.report_to, run_dir)
     accelerator = step.make_accelerator(precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                                   log_with="tensorboard", project_dir=run_dir)
-    accelerator.init_trackers("tensorboard")  # `tensorboard --logdir adapters/<run>/tensorboard`
+                                        log_with=log_with or None, project_dir=run_dir)
+    accelerator.init_trackers(trackers.PROJECT, config=trackers.run_config(recipe), init_kwargs=init_kwargs)
     device = accelerator.device
     _check_parallelism(accelerator, cfg)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lora_dpo import checkpoint, data, guards, models
+from lora_dpo import checkpoint, data, guards, models, trackers
 from lora_dpo.objectives import OBJECTIVES
 from lora_dpo.step import (
     EncodedBatch,
@@ -124,8 +124,9 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
             shown = {"acc": record.get(accuracy), "val_acc": val_metrics.get(f"val_{accuracy}")}
             bar.set_postfix({"loss": f"{record['loss']:.4f}"} if "loss" in record else {},
                             **{k: f"{v:.2f}" for k, v in shown.items() if v is not None})
-        if run.sampler is not None:
-            run.sampler.maybe_sample(step, final=step == cfg.max_steps)
+        grid = run.sampler.maybe_sample(step, final=final) if run.sampler is not None else None
+        if grid is not None:
+            trackers.log_image(accelerator, "samples", grid, step)
         checkpoint_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not final
         if checkpoint_due and not bad.in_a_row:  # during a run of bad steps the last good checkpoint stays newest
             saved = (step, _save_checkpoint(run, step, micro_step, bad.total))

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lora_dpo import data, files, guards, models
+from lora_dpo import data, files, guards, models, trackers
 from lora_dpo.export import ADAPTER_FILE, save_adapter
 from lora_dpo.recipe import ObjectiveRecipe, Recipe
 from lora_dpo.step import is_deepspeed
@@ -98,7 +98,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         unet = accelerator.unwrap_model(run.unet)
         with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
             path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary)
-        samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        plot = samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        if plot is not None:
+            trackers.log_image(accelerator, "training_curves", plot, summary["steps"])
         keys = ("val_reward_accuracy", "reward_accuracy", "val_error_accuracy", "error_accuracy")
         acc = next((f"{'held-out ' if k.startswith('val_') else ''}{k.removeprefix('val_').replace('_', ' ')} "
                     f"{summary[k]:.3f}; " for k in keys if k in summary), "")

@@ -1,0 +1,89 @@
+"""The webui header keys of a kohya export: sd-scripts' training keys read back from the run's recipe, the
+A1111 hashes checked against a computation written here from sd-scripts' definition, and the model spec."""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save, save_file
+
+from lora_dpo import export, webui
+from lora_dpo.export import ADAPTER_FILE
+from lora_dpo.recipe import from_dict
+from lora_dpo.train import train
+
+
+def _tensor_data_sha256(path: Path) -> str:
+    """sha256 of a safetensors file after its header: 8-byte little-endian length, then that many bytes."""
+    raw = path.read_bytes()
+    return hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+
+
+def _legacy(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The old webui hash of the file sd-scripts hashes: the tensors saved with the `ss_*` keys only."""
+    blob = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    return hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_hashes_match_sd_scripts_definition_on_a_file_over_one_mebibyte(tmp_path: Path) -> None:
+    """Over 1 MiB, so the legacy hash reads real tensor bytes (under it, it hashes an empty read)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"lora_unet_x.lora_down.weight": torch.randn(8, 40_000, generator=generator),  # 1.28 MB
+               "lora_unet_x.alpha": torch.tensor(8.0)}
+    metadata = {"ss_network_dim": "8", "modelspec.title": "not hashed", "ss_output_name": "x"}
+    model_hash, legacy = webui.safetensors_hashes(tensors, metadata)
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path), metadata={**metadata, "extra": "header grows, data does not change"})
+    assert model_hash == _tensor_data_sha256(path)
+    assert legacy == _legacy(tensors, metadata) and legacy != hashlib.sha256(b"").hexdigest()[:8]
+
+
+@pytest.fixture(scope="module")
+def conv_run(tiny_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 steps, LoRA on attention and on the resnets' 3x3 convolutions, every training key away from its default."""
+    recipe = from_dict({
+        "model": {"base": str(tiny_base_dir)},
+        "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["to_q", "to_v", "conv1"]},
+        "data": {"source": str(shapes_jsonl), "resolution": 64, "val_pairs": 0},
+        "train": {"learning_rate": 3e-4, "max_steps": 2, "batch_size": 1, "gradient_accumulation": 2,
+                  "mixed_precision": "no", "optimizer": "adamw", "lr_schedule": "constant", "warmup_steps": 1,
+                  "seed": 7, "checkpoint_every": 0},
+        "output": {"dir": str(tmp_path_factory.mktemp("webui")), "name": "conv", "report_to": []}})
+    return train(recipe).parent
+
+
+def test_kohya_export_carries_sd_scripts_training_keys_hashes_and_modelspec(conv_run: Path, tmp_path: Path) -> None:
+    before = time.time()
+    with safe_open(str(conv_run / ADAPTER_FILE), "pt") as handle:
+        diffusers_meta = handle.metadata()
+    assert diffusers_meta["modelspec.implementation"] == "diffusers"  # diffusers module names, not SGM's
+
+    path = export.export_adapter(conv_run, tmp_path / "conv.safetensors", "kohya", "fp16")
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    expected = {"ss_resolution": "(64, 64)", "ss_learning_rate": "0.0003", "ss_unet_lr": "0.0003",
+                "ss_lr_scheduler": "constant_with_warmup", "ss_mixed_precision": "no", "ss_seed": "7",
+                "ss_max_train_steps": "2", "ss_gradient_accumulation_steps": "2", "ss_network_dropout": "0.1",
+                "ss_steps": "2", "ss_network_dim": "4", "ss_network_alpha": "8.0",
+                "modelspec.prediction_type": "epsilon", "modelspec.resolution": "64x64",
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models"}  # SGM names
+    assert {k: meta.get(k) for k in expected} == expected
+    assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW(weight_decay=0.01")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "8"}
+    started, finished = float(meta["ss_training_started_at"]), float(meta["ss_training_finished_at"])
+    assert before - 600 < started <= finished <= before + 1
+    assert meta["sshs_model_hash"] == _tensor_data_sha256(path) == hashlib.sha256(
+        path.read_bytes()[8 + int.from_bytes(path.read_bytes()[:8], "little"):]).hexdigest()
+    assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
+    assert meta["sshs_legacy_hash"] == _legacy(tensors, meta)
+    assert all(isinstance(v, str) for v in meta.values())
+
+
+def test_an_attention_only_adapter_writes_no_network_args() -> None:
+    weights = {"a.to_q.lora_A.weight": torch.zeros(4, 8), "b.proj_in.lora_A.weight": torch.zeros(4, 8, 1, 1)}
+    assert webui.network_args(weights, {"a.to_q": 4.0, "b.proj_in": 4.0}) == {}

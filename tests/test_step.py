@@ -1,7 +1,11 @@
-"""The step runs exactly the forwards its objective needs: counted on the real tiny UNet with a hook."""
+"""The step runs exactly the forwards its objective needs: counted on the real tiny UNet with a hook. Its memory
+savings (the reference first, LoRA inputs as they come, autocast's casts kept compactly) change no loss and no
+gradient: checked bit for bit against the step as it was, written out here."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -55,7 +59,8 @@ def test_the_step_runs_only_the_forwards_its_objective_needs(run_and_batch, kind
     objective = OBJECTIVES[kind]
     calls = _record_forwards(run, batch, kind)
     policy = {"size": 2 * B if objective.needs_loser else B, "adapters_off": False, "grad": True}
-    expected = [policy] + ([{"size": 2 * B, "adapters_off": True, "grad": False}] if objective.needs_reference else [])
+    reference = [{"size": 2 * B, "adapters_off": True, "grad": False}] if objective.needs_reference else []
+    expected = [*reference, policy]  # the reference first: its activations never meet the policy's
     assert [{k: v for k, v in c.items() if k != "input"} for c in calls] == expected
     assert not _adapters_off(run.unet)  # the reference context restored the adapters
 
@@ -64,7 +69,7 @@ def test_sft_forwards_the_preferred_images_with_the_pairs_noise(run_and_batch) -
     """With the same generator, SFT's single forward sees exactly the first (preferred) half of DPO's."""
     run, batch = run_and_batch
     B = batch.latents_w.shape[0]
-    dpo_policy = _record_forwards(run, batch, "dpo")[0]["input"]
+    dpo_policy = _record_forwards(run, batch, "dpo")[-1]["input"]
     sft_policy = _record_forwards(run, batch, "sft")[0]["input"]
     torch.testing.assert_close(sft_policy, dpo_policy[:B], rtol=0, atol=0)
 
@@ -79,3 +84,86 @@ def test_metrics_exist_only_where_they_mean_something(run_and_batch, kind: str) 
     assert ("error_accuracy" in out.metrics) == objective.needs_loser
     assert ("model_l" in out.metrics) == objective.needs_loser
     assert all(not value.requires_grad for value in out.metrics.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# The memory savings change nothing: the step against the step as it was (policy first, then the reference; peft
+# casting every LoRA input to fp32; every saved tensor kept as autograd made it)
+
+
+def _old_step(unet: torch.nn.Module, base, batch, cfg: ObjectiveRecipe, generator: torch.Generator):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lora_dpo.models import adapters_disabled
+    from lora_dpo.step import _errors, objective_loss, sample_noise
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [m.cast_input_dtype_enabled for m in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = True
+    try:
+        noise, timesteps = sample_noise(base, batch.latents_w, generator)
+        model_w, model_l = _errors(unet, base, batch, noise, timesteps, True).chunk(2)
+        with adapters_disabled(unet), torch.inference_mode():
+            ref = _errors(unet, base, batch, noise, timesteps, pair=True)
+        ref_w, ref_l = ref.clone().chunk(2)
+        num_timesteps = base.noise_scheduler.config.num_train_timesteps
+        return objective_loss(cfg, model_w, model_l, ref_w, ref_l, batch.labels, num_timesteps).mean()
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.cast_input_dtype_enabled = flag
+
+
+def _loss_and_grads(run, batch, step_fn, backward_hooks=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    params = [p for p in run.unet.parameters() if p.requires_grad]
+    loss = step_fn(run.unet, run.base, batch, ObjectiveRecipe(beta=5000.0), torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    for param in params:
+        param.grad = None
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-cuda-norms"])
+def test_the_memory_savings_change_no_loss_and_no_gradient(run_and_batch, precision: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit, with a non-zero adapter (lora_B random, so the gradients of lora_A are not zero and the policy
+    differs from the reference). fp32: only the order of the passes differs. bf16 under CPU autocast with CUDA's
+    fp32 norms (the planner's emulation, on real tensors): LoRA inputs stay bf16 and the saved casts are kept
+    compactly (upcasts stored in bf16, repeated casts stored once), every path of the saving hooks; the values
+    autograd reads are the same bits, so the gradients are too."""
+    from lora_dpo import step
+    from lora_dpo.plan.trace import _cuda_autocast_norms
+
+    kinds: collections.Counter[str] = collections.Counter()
+    pack = step._CompactSavedCasts.pack
+    monkeypatch.setattr(step._CompactSavedCasts, "pack",
+                        lambda self, t: kinds.update([type(packed := pack(self, t)).__name__]) or packed)
+    run, batch = run_and_batch
+    generator = torch.Generator().manual_seed(1)
+    saved = {}
+    for name, param in run.unet.named_parameters():
+        if param.requires_grad:
+            saved[name] = param.detach().clone()
+            if "lora_B" in name:
+                param.data = 0.05 * torch.randn(param.shape, generator=generator)
+    try:
+        if precision == "fp32":
+            context = contextlib.nullcontext()
+        else:
+            context = contextlib.ExitStack()
+            context.enter_context(_cuda_autocast_norms())
+            context.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        with context:
+            new_loss, new_grads = _loss_and_grads(run, batch, lambda *a: dpo_step(*a).loss)
+            old_loss, old_grads = _loss_and_grads(run, batch, _old_step)
+    finally:
+        for name, param in run.unet.named_parameters():
+            if name in saved:
+                param.data = saved[name]
+    assert new_loss.item() != pytest.approx(0.6931, abs=1e-3)  # not the fresh adapter's ln 2
+    assert (kinds["_Upcast"] > 0 and kinds["_Repeat"] > 0) == (precision != "fp32"), kinds
+    assert torch.equal(new_loss, old_loss), (new_loss, old_loss)
+    assert sum(g.abs().sum().item() for g in new_grads) > 0
+    for new, old in zip(new_grads, old_grads, strict=True):
+        assert torch.equal(new, old), (new - old).abs().max()

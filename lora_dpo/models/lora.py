@@ -71,8 +71,23 @@ def lora_config(cfg: LoraRecipe) -> Any:
                       target_modules=list(cfg.target_modules), init_lora_weights=True)
 
 
+class _CastOutsideAutocast:
+    """peft's `cast_input_dtype_enabled` flag, which a LoRA layer reads as a bool at every forward: cast the input
+    to the adapter's dtype (fp32) only where no autocast runs. Under autocast the cast is a round trip: peft makes
+    an fp32 copy of the bf16 input and autocast casts it back for lora_A's matmul, a second bf16 copy of the same
+    values that lora_A keeps for backward (1.7 GiB of an SDXL 1024 px step). Without it lora_A reads the input the
+    base layer already holds: same values, same matmul, one copy. Read at every forward, so a checkpointed block
+    recomputes what it ran (torch.utils.checkpoint restores the autocast state)."""
+
+    def __bool__(self) -> bool:
+        return not any(torch.is_autocast_enabled(device) for device in ("cuda", "cpu"))
+
+
 def add_lora(unet: Any, cfg: LoraRecipe) -> Any:
-    """Attach trainable LoRA adapters (fp32, whatever the base's dtype) to the frozen UNet."""
+    """Attach trainable LoRA adapters (fp32, whatever the base's dtype) to the frozen UNet. Under autocast their
+    matmuls run in the autocast dtype on the input as it comes (`_CastOutsideAutocast`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     config = lora_config(cfg)
     try:
         unet.add_adapter(config)
@@ -81,6 +96,9 @@ def add_lora(unet: Any, cfg: LoraRecipe) -> Any:
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = _CastOutsideAutocast()
     return config
 
 

@@ -38,8 +38,9 @@ def _flop_formulas() -> dict[Any, Callable[..., int]]:
 
 class StepProbe(TorchDispatchMode):
     """Adds up FLOPs and keeps the bytes of every live tensor storage, per phase. Phases: `backward` while the
-    autograd engine runs a node (checkpoint recomputation included), `reference forward` without autograd (the
-    reference runs under no_grad), else `policy forward`; or one fixed `phase` for the whole pass."""
+    autograd engine runs a node (checkpoint recomputation included), `reference forward` in inference mode (where
+    the reference runs), else `policy forward` (saved-tensor hooks included: they run without grad); or one fixed
+    `phase` for the whole pass."""
 
     def __init__(self, phase: str | None = None) -> None:
         super().__init__()
@@ -69,7 +70,7 @@ class StepProbe(TorchDispatchMode):
             return self.fixed_phase
         if torch._C._current_autograd_node() is not None:
             return "backward"
-        return "policy forward" if torch.is_grad_enabled() else "reference forward"
+        return "reference forward" if torch.is_inference_mode_enabled() else "policy forward"
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

@@ -132,12 +132,12 @@ def test_the_memory_savings_change_no_loss_and_no_gradient(run_and_batch, precis
     fp32 norms (the planner's emulation, on real tensors): LoRA inputs stay bf16 and the saved casts are kept
     compactly (upcasts stored in bf16, repeated casts stored once), every path of the saving hooks; the values
     autograd reads are the same bits, so the gradients are too."""
-    from lora_dpo import step
     from lora_dpo.plan.trace import _cuda_autocast_norms
+    from lora_dpo.saved_casts import CompactSavedCasts
 
     kinds: collections.Counter[str] = collections.Counter()
-    pack = step._CompactSavedCasts.pack
-    monkeypatch.setattr(step._CompactSavedCasts, "pack",
+    pack = CompactSavedCasts.pack
+    monkeypatch.setattr(CompactSavedCasts, "pack",
                         lambda self, t: kinds.update([type(packed := pack(self, t)).__name__]) or packed)
     run, batch = run_and_batch
     generator = torch.Generator().manual_seed(1)

@@ -4,8 +4,8 @@ instead of people.
 The modules:
 
 * `scorers`: the reward models (`ClipScorer` for PickScore, HPS v2 and CLIP score; `AestheticScorer` with its
-  `AestheticMLP` head), their score conventions, and the `KIND[@SOURCE][:WEIGHT]` specs that build them
-  (`parse_scorer_spec`, `build_scorer`, `build_scorers`).
+  `AestheticMLP` head; `ShapesScorer`, the offline demo's pixel judge), their score conventions, and the
+  `KIND[@SOURCE][:WEIGHT]` specs that build them (`parse_scorer_spec`, `build_scorer`, `build_scorers`).
 * `labelling`: the rule that turns one or several scores into a label (`preference_probability`) and
   `label_pairs`, which relabels a pair set with scorers into resumable Pick-a-Pic-layout parquet.
 """
@@ -20,6 +20,7 @@ from lora_dpo.rewards.scorers import (
     AestheticScorer,
     ClipScorer,
     Scorer,
+    ShapesScorer,
     build_scorer,
     build_scorers,
     parse_scorer_spec,
@@ -36,6 +37,7 @@ __all__ = [
     "LabelSummary",
     "PairRow",
     "Scorer",
+    "ShapesScorer",
     "build_scorer",
     "build_scorers",
     "label_pairs",

@@ -20,8 +20,10 @@ from lora_dpo.train import train
 ROOT = Path(__file__).parent.parent
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
+
 # --------------------------------------------------------------------------------------------------
 # Win rate
+
 
 def test_win_rate_on_known_scores() -> None:
     """adapter [3, 2, 1, 5] vs base [1, 2, 3, 0]: outcomes win, tie, loss, win = 1 + 0.5 + 0 + 1 = 2.5 of 4
@@ -34,6 +36,7 @@ def test_win_rate_on_known_scores() -> None:
     assert (always.rate, always.low, always.high) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="equal-length"):
         win_rate([1.0, 2.0], [1.0])
+
 
 def test_bootstrap_interval_matches_the_normal_approximation_and_widens_for_clustered_seeds() -> None:
     """600 wins in 1000 independent comparisons: the 95 % interval is about 0.6 +- 1.96 sqrt(0.24 / 1000) =
@@ -50,8 +53,10 @@ def test_bootstrap_interval_matches_the_normal_approximation_and_widens_for_clus
     assert clustered.high - clustered.low == pytest.approx(2 * 0.096, abs=0.02)
     assert win_rate(adapter, base, draws=500, seed=3) == win_rate(adapter, base, draws=500, seed=3)  # seeded
 
+
 # --------------------------------------------------------------------------------------------------
 # Prompt sets
+
 
 def test_prompt_files_in_every_format(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("a red circle\n\n  a blue square \n")
@@ -75,6 +80,7 @@ def test_prompt_files_in_every_format(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="HPS v2 styles are"):
         load_prompts("hpsv2:cartoons")
 
+
 def test_a_dataset_folder_goes_through_datasets_like_a_hub_set(tmp_path: Path, monkeypatch) -> None:
     """PartiPrompts' layout (a `Prompt` column) in a local folder, read by `datasets.load_dataset` as the hub
     set is; only the download differs."""
@@ -86,8 +92,10 @@ def test_a_dataset_folder_goes_through_datasets_like_a_hub_set(tmp_path: Path, m
                                              "a blue square\tBasic\tBasic\t\n")  # the hub file's layout
     assert load_prompts(str(folder)) == ["a red circle, big", "a blue square"]
 
+
 # --------------------------------------------------------------------------------------------------
 # A trained tiny adapter and a tiny CLIP scorer
+
 
 @pytest.fixture(scope="module")
 def trained_adapter(tiny_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -101,9 +109,11 @@ def trained_adapter(tiny_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: p
         "output": {"dir": str(out), "name": "tiny"}}))
     return out / "tiny"
 
+
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
 
 def test_same_seed_gives_the_same_base_images_and_the_adapter_off_is_the_base(trained_adapter: Path,
                                                                                tmp_path: Path) -> None:
@@ -122,6 +132,7 @@ def test_same_seed_gives_the_same_base_images_and_the_adapter_off_is_the_base(tr
     plain = DiffusionPipeline.from_pretrained(evaluate.base_from_recipe(trained_adapter))  # never saw the adapter
     plain.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(np.asarray(evaluate.generate(plain, PROMPTS[0], 7, 2, 5.0, 64)), first)
+
 
 def test_eval_writes_report_and_grids_and_resumes(trained_adapter: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     from lora_dpo.rewards import build_scorer
@@ -167,6 +178,7 @@ def test_eval_writes_report_and_grids_and_resumes(trained_adapter: Path, tiny_cl
                                             **{**kwargs, "steps": 3, "scales": (1.0,)})
     assert fewer_steps["images_generated"] == 4  # other settings: nothing is reused
 
+
 def test_cli_eval_prints_win_rates_and_rejects_bad_input(trained_adapter: Path, tiny_clip_dir: Path,
                                                          tmp_path: Path) -> None:
     """In process (typer's runner): the command's parsing, delegation and error handling, without paying a
@@ -190,6 +202,7 @@ def test_cli_eval_prints_win_rates_and_rejects_bad_input(trained_adapter: Path, 
         assert failed.exit_code == 2 and message in failed.stderr, failed.output
         assert "Traceback" not in failed.stderr
 
+
 def test_user_errors_name_the_input(trained_adapter: Path, tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="no adapter here"):
         evaluate.adapter_file(tmp_path)
@@ -199,6 +212,7 @@ def test_user_errors_name_the_input(trained_adapter: Path, tmp_path: Path) -> No
     with pytest.raises(EvalError, match="--base .*absent"):
         evaluate.load_pipeline(str(tmp_path / "absent"), tmp_path, torch.device("cpu"), torch.float32)
 
+
 def test_eval_errors_belong_to_the_project_family_and_stay_value_errors(tmp_path: Path) -> None:
     """The CLI catches `LoraDpoError`; callers that caught the old `ValueError` still catch it."""
     from lora_dpo.errors import LoraDpoError
@@ -207,8 +221,10 @@ def test_eval_errors_belong_to_the_project_family_and_stay_value_errors(tmp_path
     with pytest.raises(LoraDpoError, match="no such file"):
         load_prompts(str(tmp_path / "absent.txt"))
 
+
 # --------------------------------------------------------------------------------------------------
 # The package
+
 
 def test_the_package_exports_what_it_lists_and_each_module_is_short() -> None:
     """Every name in `__all__` resolves, and each module holds one idea: none over 450 lines."""
@@ -217,6 +233,7 @@ def test_the_package_exports_what_it_lists_and_each_module_is_short() -> None:
         *evaluate.__all__}
     for module in Path(evaluate.__file__).parent.glob("*.py"):
         assert len(module.read_text().splitlines()) <= 450, module
+
 
 def test_evaluation_does_not_import_training() -> None:
     """Arrows point down: `train.samples` uses the evaluate package, never the other way round."""
@@ -230,6 +247,7 @@ def test_evaluation_does_not_import_training() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
         assert not {name for name in imported if name.startswith("lora_dpo.train")}, module
+
 
 def test_eval_of_the_demo_adapter_with_the_built_in_shapes_scorer_reports_a_win_rate(demo_run: Path,
                                                                                      tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -260,7 +261,7 @@ class ShapesScorer:
 
     def _score(self, prompt: str, image: Image.Image) -> float:
         rgb = image.convert("RGB").resize((self.SIZE, self.SIZE), Image.Resampling.BILINEAR)
-        pixels = torch.tensor(list(rgb.getdata()), dtype=torch.float32).view(self.SIZE, self.SIZE, 3) / 255.0
+        pixels = torch.tensor(np.asarray(rgb), dtype=torch.float32) / 255.0  # (64, 64, 3)
         border = torch.cat([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
         background = border.median(dim=0).values
         apart = (pixels - background).norm(dim=-1) > 0.2  # the shape: pixels far from the background colour

@@ -1,9 +1,11 @@
 """A small preference set the project draws itself, so the offline demo shows learning, not noise.
 
 Each prompt names a colour and a shape ("a red circle"). The preferred image draws exactly that on a clean
-background; the other draws the shape in a wrong colour, dimmed and covered in noise. A tiny random model
-cannot read much from its tiny text encoders, so the prompt-independent part of the preference (clean and
-bright beats dim and noisy) is what it learns first; the colour part is there for bigger bases.
+background; the other draws the shape in a wrong colour, dimmed (background too), slightly blurred and with
+a little pixel noise. The difference lives in what an 8x8 latent carries, brightness and colour: the tiny
+base's VAE smooths fine pixel noise away, so a preference marked only by noise would not survive encoding.
+The tiny text encoders carry little, so the prompt-independent part of the preference (bright beats dim) is
+what a tiny model learns first; the colour part is there for bigger bases.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ def draw_shape(shape: str, colour: tuple[int, int, int], background: tuple[int, 
 
 
 def degrade(image: Image.Image, rng: random.Random) -> Image.Image:
-    """Dim, blur and add noise: what the 'rejected' images of the demo set look like."""
-    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32) * rng.uniform(0.45, 0.65)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 40.0, pixels.shape)
+    """Dim, blur a little and add mild noise: what the 'rejected' images of the demo set look like. The dimming
+    (and the wrong colour `make_pair` draws them in) is the part a latent carries."""
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32) * rng.uniform(0.45, 0.65)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 12.0, pixels.shape)
     return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
 
 

@@ -59,6 +59,20 @@ def tiny_arch_base(request: pytest.FixtureRequest) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's demo, run once per session as a user runs it (`lora-dpo train recipes/tiny.toml`, in a
+    subprocess): it builds the generating tiny base in this session's LORA_DPO_HOME (VAE and UNet trained on
+    the demo images), so every test that needs the demo's adapter or base shares that one build."""
+    out = tmp_path_factory.mktemp("demo")
+    root = Path(__file__).parent.parent
+    result = subprocess.run([sys.executable, "-m", "lora_dpo", "train", str(root / "recipes" / "tiny.toml"), "--set",
+                             f"output.dir={out}"], cwd=root, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "tiny"
+
+
+@pytest.fixture(scope="session")
 def shapes_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lora_dpo.synthetic import write_shapes_dataset
 

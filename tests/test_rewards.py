@@ -160,8 +160,29 @@ def test_build_scorer_errors_are_clear(tmp_path: Path) -> None:
         build_scorer("hps", str(tmp_path))
     with pytest.raises(ValueError, match="needs its MLP weights"):
         build_scorer("aesthetic")
-    with pytest.raises(ValueError, match="valid kinds: pickscore, hps, clip, aesthetic"):
+    with pytest.raises(ValueError, match="valid kinds: pickscore, hps, clip, aesthetic, shapes"):
         build_scorer("imagereward")
+    with pytest.raises(ValueError, match="built in and takes no source"):
+        build_scorer("shapes", "some/model")
+
+
+def test_the_shapes_scorer_prefers_the_demo_sets_chosen_images_from_pixels_alone() -> None:
+    """`--scorer shapes`: no weights, no download. It ranks the synthetic chosen image (a clean shape in the
+    prompt's colour) above its rejected one (wrong colour, dim, blurred, noisy), and a shape in the prompt's
+    colour above the same shape in another colour."""
+    import random
+
+    from lora_dpo.synthetic import BACKGROUNDS, COLOURS, draw_shape, make_pair
+
+    scorer = build_scorer(*parse_scorer_spec("shapes")[:2])
+    assert scorer.name == "shapes"
+    prompts, chosen, rejected = zip(*(make_pair(index, 64, seed=7) for index in range(40)), strict=True)
+    better = scorer.score(list(prompts), list(chosen)) > scorer.score(list(prompts), list(rejected))
+    assert better.float().mean() >= 0.9
+    blue = draw_shape("circle", COLOURS["blue"], BACKGROUNDS[0], 96, random.Random(0))
+    on_prompt, off_prompt = scorer.score(["a blue circle", "a red circle"], [blue, blue]).tolist()
+    assert on_prompt > off_prompt
+    assert scorer.score(["a blue circle"], [blue]).item() == pytest.approx(on_prompt, abs=1e-4)  # batch-free
 
 
 # ---------------------------------------------------------------- aesthetic predictor

@@ -133,11 +133,9 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and "absent.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_tiny_demo_learns_the_held_out_preference(tmp_path: Path) -> None:
+def test_tiny_demo_learns_the_held_out_preference(demo_run: Path) -> None:
     """The README's demo, as a user runs it: the built-in tiny base, the generated shapes set, CPU only."""
-    result = _cli("train", str(ROOT / "recipes" / "tiny.toml"), "--set", f"output.dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = tmp_path / "tiny"
+    run_dir = demo_run
     assert (run_dir / ADAPTER_FILE).is_file() and (run_dir / "recipe.toml").is_file()
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [h["val_reward_accuracy"] for h in history if "val_reward_accuracy" in h]

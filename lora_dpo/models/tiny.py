@@ -23,8 +23,8 @@ TinyArch = Literal["sdxl", "sd15"]
 # `[model].base` names of the built-in tiny bases -> their architecture; `tiny` stays the SDXL one
 TINY_BASES: dict[str, TinyArch] = dict(zip(BUILTIN_BASES, ("sdxl", "sd15"), strict=True))
 # Their cache folders under cache_home(): bump a version when that base's weights change, so that no stale
-# cached copy is reused
-TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v1", "sd15": "tiny-sd15-v1"}
+# cached copy is reused (v2: the VAE is trained to reconstruct and the UNet to denoise the demo images)
+TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v2", "sd15": "tiny-sd15-v2"}
 
 
 def _check_tiny_arch(arch: str) -> None:
@@ -50,7 +50,7 @@ def resolve_base(name: str) -> str:
     arch = TINY_BASES[name]
     path = tiny_base_path(arch)
     if not (path / "model_index.json").is_file():
-        log.info("building the %s base in %s (once, about a minute)", name, path)
+        log.info("building the %s base in %s (once, a few minutes of CPU)", name, path)
         build_tiny_base(path, arch=arch)
     return str(path)
 
@@ -76,10 +76,12 @@ TINY_SD15_UNET: dict[str, Any] = {
     **{k: v for k, v in TINY_UNET.items()
        if k not in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")},
     "cross_attention_dim": 32}
+# The VAE's full-resolution block is narrow (8 channels): it sets the cost of training the VAE at build time.
+# One norm group: group norms over a few channels each normalise colour away, and the VAE then learns it slowly.
 TINY_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION, force_upcast=False)
+    layers_per_block=1, norm_num_groups=1, sample_size=TINY_RESOLUTION, force_upcast=False)
 
 TINY_SCHEDULER: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                       num_train_timesteps=1000, prediction_type="epsilon",
@@ -168,10 +170,42 @@ def _rows(tensor: Tensor | None, index: Tensor) -> Tensor | None:
     return None if tensor is None else tensor[index]
 
 
-def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 1e-3) -> None:
-    """Calibrate the VAE's scaling factor to unit latent std, then pre-train the whole UNet for `steps` plain
-    denoising steps on demo images (both sides of each pair). A cold random UNet learns no preference; a
-    warmed one does, as a real pretrained base would (measured: held-out accuracy ~0.5 cold, ~0.9 warm)."""
+# The generating build's schedule (measured on a busy 2-core CPU, one thread: see docs/demo.md): enough to give
+# recognisable shapes in the prompt's colour at 20 sampling steps, as cheap as that allows
+VAE_STEPS, VAE_LR, VAE_BATCH = 500, 3e-3, 8
+WARMUP_STEPS, WARMUP_LR, WARMUP_BATCH = 300, 2e-3, 8
+
+
+def train_tiny_vae(vae: Any, pixels: Tensor, steps: int, seed: int = 0, batch_size: int = VAE_BATCH,
+                   lr: float = VAE_LR) -> float:
+    """Train the VAE to reconstruct `pixels` ([-1, 1]) from its posterior mean for `steps` steps, at half their
+    resolution (a quarter of the cost; the convolutions carry over to full size); return the last batch's mean
+    squared error. The pinned log-variance half of the posterior stays pinned (it gets no
+    gradient through the mean, and Adam has no weight decay), so the VAE stays near-deterministic."""
+    pixels = torch.nn.functional.avg_pool2d(pixels, 2)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
+    vae.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
+        loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    vae.eval()
+    vae.requires_grad_(False)
+    return float(loss)
+
+
+def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WARMUP_BATCH, lr: float = WARMUP_LR,
+                      vae_steps: int = 0) -> None:
+    """Train the VAE to reconstruct demo images for `vae_steps` steps (0: keep it random), calibrate its scaling
+    factor to unit latent std, then pre-train the whole UNet for `steps` plain denoising steps on demo images
+    (both sides of each pair). A cold random UNet learns no preference; a warmed one does, as a real pretrained
+    base would (measured: held-out accuracy ~0.5 cold, ~0.9 warm); with a trained VAE it also generates."""
     from diffusers import DDPMScheduler
 
     sdxl = getattr(pipe, "text_encoder_2", None) is not None  # as load_base tells the architectures apart
@@ -180,6 +214,9 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = 16
                      is_sdxl=sdxl, vae=pipe.vae, text_encoders=tuple(getattr(pipe, f"text_encoder{n}") for n in names),
                      tokenizers=tuple(getattr(pipe, f"tokenizer{n}") for n in names))
     prompts, pixels = _demo_batch(256, seed=seed + 10_000)  # demo-style images, not the training pairs
+    if vae_steps:
+        error = train_tiny_vae(pipe.vae, pixels, vae_steps, seed)
+        log.info("tiny VAE: %d steps, reconstruction error %.4f", vae_steps, error)
     pipe.vae.register_to_config(scaling_factor=1.0)
     with torch.no_grad():
         latents = encode_images(pipe.vae, pixels)
@@ -209,13 +246,14 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = 16
     unet.requires_grad_(False)
 
 
-def build_tiny_base(out_dir: Path, warmup_steps: int = 300, seed: int = 0, replace: bool = False,
-                    arch: TinyArch = "sdxl") -> Path:
+def build_tiny_base(out_dir: Path, warmup_steps: int = WARMUP_STEPS, seed: int = 0, replace: bool = False,
+                    arch: TinyArch = "sdxl", vae_steps: int | None = None) -> Path:
     """Write a tiny base as a normal diffusers folder that `StableDiffusionXLPipeline.from_pretrained` (`sdxl`)
     or `StableDiffusionPipeline.from_pretrained` (`sd15`) loads. Written to a temporary folder and renamed, so
     an interrupted build leaves nothing half-made, and processes that build it at once (`accelerate launch`)
     keep the first finished copy instead of deleting a folder another one may be reading; `replace=True`
-    rebuilds an existing one."""
+    rebuilds an existing one. `vae_steps` None: `VAE_STEPS` when the base is warmed up at all, else 0 (a cold
+    base, `warmup_steps=0`, is random throughout and built in seconds)."""
     import shutil
 
     out_dir = Path(out_dir)
@@ -223,7 +261,7 @@ def build_tiny_base(out_dir: Path, warmup_steps: int = 300, seed: int = 0, repla
     if replace and out_dir.exists():
         shutil.rmtree(out_dir)
     if warmup_steps:
-        warm_up_tiny_base(pipe, warmup_steps, seed)
+        warm_up_tiny_base(pipe, warmup_steps, seed, vae_steps=VAE_STEPS if vae_steps is None else vae_steps)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_folder(out_dir, replace=False) as tmp:  # another process finished first: keep its copy
         pipe.save_pretrained(tmp)

@@ -5,8 +5,8 @@ The modules, each importing only those above it:
 
 * `errors`: `RewardError`, the one error this package raises (a `LoraDpoError`).
 * `scorers`: the reward models (`ClipScorer` for PickScore, HPS v2 and CLIP score; `AestheticScorer` with its
-  `AestheticMLP` head), their score conventions, and the `KIND[@SOURCE][:WEIGHT]` specs that build them
-  (`parse_scorer_spec`, `build_scorer`, `build_scorers`).
+  `AestheticMLP` head; `ShapesScorer`, the offline demo's pixel judge), their score conventions, and the
+  `KIND[@SOURCE][:WEIGHT]` specs that build them (`parse_scorer_spec`, `build_scorer`, `build_scorers`).
 * `labelling`: the rule that turns one or several scores into a label (`preference_probability`) and
   `label_pairs`, which relabels a pair set with scorers into resumable Pick-a-Pic-layout parquet.
 * `relabel`: `relabel_source` (the `lora-dpo label` command): the rows of a `[data].source` that training would use
@@ -32,6 +32,7 @@ from lora_dpo.rewards.scorers import (
     AestheticScorer,
     ClipScorer,
     Scorer,
+    ShapesScorer,
     build_scorer,
     build_scorers,
     parse_scorer_spec,
@@ -51,6 +52,7 @@ __all__ = [
     "RelabelSummary",
     "RewardError",
     "Scorer",
+    "ShapesScorer",
     "build_scorer",
     "build_scorers",
     "label_pairs",

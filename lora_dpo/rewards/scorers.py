@@ -1,6 +1,7 @@
 """Reward models that score (prompt, image) pairs: the `Scorer` protocol, the CLIP-family `ClipScorer`
-(PickScore, HPS v2, CLIP score), the LAION `AestheticScorer` and its `AestheticMLP` head, and the
-`KIND[@SOURCE][:WEIGHT]` specs that build them (`parse_scorer_spec`, `build_scorer`, `build_scorers`).
+(PickScore, HPS v2, CLIP score), the LAION `AestheticScorer` and its `AestheticMLP` head, the demo's
+`ShapesScorer` (pixels only, no weights), and the `KIND[@SOURCE][:WEIGHT]` specs that build them
+(`parse_scorer_spec`, `build_scorer`, `build_scorers`).
 
 Score conventions (per image given its prompt, higher is better):
 
@@ -11,6 +12,8 @@ Score conventions (per image given its prompt, higher is better):
   turns distinct negative scores into artificial ties, and only the ranking matters here.
 * ``aesthetic``: LAION improved-aesthetic-predictor output (~1-10) on the L2-normalised CLIP ViT-L/14
   image embedding; the prompt is ignored.
+* ``shapes``: the offline demo's built-in judge (~0-3, no download): how close the shape's colour is to the
+  prompt's colour word, how bright the background is, whether one shape stands out, minus pixel clutter.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
@@ -28,15 +32,17 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
 
+from lora_dpo import synthetic
 from lora_dpo.rewards.errors import RewardError
 
-SCORER_KINDS: tuple[str, ...] = ("pickscore", "hps", "clip", "aesthetic")
+SCORER_KINDS: tuple[str, ...] = ("pickscore", "hps", "clip", "aesthetic", "shapes")
 LAION_VIT_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_VIT_L14 = "openai/clip-vit-large-patch14"
 # hps has no default: the official weights are an open_clip pickle that has to be converted first;
 # aesthetic has none because LAION publishes its MLP only as a .pth pickle.
 DEFAULT_SOURCES: dict[str, str | None] = {
     "pickscore": "yuvalkirstain/PickScore_v1", "clip": LAION_VIT_H14, "hps": None, "aesthetic": None,
+    "shapes": None,
 }
 _CLIP_KINDS = ("pickscore", "hps", "clip")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -228,6 +234,54 @@ class AestheticScorer:
         return self.mlp(_unit(_embedding(features))).squeeze(-1)  # [N]
 
 
+class ShapesScorer:
+    """The shapes demo's judge, from pixels alone (no weights, no download): what `synthetic` prefers. Per image:
+
+    * colour: 1 - distance of the shape's mean colour to the prompt's colour word (`synthetic.COLOURS`), in
+      RGB on [0, 1] scaled by 0.6 and floored at 0; 0.5 when the prompt names no colour;
+    * brightness: the background's mean brightness (the border pixels), 0..1;
+    * shape: 1 when 5-70 % of the pixels stand apart from the background, falling off linearly outside;
+    * clutter: 4 x the mean absolute difference of neighbouring background pixels (noise), subtracted.
+
+    Images are scored at 64 px, so a score does not depend on the resolution it was generated at."""
+
+    SIZE = 64
+
+    def __init__(self, name: str = "shapes") -> None:
+        self.name = name
+
+    def score(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+        return torch.tensor([self._score(p, im) for p, im in zip(prompts, images, strict=True)], dtype=torch.float32)
+
+    @staticmethod
+    def target_colour(prompt: str) -> torch.Tensor | None:
+        words = re.findall(r"[a-z]+", prompt.lower())
+        colour = next((synthetic.COLOURS[w] for w in words if w in synthetic.COLOURS), None)
+        return None if colour is None else torch.tensor(colour, dtype=torch.float32) / 255.0
+
+    def _score(self, prompt: str, image: Image.Image) -> float:
+        rgb = image.convert("RGB").resize((self.SIZE, self.SIZE), Image.Resampling.BILINEAR)
+        pixels = torch.tensor(np.asarray(rgb), dtype=torch.float32) / 255.0  # (64, 64, 3)
+        border = torch.cat([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+        background = border.median(dim=0).values
+        apart = (pixels - background).norm(dim=-1) > 0.2  # the shape: pixels far from the background colour
+        share = float(apart.float().mean())
+        shape = 1.0 - max(0.0, 0.05 - share) / 0.05 - max(0.0, share - 0.7) / 0.3
+        target = self.target_colour(prompt)
+        if target is None:
+            colour = 0.5
+        elif apart.any():
+            colour = max(0.0, 1.0 - float((pixels[apart].mean(dim=0) - target).norm()) / 0.6)
+        else:
+            colour = 0.0
+        steps = torch.cat([(pixels[1:] - pixels[:-1]).abs().sum(-1)[~(apart[1:] | apart[:-1])],
+                           (pixels[:, 1:] - pixels[:, :-1]).abs().sum(-1)[~(apart[:, 1:] | apart[:, :-1])]])
+        clutter = 4.0 * float(steps.mean()) / 3.0 if len(steps) else 0.0
+        return colour + float(background.mean()) + shape - clutter
+
+
 def parse_scorer_spec(spec: str) -> tuple[str, str | None, float]:
     """``KIND[@SOURCE][:WEIGHT]`` -> (kind, source or None, weight); ``=`` works in place of ``@``.
 
@@ -268,6 +322,12 @@ def build_scorer(kind: str, source: str | None = None, device: str | torch.devic
 
 
 def _build_scorer(kind: str, source: str | None, device: str | torch.device, dtype: torch.dtype) -> Scorer:
+    """Factory behind the specs: ``source`` is a CLIP id or dir, or the MLP weights for ``aesthetic``;
+    ``shapes`` takes none."""
+    if kind == "shapes":
+        if source is not None:
+            raise RewardError(f"the shapes scorer is built in and takes no source (got {source!r}); use 'shapes'")
+        return ShapesScorer()
     if kind == "aesthetic":
         if source is None:
             raise RewardError("the aesthetic scorer needs its MLP weights: 'aesthetic@PATH.safetensors' or "

@@ -24,6 +24,10 @@ def _quiet_imports() -> None:
     """The stack logs noise on CPU-only installs (bitsandbytes' missing kernels, transformers' torchvision)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed, when installed, warns on import that it picked the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import transformers
 
     transformers.logging.set_verbosity_error()

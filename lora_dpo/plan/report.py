@@ -11,7 +11,7 @@ from dataclasses import replace
 from lora_dpo import models
 from lora_dpo.plan.bases import architecture
 from lora_dpo.plan.estimates import Plan, Setting, estimate, optimizer_bytes, seconds_per_pair
-from lora_dpo.plan.gpus import CONTEXT_GIB, FRAGMENTATION, GiB, Gpu
+from lora_dpo.plan.gpus import CONTEXT_GIB, FRAGMENTATION, GiB, Gpu, find_gpu
 from lora_dpo.recipe import Recipe
 
 
@@ -32,7 +32,13 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
     lora_params = sum(m.lora_numels)
     dtype = str(models.DTYPES[key.precision]).removeprefix("torch.")
     optimizer = off.setting.optimizer
+    yardstick = find_gpu("rtx4090")  # the consumer card the shipped recipes are sized for
+    chosen = plan.choice(yardstick.memory_gib)
+    hours = seconds_per_pair(chosen.total_flops, key.batch_size, yardstick, 0.5) * plan.pairs / 3600
     lines = [
+        f"the run: {recipe.train.max_steps:,} steps x {plan.pairs // recipe.train.max_steps:,} pairs = "
+        f"{plan.pairs:,} pairs; {hours:,.1f} h on an {yardstick.card} at 50 % of its peak (every GPU below)",
+        "",
         f"{arch.name} ({recipe.model.base}): {key.batch_size} pair(s) per step at {key.resolution} px, LoRA rank "
         f"{key.lora.rank} on {', '.join(key.lora.target_modules)} ({lora_params / 1e6:.2f} M parameters)",
         f"objective {key.objective.kind}, precision {key.precision}, {optimizer}, accumulation "

@@ -22,16 +22,17 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("plan", "{recipe}"),
     ("inspect", "someone/some-adapter"),
     ("export", "someone/some-adapter", "--format", "kohya", "--out", "x.safetensors"),
+    ("label", "{data}", "--scorer", "clip", "--out", "labelled.parquet"),
 ])
-def test_a_hub_id_offline_is_one_line_and_exit_2(args: tuple[str, ...], tmp_path: Path) -> None:
+def test_a_hub_id_offline_is_one_line_and_exit_2(args: tuple[str, ...], tmp_path: Path, shapes_jsonl: Path) -> None:
     recipe = tmp_path / "hub.toml"
     recipe.write_text('[model]\nbase = "someone/some-sdxl-finetune"\n[data]\nsource = "synthetic:shapes"\n'
                       f'resolution = 64\n[output]\ndir = "{tmp_path}"\n')
-    result = _cli(*(a.format(recipe=recipe) for a in args), cwd=tmp_path)
+    result = _cli(*(a.format(recipe=recipe, data=shapes_jsonl) for a in args), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "Hugging Face hub, which is offline here" in lines[0] and "someone/" in lines[0]
+    assert "Hugging Face hub, which is offline here" in lines[0] and ("someone/" in lines[0] or "CLIP" in lines[0])
 
 
 def test_offline_failure_takes_no_retries() -> None:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
 
-from lora_dpo import synthetic
+from lora_dpo import hub, synthetic
 from lora_dpo.rewards.errors import RewardError
 
 SCORER_KINDS: tuple[str, ...] = ("pickscore", "hps", "clip", "aesthetic", "shapes")
@@ -311,13 +311,17 @@ def build_scorer(kind: str, source: str | None = None, device: str | torch.devic
                  dtype: torch.dtype = torch.float32) -> Scorer:
     """Factory behind the specs: ``source`` is a CLIP id or dir, or the MLP weights for ``aesthetic``. Every
     failure is a `RewardError` naming the scorer: a wrong path or an offline hub reaches the user as one line."""
+    shown = source or DEFAULT_SOURCES.get(kind)
+    # offline, the hub libraries fail at once (cached weights still load) instead of retrying for a minute
+    online = kind == "shapes" or (shown is not None and Path(shown).exists()) or hub.prepare()
     try:
         return _build_scorer(kind, source, device, dtype)
     except RewardError:
         raise
     except (OSError, ValueError, SafetensorError) as err:  # from_pretrained, the hub, a damaged weights file
+        if not online:
+            raise hub.unavailable(str(shown), f"the {kind} scorer") from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        shown = source or DEFAULT_SOURCES.get(kind)
         raise RewardError(f"scorer {kind!r} from {shown!r}: cannot load it ({first})") from None
 
 

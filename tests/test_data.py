@@ -46,7 +46,8 @@ def test_dataset_is_deterministic_per_key_and_split_is_stable(shapes_jsonl: Path
     cfg = DataRecipe(source=str(shapes_jsonl), resolution=64, caption_dropout=0.5)
     pairs, _ = data.prepare_pairs(data.read_records(cfg), cfg)
     train, val = data.split_pairs(pairs, 4, seed=3)
-    assert len(val) == 4 and len(train) == 20 and data.split_pairs(pairs, 4, seed=3)[1] == val
+    assert len(val) == 4 and not {p.prompt for p in train} & {p.prompt for p in val}
+    assert data.split_pairs(pairs, 4, seed=3)[1] == val
     dataset = data.PreferenceDataset(train, cfg, seed=0)
     a, b = dataset[5], dataset[5]
     torch.testing.assert_close(a["pixels"], b["pixels"])
@@ -99,12 +100,12 @@ ROWS = [
     ("bad label", "img/good.png", "img/other.png", "high"),  # skipped: invalid label
     ("truncated", "img/truncated.jpg", "img/other.png", None),  # kept; decoding skips it
     ("garbage", "img/good.png", "img/garbage.png", None),  # kept; decoding skips it
-    ("grey", "img/grey.png", "img/other.png", None),  # kept; decoding skips it (mode L)
-    ("cmyk", "img/cmyk.jpg", "img/other.png", None),  # kept; decoding skips it
-    ("rgba", "img/good.png", "img/rgba.png", None),  # kept; decoding skips it
+    ("grey", "img/grey.png", "img/other.png", None),  # kept; decoding converts it to RGB (mode L)
+    ("cmyk", "img/cmyk.jpg", "img/other.png", None),  # kept; decoding converts it
+    ("rgba", "img/good.png", "img/rgba.png", None),  # kept; decoding converts it
 ]
-DECODE_SKIPS = {"truncated": "undecodable image", "garbage": "undecodable image", "grey": "L image (not RGB)",
-                "cmyk": "CMYK image (not RGB)", "rgba": "RGBA image (not RGB)"}
+DECODE_SKIPS = {"truncated": "undecodable image", "garbage": "undecodable image"}
+CONVERTED = {"grey": ("w", "L"), "cmyk": ("w", "CMYK"), "rgba": ("l", "RGBA")}
 
 
 @pytest.fixture
@@ -154,7 +155,7 @@ def test_jsonl_with_broken_rows_yields_the_good_pairs_and_counts_the_rest(messy_
     path = _write_jsonl(messy_folder)
     cfg = DataRecipe(source=str(path), resolution=32)
     pairs, stats = data.prepare_pairs(data.read_records(cfg), cfg)
-    assert [p.prompt for p in pairs] == ["a good pair", "swapped", *DECODE_SKIPS]
+    assert [p.prompt for p in pairs] == ["a good pair", "swapped", *DECODE_SKIPS, *CONVERTED]
     assert pairs[1].image_w.endswith("other.png") and pairs[1].label == 1.0  # label 0: the other image wins
     assert (stats.read, stats.kept) == (len(ROWS) + 2, 7)
     assert stats.dropped == {"ties": 1, "identical images": 1}
@@ -165,9 +166,11 @@ def test_jsonl_with_broken_rows_yields_the_good_pairs_and_counts_the_rest(messy_
 
     # decoding, in two worker processes: each unusable pair falls back to a good one and is reported once
     prompts, decoded = _decode_all(pairs, cfg, workers=2)
-    assert len(prompts) == 7 and set(prompts) == {"a good pair", "swapped"}
+    assert len(prompts) == 7 and set(prompts) == {"a good pair", "swapped", *CONVERTED}
     where = {p.prompt: p.where for p in pairs}
     assert decoded.skipped == {where[prompt]: why for prompt, why in DECODE_SKIPS.items()}
+    assert decoded.converted == {f"{where[prompt]} ({which})": mode for prompt, (which, mode) in CONVERTED.items()}
+    assert "converted 3 images to RGB (1 CMYK, 1 L, 1 RGBA)" in decoded.summary()
 
     strict = DataRecipe(source=str(path), resolution=32, strict=True)
     with pytest.raises(data.DataError, match=r"pairs.jsonl:5: empty caption \(\[data\].strict"):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lora_dpo.data.images import ImageReader, decode_image
+from lora_dpo.data.images import ImageReader, decode_image, to_rgb
 from lora_dpo.data.records import POLICY_DROPS, DataError, Pair, PairStats
 from lora_dpo.recipe import DataRecipe
 
@@ -59,22 +59,27 @@ def caption_dropped(seed: int, key: int, probability: float) -> bool:
 
 
 def make_item(pair: Pair, reader: ImageReader, cfg: DataRecipe, seed: int, key: int, train: bool) -> dict | str:
-    """Pair decoded and transformed with draw `key`'s crop and flip (full prompt), or why it is unusable."""
+    """Pair decoded, made RGB and transformed with draw `key`'s crop and flip (full prompt), or why it is
+    unusable. `converted` names the images that were in another mode ("where (w|l)" -> mode)."""
     raw = (reader.read(pair.image_w), reader.read(pair.image_l))
     if raw[0] and raw[0] == raw[1]:
         return "identical images"
-    images = []
-    for data in raw:
+    images, converted = [], {}
+    for data, which in zip(raw, ("w", "l"), strict=True):
         image = decode_image(data)
         if isinstance(image, str):
             return image
-        if image.mode != "RGB":  # Pick-a-Pic is all RGB: another mode is a broken or foreign row
-            return f"{image.mode} image (not RGB)"
+        mode, image = image.mode, to_rgb(image)  # a PNG with alpha, a greyscale scan: usable, once made RGB
+        if isinstance(image, str):
+            return image
+        if mode != "RGB":
+            converted[f"{pair.where} ({which})"] = mode
         images.append(image)
     rng = random.Random(seed * 1_000_003 + key)
     crop = cfg.crop if train else "center"
     pixels, time_ids = transform_pair((images[0], images[1]), cfg.resolution, crop, train and cfg.random_flip, rng)
-    return {"prompt": pair.prompt, "pixels": pixels, "time_ids": time_ids, "label": pair.label}
+    return {"prompt": pair.prompt, "pixels": pixels, "time_ids": time_ids, "label": pair.label,
+            "converted": converted}
 
 
 @dataclass
@@ -134,6 +139,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                             "looks broken; check [data].source and [data].columns")
         if self.train and caption_dropped(self.seed, key, self.cfg.caption_dropout):
             item["prompt"] = ""
+        stats.converted.update(item["converted"])
         return {**item, "stats": stats}
 
 

@@ -1,5 +1,6 @@
 """Fetching and decoding the image an `ImageRef` points to: `ImageReader` (with an LRU of parquet row-group
-columns, per process), `decode_image` (the image, or why it is unusable) and `open_image` (RGB, or a `DataError`).
+columns, per process), `decode_image` (the image, or why it is unusable), `to_rgb` (any convertible mode to RGB)
+and `open_image` (RGB, or a `DataError`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import io
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from lora_dpo.data.records import DataError, HubCell, ImageRef, ParquetCell
@@ -68,9 +70,31 @@ def decode_image(data: bytes | str | None) -> Image.Image | str:
     return image
 
 
+def to_rgb(image: Image.Image) -> Image.Image | str:
+    """The image in RGB, or why it cannot be. Transparency is composited on white (what a viewer shows, and what
+    a plain `convert` would turn black); 16- and 32-bit greyscale is scaled to 8 bits (`convert` would clip it);
+    CMYK, palette, greyscale and the rest through PIL's own conversion."""
+    if image.mode == "RGB":
+        return image
+    try:
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            grey = np.asarray(image, dtype=np.float64)
+            if image.mode != "F" and grey.max(initial=0) > 255:  # a 16-bit image, however PIL labels it
+                grey = grey / 257.0
+            return Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")  # PIL: no La -> RGBA
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError):  # a mode PIL cannot convert to RGB (e.g. LAB on some versions)
+        return f"unconvertible image ({image.mode})"
+
+
 def open_image(ref: ImageRef, where: str, reader: ImageReader | None = None) -> Image.Image:
     """An image as RGB whatever its mode (for scoring and labelling), or a DataError naming the row."""
     image = decode_image((reader or ImageReader()).read(ref))
+    if not isinstance(image, str):
+        image = to_rgb(image)
     if isinstance(image, str):
         raise DataError(f"{where}: {image}")
-    return image.convert("RGB")
+    return image

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import replace
 
 from lora_dpo import cache, data
 from lora_dpo.recipe import DataRecipe
@@ -162,3 +163,20 @@ def test_the_cache_package_imports_one_way() -> None:
         outside = {m for m in imports if not m.startswith("lora_dpo.cache.")}
         assert outside <= BELOW_CACHE, f"cache.{name} imports {outside - BELOW_CACHE}"
     assert all(hasattr(cache, name) for name in cache.__all__)
+
+
+def test_everything_that_changes_a_cached_latent_is_in_the_cache_identity(tiny_recipe) -> None:
+    """Each of these settings changes the pairs, the pixels or the encoder weights a cache holds: changing any one
+    changes its identity (so `cached_datasets` refuses the cache). Caption dropout is decided when reading."""
+    from lora_dpo.cache.layout import identity
+
+    recipe = tiny_recipe()
+    changes = {"model": {"base": "other", "revision": "v2", "variant": "fp16", "vae": "other-vae", "vae_dtype": "fp16"},
+               "data": {"source": "other.jsonl", "split": "test", "val_split": "validation",
+                        "columns": (("caption", "text"),), "ties": "keep", "max_pairs": 7, "val_pairs": 1,
+                        "resolution": 32, "crop": "center", "random_flip": False}}
+    for section, values in changes.items():
+        for key, value in values.items():
+            other = identity(replace(recipe, section, **{key: value}))
+            assert other != identity(recipe) and f"{section}.{key}" in other, f"{section}.{key}"
+    assert identity(replace(recipe, "data", caption_dropout=0.3)) == identity(recipe)

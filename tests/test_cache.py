@@ -100,14 +100,16 @@ def test_an_interrupted_cache_resumes_and_skips_unusable_pairs(tiny_recipe, tmp_
               row["rejected"])} for row in map(json.loads, Path(shapes).read_text().splitlines()[:9])]
     broken = tmp_path / "broken.png"
     broken.write_bytes(Path(lines[0]["chosen"]).read_bytes()[:100])
-    lines.append({**lines[1], "chosen": str(broken)})
+    lines.append({**lines[1], "chosen": str(broken), "prompt": "a broken image"})  # its own prompt: always encoded
     source.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     recipe = tiny_recipe(data={"source": str(source), "val_pairs": 2})
     out = tmp_path / "cache"
     first = cache.build_cache(recipe, out, shard_size=3)
-    assert first["counts"]["train"] + first["counts"]["val"] == 9
+    surplus = first["dropped"].get(data.HELD_OUT_PROMPT, 0)  # other pairs of a held-out prompt: in neither set
+    assert first["counts"]["train"] + first["counts"]["val"] + surplus == 9 and first["counts"]["val"] <= 2
     assert list(first["skipped"].values()) == ["undecodable image"] and f"{source}:10" in first["skipped"]
-    assert (first["read"], first["kept"]) == (10, 10)  # decoding, not reading, shows the broken image
+    assert (first["read"], first["kept"] + surplus) == (10, 10)  # decoding, not reading, shows the broken image
+    assert "prompts never trained on" in first["heldout"] and len(first["heldout_rows"]) == 2
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     (out / "train-00001.json").unlink()

@@ -84,6 +84,17 @@ def _eval_section(report: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _heldout(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    """How the held-out pairs were chosen: as the run recorded it in metrics.json (counts included), else as the
+    recipe says (a run written before lora-dpo recorded it)."""
+    if isinstance(metrics.get("heldout"), str):
+        return metrics["heldout"]
+    data = recipe.data
+    if data.val_split:
+        return f"from split `{data.val_split}`" + (f", at most {data.val_pairs} pairs" if data.val_pairs else "")
+    return f"{data.val_pairs} pairs held out of the training source" if data.val_pairs else "none"
+
+
 def _sample_image(folder: Path, report: dict[str, Any]) -> str | None:
     """The picture to show: the evaluation's first grid, else the last training sample grid."""
     grids = [f"eval/{g}" for g in report.get("grids", []) if (folder / "eval" / g).is_file()]
@@ -148,6 +159,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         "per-pixel mean errors) |",
         f"| data | `{recipe.data.source}` (split `{recipe.data.split}`), {recipe.data.resolution} px, ties "
         f"`{recipe.data.ties}` |",
+        f"| held-out set | {_heldout(recipe, metrics)} |",
         f"| steps | {metrics.get('steps', cfg.max_steps)} optimizer steps x {effective} pairs per device |",
         f"| learning rate | {cfg.learning_rate:g}, `{cfg.lr_schedule}` schedule, {cfg.warmup_steps} warmup steps |",
         f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(f'`{t}`' for t in lora.target_modules)} |",
@@ -158,8 +170,9 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "steps"}
     if numbers:
         lines += ["## Training metrics", "",
-                  "At the last logged step (`val_` = held-out pairs; reward accuracy: the share of pairs the adapter "
-                  "prefers as people did, 0.5 before training):", "",
+                  f"At the last logged step (`val_` = held-out pairs: {_heldout(recipe, metrics)}; without `val_`: "
+                  "the last training batches; reward accuracy: the share of pairs the adapter prefers as people did, "
+                  "0.5 before training):", "",
                   "| metric | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in numbers.items()), ""]
     lines += _eval_section(report)
     image = _sample_image(folder, report)

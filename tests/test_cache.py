@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import replace
 
 from lora_dpo import cache, data
 from lora_dpo.recipe import DataRecipe
@@ -99,14 +100,16 @@ def test_an_interrupted_cache_resumes_and_skips_unusable_pairs(tiny_recipe, tmp_
               row["rejected"])} for row in map(json.loads, Path(shapes).read_text().splitlines()[:9])]
     broken = tmp_path / "broken.png"
     broken.write_bytes(Path(lines[0]["chosen"]).read_bytes()[:100])
-    lines.append({**lines[1], "chosen": str(broken)})
+    lines.append({**lines[1], "chosen": str(broken), "prompt": "a broken image"})  # its own prompt: always encoded
     source.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     recipe = tiny_recipe(data={"source": str(source), "val_pairs": 2})
     out = tmp_path / "cache"
     first = cache.build_cache(recipe, out, shard_size=3)
-    assert first["counts"]["train"] + first["counts"]["val"] == 9
+    surplus = first["dropped"].get(data.HELD_OUT_PROMPT, 0)  # other pairs of a held-out prompt: in neither set
+    assert first["counts"]["train"] + first["counts"]["val"] + surplus == 9 and first["counts"]["val"] <= 2
     assert list(first["skipped"].values()) == ["undecodable image"] and f"{source}:10" in first["skipped"]
-    assert (first["read"], first["kept"]) == (10, 10)  # decoding, not reading, shows the broken image
+    assert (first["read"], first["kept"] + surplus) == (10, 10)  # decoding, not reading, shows the broken image
+    assert "prompts never trained on" in first["heldout"] and len(first["heldout_rows"]) == 2
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     (out / "train-00001.json").unlink()
@@ -162,3 +165,20 @@ def test_the_cache_package_imports_one_way() -> None:
         outside = {m for m in imports if not m.startswith("lora_dpo.cache.")}
         assert outside <= BELOW_CACHE, f"cache.{name} imports {outside - BELOW_CACHE}"
     assert all(hasattr(cache, name) for name in cache.__all__)
+
+
+def test_everything_that_changes_a_cached_latent_is_in_the_cache_identity(tiny_recipe) -> None:
+    """Each of these settings changes the pairs, the pixels or the encoder weights a cache holds: changing any one
+    changes its identity (so `cached_datasets` refuses the cache). Caption dropout is decided when reading."""
+    from lora_dpo.cache.layout import identity
+
+    recipe = tiny_recipe()
+    changes = {"model": {"base": "other", "revision": "v2", "variant": "fp16", "vae": "other-vae", "vae_dtype": "fp16"},
+               "data": {"source": "other.jsonl", "split": "test", "val_split": "validation",
+                        "columns": (("caption", "text"),), "ties": "keep", "max_pairs": 7, "val_pairs": 1,
+                        "resolution": 32, "crop": "center", "random_flip": False}}
+    for section, values in changes.items():
+        for key, value in values.items():
+            other = identity(replace(recipe, section, **{key: value}))
+            assert other != identity(recipe) and f"{section}.{key}" in other, f"{section}.{key}"
+    assert identity(replace(recipe, "data", caption_dropout=0.3)) == identity(recipe)

@@ -46,7 +46,8 @@ def test_dataset_is_deterministic_per_key_and_split_is_stable(shapes_jsonl: Path
     cfg = DataRecipe(source=str(shapes_jsonl), resolution=64, caption_dropout=0.5)
     pairs, _ = data.prepare_pairs(data.read_records(cfg), cfg)
     train, val = data.split_pairs(pairs, 4, seed=3)
-    assert len(val) == 4 and len(train) == 20 and data.split_pairs(pairs, 4, seed=3)[1] == val
+    assert len(val) == 4 and not {p.prompt for p in train} & {p.prompt for p in val}
+    assert data.split_pairs(pairs, 4, seed=3)[1] == val
     dataset = data.PreferenceDataset(train, cfg, seed=0)
     a, b = dataset[5], dataset[5]
     torch.testing.assert_close(a["pixels"], b["pixels"])
@@ -99,12 +100,12 @@ ROWS = [
     ("bad label", "img/good.png", "img/other.png", "high"),  # skipped: invalid label
     ("truncated", "img/truncated.jpg", "img/other.png", None),  # kept; decoding skips it
     ("garbage", "img/good.png", "img/garbage.png", None),  # kept; decoding skips it
-    ("grey", "img/grey.png", "img/other.png", None),  # kept; decoding skips it (mode L)
-    ("cmyk", "img/cmyk.jpg", "img/other.png", None),  # kept; decoding skips it
-    ("rgba", "img/good.png", "img/rgba.png", None),  # kept; decoding skips it
+    ("grey", "img/grey.png", "img/other.png", None),  # kept; decoding converts it to RGB (mode L)
+    ("cmyk", "img/cmyk.jpg", "img/other.png", None),  # kept; decoding converts it
+    ("rgba", "img/good.png", "img/rgba.png", None),  # kept; decoding converts it
 ]
-DECODE_SKIPS = {"truncated": "undecodable image", "garbage": "undecodable image", "grey": "L image (not RGB)",
-                "cmyk": "CMYK image (not RGB)", "rgba": "RGBA image (not RGB)"}
+DECODE_SKIPS = {"truncated": "undecodable image", "garbage": "undecodable image"}
+CONVERTED = {"grey": ("w", "L"), "cmyk": ("w", "CMYK"), "rgba": ("l", "RGBA")}
 
 
 @pytest.fixture
@@ -154,7 +155,7 @@ def test_jsonl_with_broken_rows_yields_the_good_pairs_and_counts_the_rest(messy_
     path = _write_jsonl(messy_folder)
     cfg = DataRecipe(source=str(path), resolution=32)
     pairs, stats = data.prepare_pairs(data.read_records(cfg), cfg)
-    assert [p.prompt for p in pairs] == ["a good pair", "swapped", *DECODE_SKIPS]
+    assert [p.prompt for p in pairs] == ["a good pair", "swapped", *DECODE_SKIPS, *CONVERTED]
     assert pairs[1].image_w.endswith("other.png") and pairs[1].label == 1.0  # label 0: the other image wins
     assert (stats.read, stats.kept) == (len(ROWS) + 2, 7)
     assert stats.dropped == {"ties": 1, "identical images": 1}
@@ -165,9 +166,11 @@ def test_jsonl_with_broken_rows_yields_the_good_pairs_and_counts_the_rest(messy_
 
     # decoding, in two worker processes: each unusable pair falls back to a good one and is reported once
     prompts, decoded = _decode_all(pairs, cfg, workers=2)
-    assert len(prompts) == 7 and set(prompts) == {"a good pair", "swapped"}
+    assert len(prompts) == 7 and set(prompts) == {"a good pair", "swapped", *CONVERTED}
     where = {p.prompt: p.where for p in pairs}
     assert decoded.skipped == {where[prompt]: why for prompt, why in DECODE_SKIPS.items()}
+    assert decoded.converted == {f"{where[prompt]} ({which})": mode for prompt, (which, mode) in CONVERTED.items()}
+    assert "converted 3 images to RGB (1 CMYK, 1 L, 1 RGBA)" in decoded.summary()
 
     strict = DataRecipe(source=str(path), resolution=32, strict=True)
     with pytest.raises(data.DataError, match=r"pairs.jsonl:5: empty caption \(\[data\].strict"):
@@ -423,3 +426,147 @@ def test_cache_home_is_the_files_floor_and_models_still_offers_it(tmp_path: Path
     monkeypatch.delenv("LORA_DPO_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert files.cache_home() == tmp_path / "home" / ".cache" / "lora-dpo"
+
+
+# --------------------------------------------------------------------------------------------------
+# The held-out set: whole prompts, never trained on, for every source; another split; image modes
+
+
+def _repeated_prompts_jsonl(folder: Path, prompts: int = 10, per_prompt: int = 4) -> Path:
+    """A JSONL set where every prompt has `per_prompt` pairs (as Pick-a-Pic has ~14), each with its own images."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for p in range(prompts):
+        for k in range(per_prompt):
+            for side, colour in (("w", (20 * p, 10 * k, 200)), ("l", (200, 10 * k, 20 * p))):
+                (folder / "img" / f"{p}-{k}-{side}.png").write_bytes(_png(colour, (40, 40)))
+            lines.append(json.dumps({"prompt": f"prompt {p}", "chosen": f"img/{p}-{k}-w.png",
+                                     "rejected": f"img/{p}-{k}-l.png"}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.jsonl"
+
+
+def test_held_out_pairs_share_no_prompt_with_training_pairs(tmp_path: Path) -> None:
+    """10 prompts x 4 pairs, 6 held out: whole prompts are drawn from the seed (2 of them), exactly 6 pairs are
+    measured, the 2 other pairs of the second prompt are in neither set (counted), and no prompt is in both."""
+    cfg = DataRecipe(source=str(_repeated_prompts_jsonl(tmp_path)), resolution=32, val_pairs=6)
+    train, heldout, stats = data.split_live(cfg, seed=0)
+    held_prompts = {p.prompt for p in heldout.pairs}
+    assert len(heldout.pairs) == 6 and len(held_prompts) == 2 and len(train) == 32
+    assert not held_prompts & {p.prompt for p in train}
+    assert stats.dropped == {data.HELD_OUT_PROMPT: 2} and stats.kept == 38 and "2 held-out prompt" in stats.summary()
+    assert heldout.describe() == "6 pairs, 2 prompts never trained on, held out by prompt from the training source"
+    assert [row["where"] for row in heldout.rows()] == [p.where for p in heldout.pairs]
+    assert data.split_live(cfg, seed=0)[1].pairs == heldout.pairs  # the seed decides, nothing else
+    others = {frozenset(p.prompt for p in data.split_live(cfg, seed=s)[1].pairs) for s in range(6)}
+    assert others != {frozenset(held_prompts)}  # another seed, other prompts
+    parts = data.build_datasets(cfg, seed=0, draws=8, batch_size=2)
+    assert parts.heldout == heldout.describe() and parts.heldout_rows == heldout.rows()
+    assert "32 train / 6 held out (6 pairs, 2 prompts never trained on" in parts.summary
+    with pytest.raises(data.DataError, match="holds out every prompt"):
+        data.split_pairs(data.prepare_pairs(data.read_records(cfg), cfg)[0], 39, seed=0)
+
+
+def _hub_with_repeats(folder: Path, rows: int = 16, prompts: int = 4, validation: tuple[str, ...] = ()) -> Path:
+    """A Pick-a-Pic-layout dataset folder whose captions repeat (`p{i % prompts}`), in two train files, and a
+    validation split with `validation`'s captions."""
+    def table(captions: list[str], offset: int) -> pa.Table:
+        n = len(captions)
+        return pa.table({"caption": captions,
+                         "jpg_0": [_png((offset + i * 9, 50, 90), (40, 40)) for i in range(n)],
+                         "jpg_1": [_png((90, 50, offset + i * 9), (40, 40)) for i in range(n)],
+                         "label_0": [1.0] * n, "label_1": [0.0] * n})
+
+    (folder / "data").mkdir(parents=True)
+    captions = [f"p{i % prompts}" for i in range(rows)]
+    pq.write_table(table(captions[: rows // 2], 0), folder / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(table(captions[rows // 2:], 100), folder / "data" / "train-00001-of-00002.parquet")
+    if validation:
+        pq.write_table(table(list(validation), 7), folder / "data" / "validation-00000-of-00001.parquet")
+    return folder
+
+
+def test_a_stream_holds_out_prompts_and_drops_their_later_pairs_from_training(tmp_path: Path) -> None:
+    """Captions p0..p3 repeat every 4 rows: holding out the first 3 usable pairs holds out p0, p1 and p2, and the
+    training stream, which meets their pairs again later, drops and counts every one of them."""
+    folder = _hub_with_repeats(tmp_path / "repeats")
+    cfg = DataRecipe(source=f"hf:{folder}", resolution=32, streaming=True, val_pairs=3, shuffle_buffer=4)
+    parts = data.build_datasets(cfg, seed=0, draws=8, batch_size=2)
+    assert [p.prompt for p in parts.val.pairs] == ["p0", "p1", "p2"]
+    assert parts.heldout == "3 pairs, 3 prompts never trained on, held out by prompt from the training source"
+    assert [row["prompt"] for row in parts.heldout_rows] == ["p0", "p1", "p2"]
+    assert [row["where"].split(" '")[0] for row in parts.heldout_rows] == [
+        f"hf:{folder}[train] row {i}" for i in range(3)]  # a held-out stream row says where it was
+    loader = torch.utils.data.DataLoader(parts.train, batch_size=2, collate_fn=data.collate)
+    prompts, stats = [], data.PairStats()
+    for batch in loader:
+        prompts += batch.prompts
+        stats.merge(batch.stats)
+    assert len(prompts) == 8 and set(prompts) == {"p3"}
+    assert stats.dropped[data.HELD_OUT_PROMPT] >= 9  # 16 rows: 4 of p3, 3 held out, 9 later ones of p0..p2
+
+
+def test_val_split_holds_out_another_split_and_training_skips_its_prompts(tmp_path: Path) -> None:
+    """`[data].val_split` takes the held-out pairs from the dataset's other split (a local parquet folder, the hub
+    layout downloaded, streamed); a training pair whose prompt is in it is dropped and counted; val_pairs caps
+    it (0: all); a source without named splits, or without that split, is a DataError listing the splits."""
+    folder = _hub_with_repeats(tmp_path / "set", validation=("p1", "v1", "v2", "v1"))
+    local = DataRecipe(source=str(folder / "data"), resolution=32, val_split="validation")
+    train, heldout, stats = data.split_live(local, seed=0)
+    assert sorted(p.prompt for p in heldout.pairs) == ["p1", "v1", "v1", "v2"]
+    assert "p1" not in {p.prompt for p in train} and len(train) == 12 and stats.dropped[data.HELD_OUT_PROMPT] == 4
+    assert heldout.describe() == "4 pairs, 3 prompts never trained on, from split 'validation'"
+    assert all("validation-00000-of-00001.parquet row" in row["where"] for row in heldout.rows())
+    capped = data.split_live(DataRecipe(source=str(folder / "data"), val_split="validation", val_pairs=2), seed=0)
+    assert len(capped[1].pairs) == 2
+    for streaming in (False, True):
+        hub = DataRecipe(source=f"hf:{folder}", resolution=32, val_split="validation", val_pairs=3,
+                         streaming=streaming, shuffle_buffer=4)
+        parts = data.build_datasets(hub, seed=0, draws=4, batch_size=2)
+        assert len(parts.val) == 3 and "from split 'validation'" in parts.heldout
+        assert all("[validation]" in row["where"] for row in parts.heldout_rows)
+    with pytest.raises(data.DataError, match=r"\[data\].val_split = 'test'.*its splits: train, validation"):
+        data.split_live(DataRecipe(source=str(folder / "data"), val_split="test"), seed=0)
+    with pytest.raises(data.DataError, match=r"\[data\].split = 'valid'.*its splits: train, validation"):
+        list(data.read_records(DataRecipe(source=str(folder / "data"), split="valid")))
+    jsonl = _repeated_prompts_jsonl(tmp_path / "jsonl", prompts=2)
+    with pytest.raises(data.DataError, match="has no named splits"):
+        data.split_live(DataRecipe(source=str(jsonl), val_split="validation"), seed=0)
+
+
+def _mode_image(mode: str) -> Image.Image:
+    """A 4x4 image in `mode`: mid grey where the mode has no colour, transparent where it has alpha."""
+    if mode == "I;16":
+        return Image.fromarray(torch.full((4, 4), 32896, dtype=torch.int32).numpy().astype("uint16"))
+    if mode == "P":
+        image = Image.new("P", (4, 4), 1)
+        image.putpalette([0, 0, 0, 128, 128, 128] + [0] * 762)
+        return image
+    if mode == "P transparent":
+        image = _mode_image("P")
+        image.info["transparency"] = 1
+        return image
+    colour = {"RGBA": (128, 128, 128, 0), "LA": (128, 0), "L": 128, "CMYK": (0, 0, 0, 127), "1": 1, "I": 128,
+              "F": 128.0}[mode]
+    return Image.new(mode, (4, 4), colour)
+
+
+@pytest.mark.parametrize(("mode", "rgb"), [
+    ("RGBA", (255, 255, 255)), ("LA", (255, 255, 255)), ("P transparent", (255, 255, 255)),  # alpha on white
+    ("L", (128, 128, 128)), ("P", (128, 128, 128)), ("CMYK", (128, 128, 128)), ("1", (255, 255, 255)),
+    ("I;16", (128, 128, 128)), ("I", (128, 128, 128)), ("F", (128, 128, 128))])
+def test_convertible_image_modes_become_rgb(mode: str, rgb: tuple[int, int, int], tmp_path: Path) -> None:
+    """Each mode converts to RGB (16-bit scaled, not clipped; alpha composited on white), also after a round trip
+    through a real file, and a pair holding one is trained on and counted as converted, never skipped."""
+    image = _mode_image(mode)
+    converted = data.to_rgb(image)
+    assert converted.mode == "RGB"
+    assert all(abs(a - b) <= 1 for a, b in zip(converted.getpixel((0, 0)), rgb, strict=True))
+    fmt = {"CMYK": "JPEG", "F": "TIFF", "I": "TIFF"}.get(mode.split()[0], "PNG")
+    path = tmp_path / f"image.{fmt.lower()}"
+    image.save(path, format=fmt)
+    (tmp_path / "other.png").write_bytes(_png((10, 20, 30)))
+    pair = data.Pair("a prompt", str(path), str(tmp_path / "other.png"), 1.0, "pairs.jsonl:1")
+    item = data.PreferenceDataset([pair], DataRecipe(resolution=4, random_flip=False), seed=0)[0]
+    assert item["pixels"].shape == (2, 3, 4, 4) and not item["stats"].skipped
+    assert list(item["stats"].converted) == ["pairs.jsonl:1 (w)"]

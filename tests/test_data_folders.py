@@ -69,4 +69,4 @@ def test_training_two_steps_from_pair_folders(tiny_recipe, shapes_jsonl: Path, t
     path = train(tiny_recipe(data={"source": str(root), "val_pairs": 2}, train={"max_steps": 2}))
     summary = json.loads((path.parent / "metrics.json").read_text())
     assert summary["steps"] == 2 and math.isfinite(summary["loss"])
-    assert "9 pairs read, 8 kept" in summary["data"]
+    assert "9 pairs read, 7 kept; dropped: 1 held-out prompt" in summary["data"]

@@ -211,3 +211,27 @@ def test_values_the_model_and_data_cannot_take_are_refused_before_anything_loads
     cfg = tiny_recipe().data
     with pytest.raises(DataError, match=r"\[train\].batch_size = 100000 is larger than the 20 training pairs"):
         build_datasets(cfg, 0, 10, 100000)
+
+
+def test_an_optional_key_is_unset_with_none_and_an_empty_name_is_an_error(tmp_path: Path) -> None:
+    """`--set model.variant=none` unsets a key a recipe file set; `""` (from `--set model.variant=` or written in the
+    file) names nothing, so it is a RecipeError naming the key, for every text key, optional or not."""
+    path = tmp_path / "r.toml"
+    path.write_text('[model]\nvariant = "fp16"\nvae = "madebyollin/sdxl-vae-fp16-fix"\n')
+    assert recipe.load(path).model.variant == "fp16"
+    unset = recipe.load(path, ["model.variant=none", "model.vae=None"])
+    assert unset.model.variant is None and unset.model.vae is None
+    for override in ("model.variant=", 'model.variant=""', "model.variant=  "):
+        with pytest.raises(RecipeError, match=r"\[model\].variant = '\s*': an empty name is never valid; to unset"):
+            recipe.load(path, [override])
+    path.write_text('[model]\nvariant = ""\n')
+    with pytest.raises(RecipeError, match=r"\[model\].variant = ''"):
+        recipe.load(path)
+    text_keys = [(section, f.name) for section, cls in recipe.SECTIONS.items() for f in dataclasses.fields(cls)
+                 if f.type in ("str", "str | None")]
+    assert len(text_keys) >= 11 and ("data", "val_split") in text_keys
+    for section, key in text_keys:
+        with pytest.raises(RecipeError, match=rf"\[{section}\]\.{key} = '': an empty name is never valid"):
+            recipe.from_dict({section: {key: ""}})
+    assert "`none` unsets it (`--set model.variant=none`)" in dict((k, h) for k, _, _, h in recipe.describe())[
+        "model.variant"]

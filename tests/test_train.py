@@ -244,3 +244,23 @@ def test_a_run_that_never_starts_leaves_no_folder(tiny_recipe, tmp_path: Path) -
     with pytest.raises(LoraDpoError, match="absent.jsonl"):
         train(recipe)
     assert not (tmp_path / "adapters" / "test").exists()
+
+
+def test_the_held_out_set_is_recorded_in_the_run_folder_metrics_card_and_summary(
+        tiny_recipe, capsys: pytest.CaptureFixture) -> None:
+    """The shapes set repeats its prompts: the run holds out whole prompts, lists the held-out pairs in
+    heldout.jsonl (prompt, where, label), says how they were chosen in metrics.json and the model card, and its
+    closing line calls the accuracy held-out."""
+    from lora_dpo import data
+
+    recipe = tiny_recipe(train={"max_steps": 2})
+    path = train(recipe)
+    rows = [json.loads(line) for line in (path.parent / "heldout.jsonl").read_text().splitlines()]
+    _, heldout, _ = data.split_live(recipe.data, recipe.train.seed)
+    assert rows == heldout.rows() and len(rows) == 4 and all(row["where"].endswith(".jsonl:" + row["where"].split(
+        ":")[-1]) for row in rows)
+    metrics = json.loads((path.parent / "metrics.json").read_text())
+    assert metrics["heldout"] == heldout.describe() and "prompts never trained on" in metrics["heldout"]
+    assert f"| held-out set | {heldout.describe()} |" in (path.parent / "README.md").read_text()
+    closing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lora-dpo: done")]
+    assert len(closing) == 1 and "; held-out reward accuracy " in closing[0], closing

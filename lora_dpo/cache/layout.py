@@ -20,12 +20,17 @@ KINDS = ("train", "val", "prompts")
 
 
 def identity(recipe: Recipe) -> dict[str, Any]:
-    """The settings a cache's contents depend on, named as recipe keys: a cache is refused if any differs."""
+    """The settings a cache's contents depend on, named as recipe keys: a cache is refused if any differs. The
+    encoders and their weights (base, revision, variant, replacement VAE, the VAE's precision), which pairs are
+    read and how they are split (source, split, val_split, columns, ties, max_pairs, val_pairs), and the pixels
+    encoded (resolution, crop, flip). Not here: what is decided when the cache is read (caption dropout, the
+    order), or what only stops a run (strict); the seed is in the cache's fingerprint."""
     m, d = recipe.model, recipe.data
-    return {"model.base": m.base, "model.revision": m.revision, "model.vae": m.vae, "data.source": d.source,
-            "data.split": d.split, "data.columns": dict(d.columns), "data.ties": d.ties, "data.max_pairs": d.max_pairs,
-            "data.val_pairs": d.val_pairs, "data.resolution": d.resolution, "data.crop": d.crop,
-            "data.random_flip": d.random_flip}
+    return {"model.base": m.base, "model.revision": m.revision, "model.variant": m.variant, "model.vae": m.vae,
+            "model.vae_dtype": m.vae_dtype, "data.source": d.source, "data.split": d.split,
+            "data.val_split": d.val_split, "data.columns": dict(d.columns), "data.ties": d.ties,
+            "data.max_pairs": d.max_pairs, "data.val_pairs": d.val_pairs, "data.resolution": d.resolution,
+            "data.crop": d.crop, "data.random_flip": d.random_flip}
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,9 @@ def cached_datasets(recipe: Recipe, draws: int, embed_dtype: torch.dtype) -> dat
         log.info("the latent cache holds one crop and flip per pair: every pass reuses the first pass's")
     summary = (f"latent cache {recipe.data.cache}: {len(train)} train / {len(val)} held out; VAE and text encoders "
                f"not loaded ({manifest['encoder_bytes'] / 2**20:.1f} MiB as the cache writer held them)")
-    stats = data.PairStats(manifest["read"], manifest["kept"], Counter(manifest["dropped"]), manifest["skipped"])
+    stats = data.PairStats(manifest["read"], manifest["kept"], Counter(manifest["dropped"]), manifest["skipped"],
+                           manifest["converted"])
+    summary += f"; held out: {manifest['heldout']}"
     return data.Datasets(train, val if len(val) else None, data.StreamSampler(len(train), draws, seed),
-                         collate_encoded, stats, summary, recipe.data.num_workers)
+                         collate_encoded, stats, summary, recipe.data.num_workers, heldout=manifest["heldout"],
+                         heldout_rows=manifest["heldout_rows"])

@@ -53,6 +53,7 @@ def _encode_pairs(base: models.BaseModel, dataset: data.PreferenceDataset, shard
         if isinstance(item, str):
             stats.skip(dataset.pairs[index].where, item, strict and item not in data.POLICY_DROPS)
         else:
+            stats.converted.update(item["converted"])
             items.append(item)
             labels.append(item["label"])
             ids.append(prompt_ids[item["prompt"]])
@@ -69,7 +70,7 @@ def _encode_pairs(base: models.BaseModel, dataset: data.PreferenceDataset, shard
         tensors = {k: v for k, v in tensors.items() if not k.startswith("time_ids")}
     if labels:
         tensors |= {"labels": torch.tensor(labels, dtype=torch.float32), "prompt_ids": torch.tensor(ids)}
-    return tensors, {"count": len(labels), "skipped": stats.skipped}
+    return tensors, {"count": len(labels), "skipped": stats.skipped, "converted": stats.converted}
 
 
 def _encode_prompts(base: models.BaseModel, prompts: list[str], batch_size: int, storage: torch.dtype,
@@ -102,11 +103,9 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
     if dtype not in models.STORAGE_DTYPES:
         raise data.DataError(f"cache dtype {dtype!r}: choose one of {', '.join(models.STORAGE_DTYPES)}")
     accelerator = accelerator or make_accelerator("no")  # encoding runs in the VAE's and encoders' own dtypes
-    pairs, stats = data.prepare_pairs(data.read_records(cfg), cfg)
-    if not pairs:
-        raise data.DataError(f"[data].source = {cfg.source!r}: no usable pairs ({stats.summary()})")
-    train_pairs, val_pairs = data.split_pairs(pairs, cfg.val_pairs, seed)
-    prompts = ["", *sorted({p.prompt for p in pairs} - {""})]
+    train_pairs, heldout, stats = data.split_live(cfg, seed)  # exactly the live trainer's split
+    val_pairs = heldout.pairs
+    prompts = ["", *sorted({p.prompt for p in [*train_pairs, *val_pairs]} - {""})]
     prompt_ids = {prompt: i for i, prompt in enumerate(prompts)}
     fingerprint = _fingerprint(recipe, dtype, shard_size, [*train_pairs, *val_pairs], len(train_pairs))
     out.mkdir(parents=True, exist_ok=True)
@@ -154,10 +153,13 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
                    for kind in KINDS},
         "counts": {kind: sum(notes[s.name]["count"] for s in shards if s.kind == kind) for kind in KINDS},
         "skipped": {where: why for n in notes.values() for where, why in n.get("skipped", {}).items()},
-        "data": stats.summary(),
         "read": stats.read, "kept": stats.kept, "dropped": dict(stats.dropped),
+        "converted": {where: mode for n in notes.values() for where, mode in n.get("converted", {}).items()},
+        "heldout": heldout.describe(), "heldout_rows": heldout.rows(),
     }
     manifest["skipped"] |= stats.skipped  # rows dropped while reading the source, and while encoding it
+    stats.skipped, stats.converted = manifest["skipped"], manifest["converted"]
+    manifest["data"] = stats.summary()
     if accelerator.is_main_process:
         files.write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     accelerator.wait_for_everyone()

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO.")
 
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value; "
+                                                         "section.key=none unsets an optional one.")]
 
 
 def _quiet_imports() -> None:

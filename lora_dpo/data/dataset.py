@@ -59,14 +59,17 @@ def caption_dropped(seed: int, key: int, probability: float) -> bool:
 
 
 def make_item(pair: Pair, reader: ImageReader, cfg: DataRecipe, seed: int, key: int, train: bool) -> dict | str:
-    """Pair decoded and transformed with draw `key`'s crop and flip (full prompt), or why it is unusable."""
-    images = decode_pair(pair.image_w, pair.image_l, reader)
-    if isinstance(images, str):
-        return images
+    """Pair decoded, made RGB and transformed with draw `key`'s crop and flip (full prompt), or why it is
+    unusable. `converted` names the images that were in another mode ("where (w|l)" -> mode)."""
+    decoded = decode_pair(pair.image_w, pair.image_l, reader, pair.where)
+    if isinstance(decoded, str):
+        return decoded
+    images, converted = decoded[:2], decoded[2]
     rng = random.Random(seed * 1_000_003 + key)
     crop = cfg.crop if train else "center"
     pixels, time_ids = transform_pair((images[0], images[1]), cfg.resolution, crop, train and cfg.random_flip, rng)
-    return {"prompt": pair.prompt, "pixels": pixels, "time_ids": time_ids, "label": pair.label}
+    return {"prompt": pair.prompt, "pixels": pixels, "time_ids": time_ids, "label": pair.label,
+            "converted": converted}
 
 
 @dataclass
@@ -126,6 +129,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                             "looks broken; check [data].source and [data].columns")
         if self.train and caption_dropped(self.seed, key, self.cfg.caption_dropout):
             item["prompt"] = ""
+        stats.converted.update(item["converted"])
         return {**item, "stats": stats}
 
 

@@ -112,13 +112,21 @@ def _check_parquet_types(schema: Any, cols: dict[str, str], file: Path) -> None:
         raise DataError(f"{file}: {'; '.join(problems)}")
 
 
-def parquet_files(path: Path, split: str) -> list[Path]:
-    """A file, or a folder's parquet files; in a folder holding several splits (`train-00000-of-00645.parquet`,
-    `validation-...`), those of `split` only."""
+def parquet_files(path: Path, split: str, key: str = "[data].split") -> list[Path]:
+    """A file, or a folder's parquet files. A folder holding named splits (`train-00000-of-00645.parquet`,
+    `validation-...`: the name up to the first `-`) gives the files of `split`, and a DataError listing the splits
+    it has when there is none; a folder of files without split names (`a.parquet`) is one split, used whole."""
     if not path.is_dir():
         return [path]
     files = sorted(path.glob("*.parquet"))
-    return [f for f in files if f.name.split("-")[0] == split] or files
+    splits = sorted({f.name.split("-")[0] for f in files if "-" in f.name})
+    if not splits:
+        return files
+    chosen = [f for f in files if "-" in f.name and f.name.split("-")[0] == split]
+    if not chosen:
+        raise DataError(f"{key} = {split!r}: {path} has no `{split}-*.parquet` file; its splits: "
+                        f"{', '.join(splits)}")
+    return chosen
 
 
 def _read_parquet(path: Path, cfg: DataRecipe, cols: dict[str, str]) -> Iterator[PairRecord]:
@@ -161,6 +169,20 @@ def synthetic_source(spec: str, resolution: int) -> Path:
     if not (folder / "pairs.jsonl").is_file():
         synthetic.write_shapes_dataset(folder, n_pairs, size)
     return folder / "pairs.jsonl"
+
+
+def check_val_split(cfg: DataRecipe) -> None:
+    """`[data].val_split` reads another split of the same dataset: a hub dataset's, or a parquet folder's
+    `<split>-*.parquet` files. Other sources have no second split: a DataError says so."""
+    if cfg.val_split is None or is_hub(cfg.source):
+        return
+    path = Path(cfg.source)
+    if path.is_dir() and any("-" in f.name for f in path.glob("*.parquet")):
+        parquet_files(path, cfg.val_split, "[data].val_split")  # raises, listing the splits, when it is absent
+        return
+    raise DataError(f"[data].val_split = {cfg.val_split!r}: {cfg.source!r} has no named splits (a hub dataset or a "
+                    "folder of `<split>-*.parquet` files has); unset it to hold pairs out of the training source "
+                    "by prompt")
 
 
 def read_records(cfg: DataRecipe) -> Iterator[PairRecord]:

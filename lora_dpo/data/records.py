@@ -15,7 +15,8 @@ from typing import Any
 
 from lora_dpo.errors import LoraDpoError
 
-POLICY_DROPS = ("ties", "identical images", "unlabelled")  # rows left out by choice, not because they are broken
+HELD_OUT_PROMPT = "held-out prompt"  # a training pair whose prompt is held out: never trained on, never measured
+POLICY_DROPS = ("ties", "identical images", "unlabelled", HELD_OUT_PROMPT)  # left out by choice, not broken
 
 
 class DataError(LoraDpoError, ValueError):
@@ -83,6 +84,7 @@ class PairStats:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)  # left out by the policy (POLICY_DROPS)
     skipped: dict[str, str] = field(default_factory=dict)  # unusable rows: where -> why, each row once
+    converted: dict[str, str] = field(default_factory=dict)  # images made RGB: "where (w|l)" -> their mode, once
 
     def skip(self, where: str, why: str, strict: bool) -> None:
         if strict:
@@ -92,8 +94,8 @@ class PairStats:
 
     def drain(self) -> PairStats:
         """A copy of the counts so far, leaving this one empty (a stream hands its counts out with each item)."""
-        copy = PairStats(self.read, self.kept, self.dropped.copy(), dict(self.skipped))
-        self.read, self.kept, self.dropped, self.skipped = 0, 0, Counter(), {}
+        copy = PairStats(self.read, self.kept, self.dropped.copy(), dict(self.skipped), dict(self.converted))
+        self.read, self.kept, self.dropped, self.skipped, self.converted = 0, 0, Counter(), {}, {}
         return copy
 
     def merge(self, other: PairStats) -> None:
@@ -102,10 +104,17 @@ class PairStats:
         self.dropped.update(other.dropped)
         for where, why in other.skipped.items():
             self.skipped.setdefault(where, why)
+        for where, mode in other.converted.items():
+            self.converted.setdefault(where, mode)
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
         text = f"{self.read} pairs read, {self.kept} kept; dropped: {drops}"
+        if self.converted:
+            modes = Counter(self.converted.values())
+            text += (f"; converted {len(self.converted)} images to RGB ("
+                     + ", ".join(f"{n} {mode}" for mode, n in sorted(modes.items(), key=lambda m: (-m[1], m[0])))
+                     + ")")
         return text + "; " + self.skipped_summary() if self.skipped else text
 
     def skipped_summary(self) -> str:
@@ -117,3 +126,27 @@ class PairStats:
         counts = Counter(self.skipped.values())
         return f"skipped {len(self.skipped)} unusable: " + ", ".join(
             f"{n} {why} (first: {first[why]})" for why, n in counts.most_common())
+
+
+@dataclass
+class HeldOut:
+    """The held-out pairs and how they were chosen: by prompt from the training source (`split` None), or from
+    another split of the same dataset (`[data].val_split`). Either way no training pair shares a prompt (and so
+    an image) with them. Described in the data summary, metrics.json and the model card; listed in heldout.jsonl."""
+
+    pairs: list[Pair]
+    split: str | None = None
+
+    def prompts(self) -> int:
+        return len({pair.prompt for pair in self.pairs})
+
+    def describe(self) -> str:
+        if not self.pairs:
+            return "no held-out pairs"
+        how = f"from split {self.split!r}" if self.split else "held out by prompt from the training source"
+        return f"{len(self.pairs)} pairs, {self.prompts()} prompts never trained on, {how}"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """heldout.jsonl's lines: each pair's prompt, label and where it was read (file and row or line, or the
+        dataset, split and row)."""
+        return [{"prompt": pair.prompt, "where": pair.where, "label": pair.label} for pair in self.pairs]

@@ -1,13 +1,15 @@
 """A hub split streamed, never downloaded whole: `StreamingPreferenceDataset` (an IterableDataset: each process
 and loader worker reads its own shards, applies the ties policy, and draws pairs from a shuffle buffer) and
-`stream_holdout` (the held-out head of the stream, kept in memory).
+`stream_holdout` (the held-out head of the stream, or of another split, kept in memory, by prompt).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,39 +18,58 @@ from lora_dpo.data.dataset import caption_dropped, make_item
 from lora_dpo.data.hub import hub_dataset
 from lora_dpo.data.images import ImageReader
 from lora_dpo.data.pairs import orient
-from lora_dpo.data.records import POLICY_DROPS, DataError, Pair, PairRecord, PairStats
+from lora_dpo.data.records import HELD_OUT_PROMPT, POLICY_DROPS, DataError, HeldOut, Pair, PairRecord, PairStats
 from lora_dpo.data.rows import column_names, pickapic_record
 from lora_dpo.recipe import DataRecipe
 
 
-def _stream_records(dataset: Any, cfg: DataRecipe, meta: list[str]) -> Iterator[tuple[str, PairRecord]]:
+def _stream_records(dataset: Any, cfg: DataRecipe, meta: list[str], split: str,
+                    numbered: bool = False) -> Iterator[tuple[str, PairRecord]]:
     """(identity, record) of each streamed row. Streams have no stable row numbers (the shard order changes every
     pass), so a row is known by a hash of its caption and first image: held-out rows are left out by it, and a bad
-    row met in several passes is reported once."""
+    row met in several passes is reported once. A stream read once in source order (the held-out head) is
+    `numbered`: its rows' `where` also gives their position, for heldout.jsonl."""
     cols, reader = column_names(cfg), ImageReader()
-    for row in dataset:
+    for number, row in enumerate(dataset):
         images = (reader.read(row[cols["jpg_0"]]), reader.read(row[cols["jpg_1"]]))
         caption = str(row[cols["caption"]] or "")
         first = images[0] if isinstance(images[0], bytes) else str(images[0]).encode()
         key = hashlib.blake2b(caption.encode() + b"\0" + first, digest_size=12).hexdigest()
-        where = f"{cfg.source}[{cfg.split}] row {caption[:40]!r} #{key[:8]}"
+        at = f" {number}" if numbered else ""
+        where = f"{cfg.source}[{split}] row{at} {caption[:40]!r} #{key[:8]}"
         yield key, pickapic_record({c: row[cols[c]] for c in meta}, where, *images)
 
 
-def stream_holdout(cfg: DataRecipe) -> tuple[list[Pair], frozenset[str], PairStats]:
-    """The held-out pairs of a stream: the first `val_pairs` usable ones in the source's order (kept in memory),
-    and their row keys, which every training pass leaves out."""
-    held, keys, stats = [], set(), PairStats()
-    if cfg.val_pairs:
-        dataset, meta = hub_dataset(cfg, streaming=True)
-        for key, record in _stream_records(dataset, cfg, meta):
+@dataclass(frozen=True)
+class StreamHoldout:
+    """What the training stream leaves out: the held-out rows' keys (silently: the holdout counted them) and their
+    prompts (every other pair with one is left out, and counted). Pickled to every loader worker, so it holds no
+    image bytes."""
+
+    keys: frozenset[str]
+    prompts: frozenset[str]
+
+
+def stream_holdout(cfg: DataRecipe) -> tuple[HeldOut, StreamHoldout, PairStats]:
+    """The held-out pairs of a stream, read in the source's order: those of the first usable prompts until there
+    are `val_pairs` (a later pair of an earlier prompt joins them while there is room), from the training split
+    or, with `[data].val_split`, from that split (then `val_pairs` = 0 reads all of it)."""
+    held: list[Pair] = []
+    keys: set[str] = set()
+    stats = PairStats()
+    split = cfg.val_split or cfg.split
+    if cfg.val_pairs or cfg.val_split:
+        dataset, meta = hub_dataset(dataclasses.replace(cfg, split=split), streaming=True)
+        for key, record in _stream_records(dataset, cfg, meta, split, numbered=True):
             pair = orient(record, cfg, stats)
             if pair is not None:
                 held.append(pair)
                 keys.add(key)
                 if len(held) == cfg.val_pairs:
                     break
-    return held, frozenset(keys), stats
+    if cfg.val_split and not held:
+        raise DataError(f"[data].val_split = {cfg.val_split!r}: no usable pairs in it ({stats.summary()})")
+    return HeldOut(held, cfg.val_split), StreamHoldout(frozenset(keys), frozenset(p.prompt for p in held)), stats
 
 
 def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -77,7 +98,7 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
     max_pairs), reshuffled in the buffer every pass. A resume replays the stream up to its batch (skipping the
     decoded batches), which re-reads that much of the stream."""
 
-    def __init__(self, cfg: DataRecipe, seed: int, draws: int, batch_size: int, holdout: frozenset[str] = frozenset(),
+    def __init__(self, cfg: DataRecipe, seed: int, draws: int, batch_size: int, holdout: StreamHoldout | None = None,
                  process_index: int = 0, num_processes: int = 1) -> None:
         self.cfg, self.seed, self.draws, self.batch_size, self.holdout = cfg, seed, draws, batch_size, holdout
         self.process_index, self.num_processes = process_index, num_processes
@@ -104,11 +125,16 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
             dataset.set_epoch(epoch)
         cap = None if cfg.max_pairs is None else cfg.max_pairs // parts + (part < cfg.max_pairs % parts)
         kept = 0
-        for key, record in _stream_records(dataset, cfg, meta):
-            if key in self.holdout:
+        keys, prompts = (self.holdout.keys, self.holdout.prompts) if self.holdout else (frozenset(), frozenset())
+        for key, record in _stream_records(dataset, cfg, meta, cfg.split):
+            if key in keys:  # a held-out row itself: the holdout counted it
                 continue
             pair = orient(record, cfg, stats)
             if pair is None:
+                continue
+            if pair.prompt in prompts:  # a later pair of a held-out prompt: neither trained on nor measured
+                stats.kept -= 1
+                stats.dropped[HELD_OUT_PROMPT] += 1
                 continue
             yield pair
             kept += 1
@@ -134,6 +160,7 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
                     continue
                 if caption_dropped(self.seed, key, self.cfg.caption_dropout):
                     item["prompt"] = ""
+                stats.converted.update(item["converted"])
                 item["stats"] = stats.drain()
                 yield item
                 count, produced = count + 1, produced + 1

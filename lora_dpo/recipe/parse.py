@@ -40,7 +40,10 @@ def _check_value(key: str, value: Any, annotation: Any, meta: dict[str, Any]) ->
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
-            return None, None
+            return None, None  # `none` unsets an optional key (TOML has no null): `--set model.variant=none`
+        if type(None) in args and str in args and isinstance(value, str) and not value.strip():
+            return value, (f"{key} = {value!r}: an empty name is never valid; to unset the key write none "
+                           f"(`--set {key.replace('[', '').replace(']', '')}=none`), or leave it out of the recipe")
         options = [a for a in args if a is not type(None)]
         for option in options:  # the first type that takes the value
             checked, problem = _check_value(key, value, option, meta)
@@ -91,6 +94,8 @@ def _check_value(key: str, value: Any, annotation: Any, meta: dict[str, Any]) ->
     elif annotation is str:
         if not _is_text(value):
             return value, f"{key} = {value!r} must be a string (in quotes)"
+        if not value.strip():  # every text key names something (a model, a file, a split): "" names nothing
+            return value, f"{key} = {value!r}: an empty name is never valid"
         return value, None
     if "min" in meta and value < meta["min"]:
         return value, f"{key} = {value!r} must be >= {meta['min']}"
@@ -197,5 +202,8 @@ def describe() -> list[tuple[str, str, str, str]]:
             type_name = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
             type_name = "table" if hints[f.name] == ColumnMap else type_name
             type_name = type_name.replace(" | ", " or ")  # a bare | would split the README's Markdown table
-            rows.append((f"{section}.{f.name}", type_name, repr(f.default), f.metadata["help"]))
+            help_text = f.metadata["help"]
+            if type(None) in typing.get_args(hints[f.name]):  # say once, where users look, how to unset one
+                help_text += " `none` unsets it (`--set " + f"{section}.{f.name}=none`)."
+            rows.append((f"{section}.{f.name}", type_name, repr(f.default), help_text))
     return rows

@@ -84,12 +84,19 @@ class DataRecipe:
         "dataset id (or `hf:<id or folder>`, read by the `datasets` library), or `synthetic:shapes` (the "
         "generated demo set).",
     )
-    split: str = _f("train", "Dataset split (hub datasets).")
+    split: str = _f("train", "Split to train on: a hub dataset's, or a parquet folder's `<split>-*.parquet` files.")
+    val_split: str | None = _f(
+        None,
+        "Take the held-out pairs from this other split of the same dataset (a hub dataset, or a parquet folder "
+        "with `<split>-*.parquet` files), e.g. Pick-a-Pic v2's `validation`, where the paper measured implicit "
+        "reward accuracy; training pairs sharing a prompt with them are left out. None: hold out whole prompts of "
+        "the training source (see `val_pairs`).",
+    )
     streaming: bool = _f(
         False,
         "Hub datasets: stream the rows instead of downloading the whole split first (Pick-a-Pic v2 is ~335 GB). "
-        "Held-out pairs are the first `val_pairs` usable ones of the stream; `max_pairs` keeps the first usable "
-        "pairs in source order.",
+        "Held-out pairs are those of the first usable prompts of the stream (or of `val_split`), up to `val_pairs`; "
+        "`max_pairs` keeps the first usable pairs in source order.",
     )
     shuffle_buffer: int = _f(
         1000, "Streaming: usable pairs each loader worker holds and draws from at random (memory ~ 2 images each).",
@@ -102,8 +109,9 @@ class DataRecipe:
     )
     strict: bool = _f(
         False,
-        "Stop at the first unusable row (missing, truncated or undecodable image, non-RGB image, empty caption, "
-        "bad label) with an error naming it. Off: such pairs are skipped, counted and summarised at the end.",
+        "Stop at the first unusable row (missing, truncated or undecodable image, empty caption, bad label) with "
+        "an error naming it. Off: such pairs are skipped, counted and summarised at the end. Images in another "
+        "mode (RGBA, L, P, CMYK, 16-bit...) are converted to RGB, never skipped.",
     )
     cache: str | None = _f(
         None,
@@ -118,7 +126,12 @@ class DataRecipe:
         "drop", "Pairs rated equal (label 0.5): `drop` them (the paper) or `keep` them with a soft label."
     )
     max_pairs: int | None = _f(None, "Use at most this many pairs (after filtering).", min=1)
-    val_pairs: int = _f(0, "Pairs held out, deterministically, to measure reward accuracy during training.", min=0)
+    val_pairs: int = _f(
+        0,
+        "Pairs held out to measure reward accuracy during training: whole prompts are held out, drawn from the "
+        "seed, until they give this many pairs, and no training pair shares their prompt (0: none). With "
+        "`val_split`: at most this many pairs of that split (0: all of it).",
+        min=0)
     caption_dropout: float = _f(
         0.0, "Probability of training a pair on the empty prompt (the official code uses 0.2).", min=0.0, max=1.0
     )

@@ -6,6 +6,7 @@ recipe -> data (live, streamed, or a latent cache) + base model -> policy (step.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe
 from lora_dpo.train import samples
 
 log = logging.getLogger(__name__)
+HELDOUT_FILE = "heldout.jsonl"  # one line per held-out pair: prompt, where it was read, label
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Run:
     start_step: int = 0
     skipped_steps: int = 0  # optimizer steps skipped so far for a NaN/Inf loss or gradient
     data_summary: str = ""
+    heldout: str = "no held-out pairs"  # how the held-out set was chosen: for metrics.json and the model card
     history: list[dict[str, float]] = field(default_factory=list)
     data_stats: data.PairStats = field(default_factory=data.PairStats)  # what reading the source found
     loader_stats: data.PairStats = field(default_factory=data.PairStats)  # what this process's loaders found
@@ -117,7 +120,9 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         unet, optimizer, train_loader = accelerator.prepare(base.unet, optimizer, train_loader)
 
     run = Run(recipe, run_dir, accelerator, base, unet, lora_config, optimizer, lr_scheduler, train_loader,
-              val_loader, data_summary=parts.summary, data_stats=parts.stats)
+              val_loader, data_summary=parts.summary, heldout=parts.heldout, data_stats=parts.stats)
+    if accelerator.is_main_process:  # which pairs were never trained on, so anyone can measure on them again
+        files.write_text(run_dir / HELDOUT_FILE, "".join(json.dumps(row) + "\n" for row in parts.heldout_rows))
     if recipe.sample.every and recipe.data.cache:
         log.warning("[sample].every: sample grids need the VAE and text encoders, which a cached run never loads; "
                     "no grids this run (`lora-dpo eval` the adapter afterwards)")

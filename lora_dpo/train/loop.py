@@ -136,8 +136,8 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     final = {k: v for k, v in run.history[-1].items() if k != "step"} if run.history else {}
     skipped = dict(Counter(run.loader_stats.skipped.values()))
-    return {"steps": step, "seconds": round(seconds, 2), "data": run.data_summary, "skipped": skipped,
-            "skipped_steps": bad.total, **final}
+    return {"steps": step, "seconds": round(seconds, 2), "data": run.data_summary, "heldout": run.heldout,
+            "skipped": skipped, "skipped_steps": bad.total, **final}
 
 
 def _record(run: Run, record: dict[str, float]) -> None:

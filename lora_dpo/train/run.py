@@ -58,6 +58,13 @@ def _objective_summary(cfg: ObjectiveRecipe) -> str:
     return cfg.kind if cfg.kind == "sft" else f"{cfg.kind}, beta {cfg.beta:g}"
 
 
+def _accuracy_phrase(key: str, value: float) -> str:
+    """"held-out reward accuracy 0.812; " for a `val_` metric, "training reward accuracy ...; " otherwise: a
+    number measured on pairs the adapter trained on must not pass for one that generalises."""
+    name = key.removeprefix("val_").replace("_", " ")
+    return f"{'held-out' if key.startswith('val_') else 'training'} {name} {value:.3f}; "
+
+
 def _data_report(run: Run) -> str:
     """What reading the source found plus what every process's loaders skipped while training."""
     from accelerate.utils import gather_object
@@ -102,8 +109,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         if plot is not None:
             trackers.log_image(accelerator, "training_curves", plot, summary["steps"])
         keys = ("val_reward_accuracy", "reward_accuracy", "val_error_accuracy", "error_accuracy")
-        acc = next((f"{'held-out ' if k.startswith('val_') else ''}{k.removeprefix('val_').replace('_', ' ')} "
-                    f"{summary[k]:.3f}; " for k in keys if k in summary), "")
+        acc = next((_accuracy_phrase(k, summary[k]) for k in keys if k in summary), "")
         accelerator.print(f"lora-dpo: done in {summary['seconds']:.0f} s; {acc}wrote {path}")
         accelerator.print(f"lora-dpo: load it on its base: {run.base.pipeline_class.__name__}.from_pretrained("
                           f"{models.base_location(recipe.model.base)!r}).load_lora_weights({str(run_dir)!r})")

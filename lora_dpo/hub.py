@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +27,11 @@ class HubUnavailableError(LoraDpoError):
 def _endpoint() -> tuple[str, int]:
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def is_hub_id(source: str) -> bool:
+    """`owner/name`, and not a path on this machine: what the hub libraries would try to download."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not Path(source).exists()
 
 
 @functools.cache
@@ -55,7 +61,7 @@ def prepare() -> bool:
 def preflight(source: str | None, filename: str, what: str) -> None:
     """Before any heavy import: a hub id (not a local path) that is needed while the hub is offline must be in the
     local cache (its `filename` at least), or this raises at once."""
-    if source is None or Path(source).exists() or prepare():
+    if source is None or not is_hub_id(source) or prepare():
         return
     from huggingface_hub import try_to_load_from_cache
 

@@ -95,7 +95,7 @@ def load_pipeline(base: str, adapter: Path | None, device: torch.device, dtype: 
     from diffusers import DiffusionPipeline
 
     source = models.resolve_base(base)
-    online = Path(source).exists() or hub.prepare()
+    online = not hub.is_hub_id(source) or hub.prepare()
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases know only that
             warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)

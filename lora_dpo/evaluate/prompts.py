@@ -97,7 +97,7 @@ def _dataset_prompts(name: str, split: str) -> list[str]:
     except ImportError:
         raise EvalError(f"--prompts {name!r}: hub and folder datasets need the `datasets` package "
                         "(pip install datasets)") from None
-    online = Path(name).exists() or hub.prepare()
+    online = not hub.is_hub_id(name) or hub.prepare()
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets raises many types; all mean "cannot use this name"

@@ -24,7 +24,7 @@ def read_pipeline_json(source: str, filename: str, revision: str | None = None) 
         return json.loads(path.read_text())
     from huggingface_hub import hf_hub_download
 
-    online = hub.prepare()
+    online = not hub.is_hub_id(source) or hub.prepare()
     try:
         return json.loads(Path(hf_hub_download(source, filename, revision=revision)).read_text())
     except Exception as err:
@@ -51,7 +51,7 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
                          "SDXL text-to-image pipeline")
     is_sdxl = "text_encoder_2" in index and index.get("text_encoder_2") != [None, None]
     common = {"revision": cfg.revision}
-    online = hub.prepare() if not Path(source).exists() or (cfg.vae and not Path(cfg.vae).exists()) else True
+    online = not (hub.is_hub_id(source) or (cfg.vae and hub.is_hub_id(cfg.vae))) or hub.prepare()
     try:
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
@@ -73,7 +73,7 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
                 for cls, n in zip(encoders, names, strict=False))
     except (OSError, ValueError) as err:
         if not online:
-            raise hub.unavailable(cfg.vae if cfg.vae and not Path(cfg.vae).exists() else source,
+            raise hub.unavailable(cfg.vae if cfg.vae and hub.is_hub_id(cfg.vae) else source,
                                   "the base pipeline") from None
         raise ModelError(f"{source}: cannot load the base pipeline: {str(err).splitlines()[0]}") from None
     for module in (base.unet, base.vae, *base.text_encoders):

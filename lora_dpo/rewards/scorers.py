@@ -313,7 +313,7 @@ def build_scorer(kind: str, source: str | None = None, device: str | torch.devic
     failure is a `RewardError` naming the scorer: a wrong path or an offline hub reaches the user as one line."""
     shown = source or DEFAULT_SOURCES.get(kind)
     # offline, the hub libraries fail at once (cached weights still load) instead of retrying for a minute
-    online = kind == "shapes" or (shown is not None and Path(shown).exists()) or hub.prepare()
+    online = kind == "shapes" or shown is None or not hub.is_hub_id(shown) or hub.prepare()
     try:
         return _build_scorer(kind, source, device, dtype)
     except RewardError:

@@ -1,8 +1,8 @@
 """Every shipped Pick-a-Pic recipe runs in CI with its own settings: optimizer (bitsandbytes' 8-bit AdamW), mixed
 precision (bf16), accumulation, caption dropout, ties policy, streaming, loader workers. Only what a 2-core CPU with
 no hub cannot take is swapped: the base (a tiny one of the same architecture), the data (the demo shapes in
-Pick-a-Pic's own layout), the resolution and the run's length. Gradient checkpointing is forced on, since the
-recipes' `auto` means off on a CPU (host memory), and it is the path a small GPU takes."""
+Pick-a-Pic's own layout), the resolution, the run's length and the thread count. Gradient checkpointing is forced
+on, since the recipes' `auto` means off on a CPU (host memory), and it is the path a small GPU takes."""
 
 import os
 import signal
@@ -27,7 +27,9 @@ def shipped(name: str, base: Path, data: Path, out: Path, run: str, **changes: d
     raw = tomllib.loads((RECIPES / name).read_text())
     raw["model"] |= {"base": str(base), "variant": None}  # the tiny base has one set of weights
     raw["data"] |= {"source": f"hf:{data}", "resolution": 64, "val_pairs": 4}
-    raw["train"] |= {**LENGTH, "gradient_checkpointing": True}
+    # one torch thread, as the suite runs in process: the killed run is a subprocess, and another thread count
+    # reduces floats in another order, so its checkpoint would not be the in-process reference's
+    raw["train"] |= {**LENGTH, "gradient_checkpointing": True, "num_threads": 1}
     raw["sample"] |= {"every": LENGTH["max_steps"], "steps": 2, "seeds": [0]}
     raw["output"] = {"dir": str(out), "name": run}
     for section, values in changes.items():

@@ -121,7 +121,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
 
     run = Run(recipe, run_dir, accelerator, base, unet, lora_config, optimizer, lr_scheduler, train_loader,
               val_loader, data_summary=parts.summary, heldout=parts.heldout, data_stats=parts.stats)
-    if accelerator.is_main_process:  # which pairs were never trained on, so anyone can measure on them again
+    if accelerator.is_main_process and parts.heldout_rows:  # which pairs were never trained on, to measure again
         files.write_text(run_dir / HELDOUT_FILE, "".join(json.dumps(row) + "\n" for row in parts.heldout_rows))
     if recipe.sample.every and recipe.data.cache:
         log.warning("[sample].every: sample grids need the VAE and text encoders, which a cached run never loads; "

@@ -42,7 +42,9 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 class ModelRecipe:
     base: str = _f(
         "stabilityai/stable-diffusion-xl-base-1.0",
-        "Hub id or local diffusers folder of the base pipeline (SDXL or SD 1.5), or a built-in tiny base, built "
+        "Hub id or local diffusers folder of the base pipeline (SDXL or SD 1.5), a single-file checkpoint "
+        "(`model.safetensors`, what A1111/ComfyUI load; configs from a diffusers config folder beside it, else the "
+        "shipped SDXL / SD 1.5 ones), or a built-in tiny base, built "
         "and cached on first use (offline demo and tests): `tiny` (SDXL architecture) or `tiny-sd15` (SD 1.5 "
         "architecture: one text encoder, no micro-conditioning).",
     )

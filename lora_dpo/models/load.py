@@ -57,15 +57,21 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
     common = {"revision": cfg.revision}
     online = hub.prepare() if not Path(source).exists() or (cfg.vae and not Path(cfg.vae).exists()) else True
     try:
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler",
+                                                  rescale_betas_zero_snr=cfg.rescale_betas_zero_snr, **common)
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"{source}: its scheduler predicts {scheduler.config.prediction_type!r}; lora-dpo "
                              f"trains bases that predict {' or '.join(PREDICTION_TYPES)}")
+        steps = scheduler.config.num_train_timesteps
+        if any(t >= steps for t in cfg.timesteps):
+            raise ModelError(f"[model].timesteps = {list(cfg.timesteps)}: this base's schedule has timesteps "
+                             f"0..{steps - 1}; use values in that range (SDXL-Turbo: [249, 499, 749, 999])")
         if single:
             parts = load_single_file_parts(single, Path(source), is_sdxl, with_unet=with_unet,
                                            with_encoders=with_encoders, vae=cfg.vae is None,
                                            weight_dtype=weight_dtype, vae_dtype=vae_dtype)
-            base = BaseModel(source=source, unet=parts["unet"], noise_scheduler=scheduler, is_sdxl=is_sdxl)
+            base = BaseModel(source=source, unet=parts["unet"], noise_scheduler=scheduler, is_sdxl=is_sdxl,
+                             train_timesteps=tuple(cfg.timesteps))
             base.vae, base.text_encoders = parts["vae"], parts["text_encoders"]
             if with_encoders:
                 if cfg.vae is not None:
@@ -76,7 +82,8 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
         else:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
                                                         torch_dtype=weight_dtype, **common) if with_unet else None
-            base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, is_sdxl=is_sdxl)
+            base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, is_sdxl=is_sdxl,
+                             train_timesteps=tuple(cfg.timesteps))
         if with_encoders and not single:
             vae_kwargs = {"subfolder": "vae", **common} if cfg.vae is None else {}
             base.vae = AutoencoderKL.from_pretrained(cfg.vae or source, torch_dtype=vae_dtype, **vae_kwargs)

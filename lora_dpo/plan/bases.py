@@ -21,6 +21,7 @@ from lora_dpo.recipe import ModelRecipe
 
 KNOWN_BASES = {
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/sdxl-turbo": "sdxl",  # SDXL distilled: the same UNet and VAE, only its sampling differs
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "runwayml/stable-diffusion-v1-5": "sd15",
     "CompVis/stable-diffusion-v1-4": "sd15",

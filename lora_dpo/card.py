@@ -1,8 +1,8 @@
 """The run folder as a hub model repo: the model card (README.md) and the upload.
 
-The card is a function of the run folder alone (recipe.toml, metrics.json, eval/report.json and sample images
-when present), so training writes it, `lora-dpo push` refreshes it with the repo id in the code snippet, and an
-evaluation written later shows up the next time it is refreshed.
+The card is a function of the run folder alone (recipe.toml, metrics.json, eval/report.json, sample images and
+the kohya file when present), so training writes it, `lora-dpo push` (`publish`) refreshes it with the repo id in
+the code snippet, and an evaluation written later shows up the next time it is refreshed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from lora_dpo.recipe import Recipe, load
 
 CARD_FILE = "README.md"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_SUFFIX = "_kohya.safetensors"  # `<run>_kohya.safetensors`: the file ComfyUI, A1111 and Forge apply
+SAMPLE_PROMPTS_FILE = "prompts.json"  # samples/prompts.json: the sample grids' row prompts, top to bottom
+WIDGET_IMAGES = 3  # the newest sample grids shown in the hub's gallery
 MARK = "<!-- written by lora-dpo; `lora-dpo push` rewrites it: delete this line to keep your own edits -->"
 # Licenses of the bases people train on; other bases get `other` unless [output].license says.
 BASE_LICENSES = {"stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
@@ -103,6 +106,43 @@ def _sample_image(folder: Path, report: dict[str, Any]) -> str | None:
     return grids[0] if grids else (str(samples[-1].relative_to(folder)) if samples else None)
 
 
+def kohya_file(folder: Path) -> str:
+    """The run's kohya-format file name, beside the diffusers one (`push` writes it before uploading)."""
+    return Path(folder).resolve().name + KOHYA_SUFFIX
+
+
+def widget(folder: Path, recipe: Recipe) -> list[dict[str, Any]]:
+    """The hub gallery (`widget:` in the front matter, which the `template:sd-lora` page shows): the newest
+    training sample grids (base | adapter), newest first, captioned with the prompts of their rows."""
+    folder = Path(folder)
+    grids = sorted((folder / "samples").glob("step-*.png"))[-WIDGET_IMAGES:][::-1]
+    prompts = _read_json_list(folder / "samples" / SAMPLE_PROMPTS_FILE) or list(recipe.sample.prompts)
+    text = " | ".join(dict.fromkeys(prompts)) or folder.resolve().name
+    return [{"text": text, "output": {"url": grid.relative_to(folder).as_posix()}} for grid in grids]
+
+
+def _read_json_list(path: Path) -> list[str]:
+    try:
+        value = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _files_section(folder: Path, ref: str, name: str) -> list[str]:
+    """Which file is for which tool: the diffusers file, and the kohya file when present (push writes it)."""
+    kohya_name = kohya_file(folder)
+    if (folder / kohya_name).is_file():
+        webui_row = f"| ComfyUI, AUTOMATIC1111, Forge, SD.Next | `{kohya_name}` (kohya format): put it in the " \
+                    "tool's LoRA folder |"
+    else:
+        webui_row = (f"| ComfyUI, AUTOMATIC1111, Forge, SD.Next | the kohya format: `lora-dpo export {ref} --format "
+                     f"kohya --out {name}{KOHYA_SUFFIX}`, then put the file in the tool's LoRA folder |")
+    return ["| tool | file |", "|---|---|",
+            f"| diffusers (`load_lora_weights`, the snippet above) | `{ADAPTER_FILE}` |", webui_row, "",
+            "ComfyUI does not apply the diffusers file's attention layers: use the kohya file there.", ""]
+
+
 def _snippet(base: str, adapter_ref: str, sdxl: bool) -> str:
     return "\n".join([
         "```python",
@@ -138,7 +178,8 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         library_name="diffusers", pipeline_tag="text-to-image",
         tags=["lora", "diffusers", "text-to-image", "dpo", "diffusion-dpo", "lora-dpo",
               "stable-diffusion-xl" if sdxl else "stable-diffusion", "template:sd-lora"],
-        datasets=[recipe.data.source] if is_hub_id(recipe.data.source) else None)
+        datasets=[recipe.data.source] if is_hub_id(recipe.data.source) else None,
+        widget=widget(folder, recipe) or None)
     name = folder.resolve().name
     ref = adapter_ref or str(folder.resolve())
     cfg, lora, obj = recipe.train, recipe.lora, recipe.objective
@@ -150,9 +191,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         f"A LoRA adapter for `{base}`{base_note}, aligned to human preferences with "
         f"{METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
         "", "## Use it", "", _snippet(models.base_location(base), ref, sdxl), "",
-        "ComfyUI, AUTOMATIC1111 and Forge need the kohya format: "
-        f"`lora-dpo export {ref} --format kohya --out {name}.safetensors`, then put the file in the "
-        "tool's LoRA folder.", "",
+        *_files_section(folder, ref, name),
         "## Training", "",
         "| setting | value |", "|---|---|",
         f"| objective | `{obj.kind}`, beta {obj.beta:g} (loss `-log sigmoid(-beta/2 x ((e_w - r_w) - (e_l - r_l)))`, "
@@ -212,26 +251,9 @@ def hub_problems(folder: Path) -> list[str]:
     for key in ("license", "library_name", "tags"):
         if not getattr(data, key, None):
             problems.append(f"{CARD_FILE} front matter has no {key}")
+    uploaded = set(hub_files(folder))
+    for entry in getattr(data, "widget", None) or []:  # a gallery image the upload leaves out shows broken
+        url = (entry.get("output") or {}).get("url") if isinstance(entry, dict) else None
+        if url not in uploaded:
+            problems.append(f"{CARD_FILE} widget image {url} is not among the uploaded files")
     return problems
-
-
-def push(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Upload the run folder as a model repo (created if needed) with huggingface_hub; returns its URL."""
-    from huggingface_hub import HfApi
-
-    folder = Path(folder)
-    card_path = folder / CARD_FILE
-    if not card_path.is_file() or MARK in card_path.read_text(encoding="utf-8"):
-        write_model_card(folder, adapter_ref=repo_id)  # the snippet now loads from the hub
-    problems = hub_problems(folder)
-    if problems:
-        raise models.ModelError(f"{folder}: not ready to upload: {'; '.join(problems)}")
-    api = HfApi()
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=UPLOAD_IGNORE,
-                          commit_message=f"Upload {folder.name} (lora-dpo {__version__})")
-    except Exception as err:  # network, login, permissions: the hub's message says which
-        raise models.ModelError(f"{repo_id}: upload failed: {str(err).splitlines()[0]} (log in with `hf auth "
-                                "login` or set HF_TOKEN)") from None
-    return str(url)

@@ -375,7 +375,9 @@ def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dt
 
     path = resolve_adapter_file(source)
     try:
-        pipe = DiffusionPipeline.from_pretrained(models.resolve_base(base), torch_dtype=models.STORAGE_DTYPES[dtype])
+        torch_dtype = models.STORAGE_DTYPES[dtype]
+        pipe = (models.single_file_pipeline(Path(base), torch_dtype) if models.is_single_file(base)
+                else DiffusionPipeline.from_pretrained(models.resolve_base(base), torch_dtype=torch_dtype))
     except (OSError, ValueError) as err:
         raise AdapterError(f"{base}: cannot load the base pipeline: {str(err).splitlines()[0]}") from None
     check_fits(read_adapter(path, config=pipe.unet.config), pipe.unet, base)

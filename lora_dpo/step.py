@@ -264,13 +264,16 @@ def sample_noise(base: BaseModel, latents: Tensor,
     """Noise (B, C, h, w) like `latents` and timesteps (B,), drawn on the generator's device (no host sync).
     One generator draws the whole batch; a sequence of B generators draws pair b from generator b alone, so
     a pair's noise does not depend on which process or micro-batch it lands in (multi-GPU == one GPU)."""
-    steps = base.noise_scheduler.config.num_train_timesteps
+    allowed = base.train_timesteps  # [model].timesteps: a distilled base's few steps; (): every timestep
+    steps = len(allowed) or base.noise_scheduler.config.num_train_timesteps
     if isinstance(generator, torch.Generator):
         noise = torch.randn(latents.shape, generator=generator, device=generator.device)
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device)
     else:
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g, device=g.device) for g in generator])
         timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=g.device) for g in generator])
+    if allowed:  # drawn as an index into the list: one draw per pair either way, so seeding is unchanged
+        timesteps = torch.tensor(allowed, device=timesteps.device)[timesteps]
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
 
 

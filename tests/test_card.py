@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_dpo import card, models
-from lora_dpo.export import ADAPTER_FILE, save_adapter
+from lora_dpo import card, models, publish
+from lora_dpo.export import ADAPTER_FILE, detect_format, read_file, save_adapter
 from lora_dpo.recipe import LoraRecipe, ModelRecipe, from_dict
 
 
@@ -92,7 +92,7 @@ def test_upload_leaves_out_checkpoints_and_reports_failure_in_one_line(run_dir: 
     assert ADAPTER_FILE in files and "README.md" in files and "recipe.toml" in files
     assert not any(f.startswith("checkpoint-") for f in files)
     with pytest.raises(models.ModelError, match="me/run: upload failed"):  # HF_HUB_OFFLINE=1 in the tests
-        card.push(run_dir, "me/run")
+        publish.push(run_dir, "me/run")
     assert "pipe.load_lora_weights('me/run')" in (run_dir / "README.md").read_text()  # refreshed for the hub
     with pytest.raises(models.ModelError, match="no recipe.toml"):
         card.model_card(run_dir / "checkpoint-5")
@@ -102,5 +102,34 @@ def test_hand_edited_card_is_kept(run_dir: Path, tmp_path: Path) -> None:
     edited = (run_dir / "README.md").read_text().replace(card.MARK + "\n", "") + "\nMy notes.\n"
     (run_dir / "README.md").write_text(edited)
     with pytest.raises(models.ModelError):
-        card.push(run_dir, "me/run")
+        publish.push(run_dir, "me/run")
     assert (run_dir / "README.md").read_text() == edited
+
+
+def test_push_prepares_the_kohya_file_and_a_gallery_of_uploaded_samples(run_dir: Path) -> None:
+    """What `push` uploads, offline: the kohya file beside the diffusers one, the card naming which is for which
+    tool, and a `widget:` gallery (parsed by huggingface_hub) of the newest sample grids, each one uploaded."""
+    from huggingface_hub import ModelCard
+
+    samples = run_dir / "samples"
+    samples.mkdir(exist_ok=True)
+    for name in ("base.png", "step-000005.png", "step-000010.png"):
+        Image.new("RGB", (8, 8)).save(samples / name)
+    (samples / card.SAMPLE_PROMPTS_FILE).write_text(json.dumps(["a red circle", "a blue square"]))
+    card.write_model_card(run_dir)  # as training wrote it (an earlier test may have hand-edited it)
+    kohya_path = publish.prepare(run_dir, "me/run")
+    assert kohya_path.name == "shapes-run_kohya.safetensors" and kohya_path.parent == run_dir
+    tensors, metadata = read_file(kohya_path)
+    assert detect_format(tensors) == "kohya" and metadata["ss_network_dim"] == "4"
+    uploaded = card.hub_files(run_dir)
+    assert {ADAPTER_FILE, kohya_path.name} <= set(uploaded)
+    parsed = ModelCard.load(run_dir / "README.md")
+    gallery = parsed.data.widget
+    assert [g["output"]["url"] for g in gallery] == ["samples/step-000010.png", "samples/step-000005.png"]
+    assert all(g["text"] == "a red circle | a blue square" for g in gallery)
+    assert all(g["output"]["url"] in uploaded for g in gallery)
+    assert f"| `{ADAPTER_FILE}` |" in parsed.text and f"`{kohya_path.name}` (kohya format)" in parsed.text
+    assert "pipe.load_lora_weights('me/run')" in parsed.text and card.hub_problems(run_dir) == []
+    (samples / "step-000010.png").unlink()  # a gallery image that would not be uploaded is a problem
+    assert card.hub_problems(run_dir) == ["README.md widget image samples/step-000010.png is not among the "
+                                          "uploaded files"]

@@ -181,3 +181,20 @@ def test_a_base_that_predicts_something_else_is_refused_when_it_loads(tiny_base_
     config_file.write_text(json.dumps({**config, "prediction_type": "sample"}))
     with pytest.raises(ModelError, match=r"predicts 'sample'; lora-dpo trains bases that predict epsilon or v_pred"):
         load_base(ModelRecipe(base=str(base)))
+
+
+def test_turbo_settings_reach_the_noise_schedule(tiny_base_dir: Path) -> None:
+    """[model].timesteps travel with the base to the noise sampler; rescale_betas_zero_snr makes the last
+    timestep (almost) pure noise; a timestep outside the schedule and a negative one are refused by name."""
+    from lora_dpo.recipe import RecipeError, from_dict
+
+    turbo = models.load_base(ModelRecipe(base=str(tiny_base_dir), timesteps=(249, 499, 749, 999),
+                                         rescale_betas_zero_snr=True), with_encoders=False, with_unet=False)
+    assert turbo.train_timesteps == (249, 499, 749, 999)
+    assert float(turbo.noise_scheduler.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR (diffusers clamps to 2^-24)
+    plain = models.load_base(ModelRecipe(base=str(tiny_base_dir)), with_encoders=False, with_unet=False)
+    assert plain.train_timesteps == () and float(plain.noise_scheduler.alphas_cumprod[-1]) > 1e-4
+    with pytest.raises(models.ModelError, match=r"\[model\].timesteps = \[1000\]"):
+        models.load_base(ModelRecipe(base=str(tiny_base_dir), timesteps=(1000,)), with_encoders=False)
+    with pytest.raises(RecipeError, match=r"\[model\].timesteps = \[-1\]: every value must be >= 0"):
+        from_dict({"model": {"timesteps": [-1]}})

@@ -100,3 +100,19 @@ def test_the_paper_recipe_differs_from_the_overnight_one_only_in_length() -> Non
     assert differs == {"train.gradient_accumulation", "train.warmup_steps", "train.log_every", "train.val_every",
                        "train.checkpoint_every", "sample.every"}
     assert paper["train"]["gradient_accumulation"] * paper["train"]["batch_size"] == 2048
+
+
+def test_the_turbo_recipe_trains_and_samples_as_turbo(tiny_base_dir: Path, pickapic_shapes: Path,
+                                                      tmp_path: Path) -> None:
+    """SDXL-Turbo's recipe is the overnight SDXL one plus Turbo's base, timesteps, resolution and sampling; on the
+    tiny base it trains (on the four timesteps only) and samples at 4 steps without guidance."""
+    overnight = recipe.load(RECIPES / "sdxl_pickapic.toml").to_dict()
+    turbo = recipe.load(RECIPES / "sdxl_turbo_pickapic.toml").to_dict()
+    differs = {f"{s}.{k}" for s in turbo for k in turbo[s] if turbo[s][k] != overnight[s][k]}
+    assert differs == {"model.base", "model.timesteps", "data.resolution", "sample.steps", "sample.guidance_scale"}
+    assert turbo["model"]["timesteps"] == [249, 499, 749, 999] and turbo["sample"]["guidance_scale"] == 0.0
+    settings = shipped("sdxl_turbo_pickapic.toml", tiny_base_dir, pickapic_shapes, tmp_path, "turbo",
+                       train={"max_steps": 2, "checkpoint_every": 0}, sample={"every": 2, "steps": 4})
+    weights = load_file(train(settings))
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
+    assert (tmp_path / "turbo" / "samples" / "step-000002.png").is_file()

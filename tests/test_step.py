@@ -167,3 +167,23 @@ def test_the_memory_savings_change_no_loss_and_no_gradient(run_and_batch, precis
     assert sum(g.abs().sum().item() for g in new_grads) > 0
     for new, old in zip(new_grads, old_grads, strict=True):
         assert torch.equal(new, old), (new - old).abs().max()
+
+
+def test_a_distilled_base_draws_only_its_own_timesteps() -> None:
+    """[model].timesteps (SDXL-Turbo's 249/499/749/999): every pair's timestep is one of them, all of them occur,
+    with one generator or one per pair; without the list, any of 0..999."""
+    from diffusers import DDPMScheduler
+
+    from lora_dpo.models import BaseModel
+    from lora_dpo.step import sample_noise
+
+    turbo = (249, 499, 749, 999)
+    base = BaseModel(source="turbo", unet=None, noise_scheduler=DDPMScheduler(), is_sdxl=True, train_timesteps=turbo)
+    latents = torch.zeros(64, 4, 2, 2)
+    _, drawn = sample_noise(base, latents, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == set(turbo) and drawn.dtype == torch.long
+    _, per_pair = sample_noise(base, latents[:8], [torch.Generator().manual_seed(i) for i in range(8)])
+    assert set(per_pair.tolist()) <= set(turbo)
+    base.train_timesteps = ()
+    _, anywhere = sample_noise(base, latents, torch.Generator().manual_seed(0))
+    assert not set(anywhere.tolist()) <= set(turbo) and int(anywhere.max()) < 1000

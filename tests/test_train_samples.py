@@ -25,8 +25,10 @@ def test_training_samples_grids_and_plots_without_changing_the_adapter(tiny_reci
     torch.manual_seed(0)  # the LoRA init draws from the global RNG: the two runs below must start alike
     train(tiny_recipe(sample=sample, output={"name": "sampled"}))
     run_dir = tmp_path / "adapters" / "sampled"
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["base.png", "step-000002.png",
-                                                                        "step-000004.png"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["base.png", "prompts.json",
+                                                                        "step-000002.png", "step-000004.png"]
+    prompts = json.loads((run_dir / "samples" / "prompts.json").read_text())  # the card's gallery captions
+    assert prompts and all(isinstance(p, str) and p for p in prompts)
     with Image.open(run_dir / "samples" / "step-000004.png") as grid:
         assert grid.width == 2 * 6 + 2 * 128 + 4  # base | adapter
         assert grid.height > 4 * 128  # 2 prompts x 2 seeds

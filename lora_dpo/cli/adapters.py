@@ -190,7 +190,7 @@ def push(
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
 ) -> None:
     """Upload a run folder to the Hugging Face hub as a model repo (card, adapter, recipe; no checkpoints)."""
-    from lora_dpo.card import push as push_folder
+    from lora_dpo.publish import push as push_folder
 
     try:
         url = push_folder(adapter, repo_id, private)

@@ -99,7 +99,8 @@ def load_pipeline(base: str, adapter: Path | None, device: torch.device, dtype: 
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases know only that
             warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+            pipe = (models.single_file_pipeline(Path(source), dtype) if models.is_single_file(source) else
+                    DiffusionPipeline.from_pretrained(source, torch_dtype=dtype))
     except (OSError, ValueError) as err:
         if not online:
             raise hub.unavailable(base, "the base pipeline") from None

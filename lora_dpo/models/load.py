@@ -1,4 +1,5 @@
-"""Loading a base: a diffusers folder or hub id (or a built-in tiny base), frozen, only the parts a run needs."""
+"""Loading a base: a diffusers folder or hub id, a single-file checkpoint (`single_file`), or a built-in tiny
+base; frozen, only the parts a run needs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from lora_dpo import hub
 from lora_dpo.models.parts import KNOWN_BASES, PREDICTION_TYPES, BaseModel, ModelError, shipped_config
+from lora_dpo.models.single_file import config_folder, is_single_file, load_single_file_parts, tokenizer_source
 from lora_dpo.models.tiny import resolve_base
 from lora_dpo.recipe import ModelRecipe
 
@@ -41,7 +43,9 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    source = resolve_base(cfg.base)
+    single = Path(cfg.base) if is_single_file(cfg.base) else None
+    # a single file's configs (and the base's `source` from here on) are its local config folder
+    source = str(config_folder(single)) if single else resolve_base(cfg.base)
     index = read_pipeline_json(source, "model_index.json", cfg.revision)
     missing = [part for part in ("unet", "scheduler") if part not in index]
     if with_encoders:
@@ -53,14 +57,34 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
     common = {"revision": cfg.revision}
     online = not (hub.is_hub_id(source) or (cfg.vae and hub.is_hub_id(cfg.vae))) or hub.prepare()
     try:
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler",
+                                                  rescale_betas_zero_snr=cfg.rescale_betas_zero_snr, **common)
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"{source}: its scheduler predicts {scheduler.config.prediction_type!r}; lora-dpo "
                              f"trains bases that predict {' or '.join(PREDICTION_TYPES)}")
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
-                                                    torch_dtype=weight_dtype, **common) if with_unet else None
-        base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, is_sdxl=is_sdxl)
-        if with_encoders:
+        steps = scheduler.config.num_train_timesteps
+        if any(t >= steps for t in cfg.timesteps):
+            raise ModelError(f"[model].timesteps = {list(cfg.timesteps)}: this base's schedule has timesteps "
+                             f"0..{steps - 1}; use values in that range (SDXL-Turbo: [249, 499, 749, 999])")
+        if single:
+            parts = load_single_file_parts(single, Path(source), is_sdxl, with_unet=with_unet,
+                                           with_encoders=with_encoders, vae=cfg.vae is None,
+                                           weight_dtype=weight_dtype, vae_dtype=vae_dtype)
+            base = BaseModel(source=source, unet=parts["unet"], noise_scheduler=scheduler, is_sdxl=is_sdxl,
+                             train_timesteps=tuple(cfg.timesteps))
+            base.vae, base.text_encoders = parts["vae"], parts["text_encoders"]
+            if with_encoders:
+                if cfg.vae is not None:
+                    base.vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=vae_dtype, **common)
+                where = tokenizer_source(single, Path(source))
+                base.tokenizers = tuple(CLIPTokenizer.from_pretrained(where, subfolder=f"tokenizer{n}")
+                                        for n in (("", "_2") if is_sdxl else ("",)))
+        else:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
+                                                        torch_dtype=weight_dtype, **common) if with_unet else None
+            base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, is_sdxl=is_sdxl,
+                             train_timesteps=tuple(cfg.timesteps))
+        if with_encoders and not single:
             vae_kwargs = {"subfolder": "vae", **common} if cfg.vae is None else {}
             base.vae = AutoencoderKL.from_pretrained(cfg.vae or source, torch_dtype=vae_dtype, **vae_kwargs)
             names = ("", "_2") if is_sdxl else ("",)
@@ -88,6 +112,8 @@ def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
     config for the well-known hub ids (offline), `unet/config.json` of a local folder, or the hub's."""
     if name in KNOWN_BASES:
         return shipped_config(KNOWN_BASES[name], "unet")
+    if is_single_file(name):
+        return read_pipeline_json(str(config_folder(Path(name))), "unet/config.json")
     return read_pipeline_json(resolve_base(name), "unet/config.json", revision)
 
 

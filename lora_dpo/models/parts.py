@@ -36,6 +36,7 @@ class BaseModel:
     vae: Any | None = None
     text_encoders: tuple[Any, ...] = ()
     tokenizers: tuple[Any, ...] = ()
+    train_timesteps: tuple[int, ...] = ()  # [model].timesteps: the only timesteps training draws; (): all
 
     @property
     def pipeline_class(self) -> type:
@@ -62,7 +63,7 @@ def pooled_dim(config: Mapping[str, Any]) -> int:
 CONFIGS = Path(__file__).parent.parent / "configs"
 ARCHITECTURES = ("sdxl", "sd15")
 # Hub ids whose UNet is exactly a shipped architecture: their config is known without a download.
-KNOWN_BASES = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+KNOWN_BASES = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "stabilityai/sdxl-turbo": "sdxl",
                "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15"}
 
 

@@ -7,6 +7,7 @@ Imports nothing of the planner.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from lora_dpo.recipe import ModelRecipe
 
 KNOWN_BASES = {
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/sdxl-turbo": "sdxl",  # SDXL distilled: the same UNet and VAE, only its sampling differs
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "runwayml/stable-diffusion-v1-5": "sd15",
     "CompVis/stable-diffusion-v1-4": "sd15",
@@ -47,8 +49,8 @@ class Architecture:
 
 
 def architecture(model: ModelRecipe) -> Architecture:
-    """`tiny` / `tiny-sd15`, a known hub id (shipped configs), or a local folder / hub id whose configs are read
-    (KBs only)."""
+    """`tiny` / `tiny-sd15`, a known hub id (shipped configs), a single-file checkpoint (its config folder), or a
+    local folder / hub id whose configs are read (KBs only)."""
     if model.base in models.TINY_BASES:
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -63,6 +65,9 @@ def architecture(model: ModelRecipe) -> Architecture:
         text = models.shipped_config(arch, "text")
         return Architecture(arch, models.shipped_config(arch, "unet"), models.shipped_config(arch, "vae"),
                             models.shipped_config(arch, "scheduler"), tuple(text["encoder_params"]), text["max_length"])
+    if models.is_single_file(model.base):  # its configs: the local config folder (shipped or beside the file)
+        folder = str(models.config_folder(Path(model.base)))
+        return dataclasses.replace(_read_architecture(dataclasses.replace(model, base=folder)), name=model.base)
     return _read_architecture(model)
 
 

@@ -76,6 +76,8 @@ def _check_value(key: str, value: Any, annotation: Any, meta: dict[str, Any]) ->
         unknown = [v for v in value if "choices" in meta and v not in meta["choices"]]
         if unknown:
             return value, f"{key}: unknown name(s) {', '.join(map(repr, unknown))}; valid: {', '.join(meta['choices'])}"
+        if item is int and "min" in meta and any(v < meta["min"] for v in value):
+            return value, f"{key} = {value!r}: every value must be >= {meta['min']}"
         return tuple(value), None
     if annotation is bool:
         if not isinstance(value, bool):

@@ -42,7 +42,9 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 class ModelRecipe:
     base: str = _f(
         "stabilityai/stable-diffusion-xl-base-1.0",
-        "Hub id or local diffusers folder of the base pipeline (SDXL or SD 1.5), or a built-in tiny base, built "
+        "Hub id or local diffusers folder of the base pipeline (SDXL or SD 1.5), a single-file checkpoint "
+        "(`model.safetensors`, what A1111/ComfyUI load; configs from a diffusers config folder beside it, else the "
+        "shipped SDXL / SD 1.5 ones), or a built-in tiny base, built "
         "and cached on first use (offline demo and tests): `tiny` (SDXL architecture) or `tiny-sd15` (SD 1.5 "
         "architecture: one text encoder, no micro-conditioning).",
     )
@@ -54,6 +56,18 @@ class ModelRecipe:
         "overflows in fp16).",
     )
     vae_dtype: Precision = _f("no", "Precision of the frozen VAE: `no` keeps it in fp32 (safe for SDXL's VAE).")
+    timesteps: tuple[int, ...] = _f(
+        (),
+        "Training timesteps, drawn uniformly (the same one for both images of a pair); empty: all of "
+        "0..num_train_timesteps-1, as the paper. A few-step distilled base learns only its own steps: SDXL-Turbo "
+        "`[249, 499, 749, 999]` (what diffusers' and the official DPO scripts draw for turbo); see docs/turbo.md.",
+        min=0,
+    )
+    rescale_betas_zero_snr: bool = _f(
+        False,
+        "Rescale the training noise schedule to zero terminal SNR (Lin et al. 2024): the last timestep is pure "
+        "noise. For bases trained that way; the DPO reference scripts do not use it for SDXL-Turbo.",
+    )
     quantize: Literal["none", "nf4"] = _f(
         "none",
         "`nf4`: store the frozen UNet's linear layers in 4-bit NormalFloat (bitsandbytes, QLoRA-style) and train "

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lora_dpo import models
+from lora_dpo import card, models
 from lora_dpo.evaluate import EvalError, GridRow, generate, make_grid
 from lora_dpo.recipe import Recipe
 
@@ -87,6 +87,9 @@ class TrainingSampler:
                 with models.adapters_disabled(unet):
                     self.base_images = self._draw()
                 make_grid(self._rows([self.base_images]), ["base"]).save(self.out_dir / "base.png")
+                # the rows' prompts beside the grids: the model card's gallery captions them (card.widget)
+                prompts = json.dumps([prompt for prompt, _ in self.rows])
+                (self.out_dir / card.SAMPLE_PROMPTS_FILE).write_text(prompts, encoding="utf-8")
             adapter_images = self._draw()
         finally:
             unet.train(was_training)

@@ -49,6 +49,11 @@ def resolve_precision(cfg: TrainRecipe) -> str:
     return "bf16"
 
 
+def launched_with_deepspeed() -> bool:
+    """`accelerate launch` with a DeepSpeed config (what accelerate itself reads, before any Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     """An `accelerate.Accelerator` with this run's mixed precision. accelerate keeps one AcceleratorState per
     process and refuses a second Accelerator with another precision; a process that runs several trainings or
@@ -59,7 +64,7 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     cpu = not torch.cuda.is_available()
-    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if cpu and launched_with_deepspeed():
         # Launched with a DeepSpeed config on a machine without CUDA (CI, a laptop): accelerate runs DeepSpeed
         # only with cpu=False. With cpu=True it silently drops DeepSpeed and runs DDP over gloo (the yaml's
         # `use_cpu` is ignored), so the DeepSpeed path would never be exercised; with cpu=False alone it picks

@@ -191,7 +191,7 @@ def test_gpu_suite_table_on_cuda_shows_measured_beside_planned() -> None:
 
 def test_threads_default_to_one_on_the_cpu_and_follow_the_option() -> None:
     """The README's CPU table is reproducible with the command beside it: one thread unless told otherwise."""
-    from lora_dpo.cli import _bench_threads
+    from lora_dpo.cli.training import _bench_threads
 
     assert _bench_threads(_recipe(num_threads=None), None).train.num_threads == 1
     assert _bench_threads(_recipe(num_threads=None), 2).train.num_threads == 2

@@ -10,7 +10,6 @@ from lora_dpo.cli import training  # registers train, cache, plan, ... first: th
 from lora_dpo.cli import adapters
 # isort: on
 from lora_dpo.cli.common import app, bare_resume, run
-from lora_dpo.cli.training import _bench_threads
 
 main = run
-__all__ = ["_bench_threads", "adapters", "app", "bare_resume", "main", "training"]
+__all__ = ["adapters", "app", "bare_resume", "main", "training"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,7 +141,7 @@ def _check_parallelism(accelerator: Any, cfg: TrainRecipe) -> None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and kind != DistributedType.DEEPSPEED:
+    if step.launched_with_deepspeed() and kind != DistributedType.DEEPSPEED:
         raise RecipeError(f"launched with a DeepSpeed config, but accelerate set up {kind.value} instead "
                           "(ACCELERATE_USE_CPU=true or --cpu turn DeepSpeed off without a word): unset them, or "
                           "launch with recipes/accelerate/ddp.yaml")

@@ -29,16 +29,16 @@ def _tiny_key(checkpointing: bool, batch_size: int = 2, precision: str = "no") -
 def test_tiny_plan_matches_the_real_step_on_cpu(checkpointing: bool) -> None:
     """Same step function, two worlds: the fake-tensor trace vs the real tiny step on CPU, whose FLOPs torch's
     FlopCounterMode counts and whose memory the CPU allocator itself records (torch.profiler). The allocator also
-    sees the kernels' private scratch buffers, so it may read a little higher. With checkpointing the step peaks
-    in backward (the reference runs first, its activations gone), where the trace reads 1.7 % above the allocator
-    on this tiny step: the plan errs on the safe side there."""
+    sees the kernels' private scratch buffers, so it may read a little higher (measured: +0.0 % without
+    checkpointing, +0.8 % with it, where the step peaks in backward). Ops with a kernel of their own (silu_backward)
+    are traced as that kernel, not as the temporaries of their decomposition."""
     arch = plan.architecture(ModelRecipe(base="tiny"))
     key = _tiny_key(checkpointing)
     planned = plan.measure_step(arch, key)
     real = plan.measure_real_step(arch, key, torch.device("cpu"))
     assert sum(planned.flops.values()) == real.flops > 1e8
     assert planned.peak - planned.resident > 0.1 * planned.resident  # activations matter: not a trivial check
-    assert 0.98 <= real.peak / planned.peak <= 1.05, (real.peak, planned.peak)
+    assert 0.99 <= real.peak / planned.peak <= 1.03, (real.peak, planned.peak)
     assert set(planned.flops) == {"policy forward", "reference forward", "backward"}
 
 

@@ -110,12 +110,20 @@ def encode_prompts(base: BaseModel, prompts: list[str], device: torch.device) ->
     return torch.cat(hidden, dim=-1), pooled
 
 
+# Pixels per VAE call: one 1024 px image. The VAE's activations grow with the pixels of a call (SDXL: ~1.9 GiB
+# for one 1024 px image, twice that for a pair), so an uncached step encodes its 2B images a megapixel at a time;
+# small images still go in one call.
+ENCODE_PIXELS = 1024 * 1024
+
+
 @torch.no_grad()
 def encode_images(vae: Any, pixels: Tensor) -> Tensor:
-    """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents (B, C, H/8, W/8). The posterior mean, not a sample:
-    SDXL's posterior is near-deterministic, and the mean makes cached and live latents identical."""
+    """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents (B, C, H/8, W/8), `ENCODE_PIXELS` at a time. The posterior
+    mean, not a sample: SDXL's posterior is near-deterministic, and the mean makes cached and live latents
+    identical."""
     pixels = pixels.to(vae.device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mean
+    per_call = max(1, ENCODE_PIXELS // (pixels.shape[-2] * pixels.shape[-1]))
+    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(per_call)])
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     # contiguous: CPU convolutions may hand back a channels-last layout, and the UNet's backward then rounds
     # differently than for the same latents read from a cache

@@ -36,6 +36,14 @@ def _flop_formulas() -> dict[Any, Callable[..., int]]:
     return {**flop_registry, **{op: shape_wrapper(f) for op, f in cpu_attention_flops().items()}}
 
 
+def _composite_only(func: Any) -> bool:
+    """An op the device runs as the ops it decomposes into (aten.linear), not one with a kernel of its own
+    (aten.silu_backward has both: the device runs its one kernel, with no temporaries; the CPU build's kernels
+    stand for CUDA's)."""
+    return (func is not torch.ops.prim.device.default
+            and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CPU"))
+
+
 class StepProbe(TorchDispatchMode):
     """Adds up FLOPs and keeps the bytes of every live tensor storage, per phase. Phases: `backward` while the
     autograd engine runs a node (checkpoint recomputation included), `reference forward` in inference mode (where
@@ -74,7 +82,7 @@ class StepProbe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func.overloadpacket not in self.formulas and func is not torch.ops.prim.device.default:
+        if func.overloadpacket not in self.formulas and _composite_only(func):
             with self:  # composite ops (aten.linear under inference mode): count what they decompose into
                 decomposed = func.decompose(*args, **kwargs)
             if decomposed is not NotImplemented:

@@ -211,13 +211,13 @@ def test_images_are_encoded_a_megapixel_at_a_time(tiny_base_dir: Path, monkeypat
     pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     together = models.encode_images(vae, pixels)
     arch = plan.architecture(ModelRecipe(base="tiny"))
+    monkeypatch.setattr(plan.trace, "_ENCODES", {})  # the planner's cache, fresh for this test and after it
     transient = [plan.measure_encode(arch, 64, pairs, "no").transient for pairs in (1, 2)]
     assert transient[1] > transient[0]  # one call: the VAE's activations grow with the batch
     monkeypatch.setattr(models.parts, "ENCODE_PIXELS", 64 * 64)  # one 64 px image per call
-    plan.trace._ENCODES.clear()
+    monkeypatch.setattr(plan.trace, "_ENCODES", {})
     torch.testing.assert_close(models.encode_images(vae, pixels), together, rtol=1e-5, atol=1e-5)
     one, two = (plan.measure_encode(arch, 64, pairs, "no").transient for pairs in (1, 2))
     # what still grows with the batch: a pair's pixels and its latents (one per call, then joined)
     pair_bytes = 2 * 3 * 64 * 64 * 4 + 2 * (2 * 4 * 8 * 8 * 4)
     assert two - one == pair_bytes < transient[1] - transient[0]
-    plan.trace._ENCODES.clear()

@@ -42,6 +42,7 @@ from lora_dpo.step import (
     random_batch,
     resolve_precision,
     train_step,
+    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -263,9 +264,7 @@ def _bare_inputs(batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def _inner(unet: Any) -> Any:
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(unet)
+    return unwrap(unet)  # the bare step unwraps as cheaply as the step it is the floor of
 
 
 def _sdpa(name: str) -> AbstractContextManager[Any]:

@@ -6,6 +6,7 @@ same UNet with them off (`adapters_disabled`), so the reference costs no memory 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -106,14 +107,49 @@ def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+# Each model's peft tuner layers, found once. diffusers' disable_adapters()/enable_adapters() walk every module of
+# the UNet (1,417 on the tiny one), read peft's version from its package metadata, and switch requires_grad on every
+# adapter weight, twice per step: 8 ms of a ~120 ms tiny CPU step, where the switch itself is one flag per layer.
+# Weak keys: a model that is gone takes its entry with it. The adapter names are kept with the layers, so adding
+# or deleting an adapter finds the layers again.
+_TUNER_LAYERS: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], list[Any]]] = weakref.WeakKeyDictionary()
+
+
+def _tuner_layers(unet: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = tuple(getattr(unet, "peft_config", None) or ())
+    found = _TUNER_LAYERS.get(unet)
+    if found is None or found[0] != names:
+        found = (names, [module for module in unet.modules() if isinstance(module, BaseTunerLayer)])
+        _TUNER_LAYERS[unet] = found
+    return found[1]
+
+
 @contextmanager
 def adapters_disabled(unet: Any) -> Iterator[None]:
     """The DPO reference: the same UNet with its adapters off, restored however the block exits.
-    (peft's disable_adapters()/enable_adapters() are plain calls, not a context manager.)"""
-    unet.disable_adapters()
+    (peft's disable_adapters()/enable_adapters() are plain calls, not a context manager.) Each tuner layer's own
+    switch is turned (peft's `disable_adapters` property reads `_disable_adapters`) and turned back to what it
+    was; requires_grad stays as it is, which nothing reads while the reference runs in inference mode. Should a
+    peft version keep the switch elsewhere, the check below sees it and the layers are switched peft's way."""
+    layers = _tuner_layers(unet)
+    if not layers:
+        unet.disable_adapters()  # diffusers' own error for a model without adapters
+    before = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    flagged = all(layer.disable_adapters for layer in layers)
+    if not flagged:
+        for layer in layers:
+            layer.enable_adapters(False)
     try:
         yield
     finally:
-        unet.enable_adapters()
+        for layer, was in zip(layers, before, strict=True):
+            if flagged:
+                layer._disable_adapters = was
+            else:
+                layer.enable_adapters(not was)
 
 

@@ -21,6 +21,16 @@ torch.set_num_threads(1)  # two threads on a busy 2-core machine are many times 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that share the demo's run (it builds the generating tiny base: minutes) go first and, under
+    pytest-xdist's `--dist loadgroup` (`make test`), to one worker: the build is paid once, while the other worker
+    runs everything else."""
+    demo = [item for item in items if "demo_run" in getattr(item, "fixturenames", ())]
+    for item in demo:
+        item.add_marker(pytest.mark.xdist_group("demo"))
+    items[:] = demo + [item for item in items if item not in demo]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Built-in assets (the `tiny` base, `synthetic:shapes`) go to a per-session folder, not ~/.cache."""

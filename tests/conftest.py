@@ -22,13 +22,10 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that share the demo's run (it builds the generating tiny base: minutes) go first and, under
-    pytest-xdist's `--dist loadgroup` (`make test`), to one worker: the build is paid once, while the other worker
-    runs everything else."""
-    demo = [item for item in items if "demo_run" in getattr(item, "fixturenames", ())]
-    for item in demo:
-        item.add_marker(pytest.mark.xdist_group("demo"))
-    items[:] = demo + [item for item in items if item not in demo]
+    """The demo's tests first (test_demo.py builds the generating tiny base: minutes). `make test` runs the suite
+    on two pytest-xdist workers, a file to a worker (`--dist loadfile`): one worker pays for the build while the
+    other runs everything else."""
+    items.sort(key=lambda item: item.path.name != "test_demo.py")  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,20 +63,6 @@ def tiny_arch_base(request: pytest.FixtureRequest) -> tuple[str, Path]:
     """(architecture, cold tiny base folder), once per architecture; a base is built only if a test asks for it."""
     fixture = {"sdxl": "tiny_base_dir", "sd15": "tiny_sd15_base_dir"}[request.param]
     return request.param, request.getfixturevalue(fixture)
-
-
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's demo, run once per session as a user runs it (`lora-dpo train recipes/tiny.toml`, in a
-    subprocess): it builds the generating tiny base in this session's LORA_DPO_HOME (VAE and UNet trained on
-    the demo images), so every test that needs the demo's adapter or base shares that one build."""
-    out = tmp_path_factory.mktemp("demo")
-    root = Path(__file__).parent.parent
-    result = subprocess.run([sys.executable, "-m", "lora_dpo", "train", str(root / "recipes" / "tiny.toml"), "--set",
-                             f"output.dir={out}"], cwd=root, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out / "tiny"
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,9 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The demo's tests first (test_demo.py builds the generating tiny base: minutes). `make test` runs the suite
-    on two pytest-xdist workers, a file to a worker (`--dist loadfile`): one worker pays for the build while the
-    other runs everything else."""
+    on two pytest-xdist workers, a file to a worker in this order (`--dist loadfile --no-loadscope-reorder`; by
+    default xdist starts with the files that hold the most tests): one worker pays for the build while the other
+    runs everything else."""
     items.sort(key=lambda item: item.path.name != "test_demo.py")  # stable: the rest keep their order
 
 

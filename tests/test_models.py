@@ -74,13 +74,17 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
 
 def test_warm_up_trains_the_sd15_unet_without_micro_conditioning() -> None:
     """The warm-up (latent-scale calibration, then denoising steps, the empty prompt's embedding for dropped
-    captions) runs on the one-encoder architecture."""
+    captions) runs on the one-encoder architecture and trains its text encoder too."""
     pipe = models.build_tiny_pipeline(seed=0, arch="sd15")
     before = {name: param.clone() for name, param in pipe.unet.named_parameters()}
+    before_text = {name: param.clone() for name, param in pipe.text_encoder.named_parameters()}
     models.warm_up_tiny_base(pipe, steps=2, batch_size=4, caption_dropout=0.5)
     assert pipe.vae.config.scaling_factor != 0.18215  # calibrated to unit latent std
     assert any(not torch.equal(param, before[name]) for name, param in pipe.unet.named_parameters())
-    assert not any(param.requires_grad for param in pipe.unet.parameters())  # frozen again, as saved
+    # the text encoder is trained with the UNet (a random one barely tells the colour words apart)
+    assert any(not torch.equal(param, before_text[name]) for name, param in pipe.text_encoder.named_parameters())
+    for module in (pipe.unet, pipe.text_encoder):
+        assert not any(param.requires_grad for param in module.parameters())  # frozen again, as saved
 
 
 def test_reference_is_the_base_unet_exactly(tiny_base_dir: Path, unet_inputs: dict) -> None:

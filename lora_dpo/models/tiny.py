@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lora_dpo import files, synthetic
 from lora_dpo.files import cache_home
-from lora_dpo.models.parts import BaseModel, ModelError, encode_images, encode_prompts, unet_forward
+from lora_dpo.models.parts import BaseModel, ModelError, embed_prompts, encode_images, unet_forward
 from lora_dpo.recipe import BUILTIN_BASES
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ TinyArch = Literal["sdxl", "sd15"]
 TINY_BASES: dict[str, TinyArch] = dict(zip(BUILTIN_BASES, ("sdxl", "sd15"), strict=True))
 # Their cache folders under cache_home(): bump a version when that base's weights change, so that no stale
 # cached copy is reused (v2: the VAE is trained to reconstruct and the UNet to denoise the demo images; v3: a VAE
-# without mid-block attention, a UNet warmed up longer on the preferred images, with caption dropout)
+# without mid-block attention, a UNet warmed up longer on the preferred images, with caption dropout, and the
+# text encoders trained with it)
 TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v3", "sd15": "tiny-sd15-v3"}
 
 
@@ -174,10 +175,11 @@ def _demo_batch(n: int, seed: int) -> tuple[list[str], Tensor]:
 
 # The generating build's schedule (measured on a 2-core CPU, one thread: see docs/demo.md). The VAE sees both
 # sides of the demo pairs (DPO encodes both); its error at 64 px falls from 0.077 (600 steps) to 0.045 (1500).
-VAE_STEPS, VAE_LR, VAE_BATCH = 1000, 2e-3, 8
-# The UNet: batch 32 costs only ~2x batch 8 on a CPU (small ops, fixed overhead), so few large steps at a high,
-# cosine-decayed rate; measured: 400 x 32 draws one shape in the prompt's colour, 200 x 32 or 600 x 8 draw blobs.
-WARMUP_STEPS, WARMUP_LR, WARMUP_BATCH = 400, 4e-3, 32
+VAE_STEPS, VAE_LR, VAE_BATCH = 1200, 2e-3, 8
+# The UNet and the text encoders: batch 32 costs only ~2x batch 8 on a CPU (small ops, fixed overhead), so few
+# large steps at a high, cosine-decayed rate; measured with the encoders trained: 600 x 32 draws the prompt's shape
+# (in its colour for red, blue, yellow), 400 x 32 rougher forms on yellowish backgrounds; frozen encoders, blobs.
+WARMUP_STEPS, WARMUP_LR, WARMUP_BATCH = 600, 4e-3, 32
 # 10 % of captions are dropped to the pipelines' unconditional input, so that classifier-free guidance works.
 WARMUP_CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting: the low-noise steps, easy and many, stop dominating a short warm-up
@@ -218,8 +220,8 @@ def _warmup_factor(step: int, steps: int) -> float:
 def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WARMUP_BATCH, lr: float = WARMUP_LR,
                       vae_steps: int = 0, caption_dropout: float = WARMUP_CAPTION_DROPOUT) -> None:
     """Train the VAE to reconstruct demo images for `vae_steps` steps (0: keep it random), calibrate its scaling
-    factor to unit latent std, then pre-train the whole UNet (the text encoders stay random and frozen) for
-    `steps` denoising steps on the demo's preferred images. A cold random UNet learns no preference; a warmed one
+    factor to unit latent std, then pre-train the whole UNet and the text encoders together for `steps`
+    denoising steps on the demo's preferred images. A cold random UNet learns no preference; a warmed one
     does, as a real pretrained base would (measured: held-out accuracy ~0.5 cold, ~0.9 warm); with a trained VAE
     it also generates. Only the preferred side is learnt: on both sides, each prompt's images are half of them
     dim and wrongly coloured, and the short warm-up then draws blobs whose colour ignores the prompt."""
@@ -241,25 +243,33 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
         latents = encode_images(pipe.vae, pixels)
         pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         latents = latents * pipe.vae.config.scaling_factor
-        # a dropped caption is what the pipelines feed the unconditional half of guidance: SDXL zeros (its
-        # force_zeros_for_empty_prompt), SD 1.5 the empty prompt's embedding
-        empty = torch.zeros(()) if sdxl else encode_prompts(base, [""], torch.device("cpu"))[0]
-        all_embeds, all_pooled = encode_prompts(base, prompts, torch.device("cpu"))
+    # The text encoders are trained with the UNet: random tiny CLIP encoders barely tell "red" from "blue".
+    # The demo has few distinct prompts, so each step embeds them all once (with gradients) and picks rows. A
+    # dropped caption is what the pipelines feed the unconditional half of guidance: SDXL zeros (its
+    # force_zeros_for_empty_prompt), SD 1.5 the empty prompt's embedding, learnt with the rest (the last row).
+    distinct = sorted(set(prompts)) + ([] if sdxl else [""])
+    rows = torch.tensor([distinct.index(p) for p in prompts])
     size = TINY_RESOLUTION
     time_ids = None  # SD 1.5 has no micro-conditioning: pooled is None too, and unet_forward passes neither
     if sdxl:
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).expand(batch_size, 6)
     unet = pipe.unet
-    unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    trained = [unet, *encoders]
+    for module in trained:
+        module.train()
+        module.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for module in trained for p in module.parameters()], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_factor(step, steps))
     alphas = base.noise_scheduler.alphas_cumprod
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = rng.sample(range(len(prompts)), batch_size)
-        embeds, pooled = all_embeds[index], None if all_pooled is None else all_pooled[index]
+        every_embeds, every_pooled = embed_prompts(base, distinct, torch.device("cpu"))
+        embeds = every_embeds[rows[index]]
+        pooled = None if every_pooled is None else every_pooled[rows[index]]
         keep = (torch.rand(batch_size, generator=generator) >= caption_dropout).float()[:, None, None]
+        empty = torch.zeros(()) if sdxl else every_embeds[-1]
         embeds = embeds * keep + empty * (1.0 - keep)
         pooled = None if pooled is None else pooled * keep[:, 0]
         noise = torch.randn(latents[index].shape, generator=generator)
@@ -273,8 +283,9 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
         loss.backward()
         optimizer.step()
         schedule.step()
-    unet.eval()
-    unet.requires_grad_(False)
+    for module in trained:
+        module.eval()
+        module.requires_grad_(False)
 
 
 def build_tiny_base(out_dir: Path, warmup_steps: int = WARMUP_STEPS, seed: int = 0, replace: bool = False,

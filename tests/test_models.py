@@ -60,25 +60,31 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
     import shutil
 
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
-    assert models.tiny_base_path("sd15") == tmp_path / "tiny-sd15-v2"
-    assert models.tiny_base_path() == tmp_path / "tiny-base-v2"  # unchanged: caches of `tiny` stay valid
+    assert models.tiny_base_path("sd15") == tmp_path / "tiny-sd15-v3"
+    assert models.tiny_base_path() == tmp_path / "tiny-base-v3"  # unchanged: caches of `tiny` stay valid
     # stands in for the build on first use (VAE training and UNet warm-up, a few minutes)
-    shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v2")
-    assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v2")
+    shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v3")
+    assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v3")
     base = models.load_base(ModelRecipe(base="tiny-sd15"))
     assert not base.is_sdxl and len(base.text_encoders) == 1
     with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd15"):
-        models.build_tiny_base(tmp_path / "tiny-sd15-v2", arch="sd21", replace=True)
-    assert (tmp_path / "tiny-sd15-v2" / "model_index.json").is_file()  # the failed rebuild deleted nothing
+        models.build_tiny_base(tmp_path / "tiny-sd15-v3", arch="sd21", replace=True)
+    assert (tmp_path / "tiny-sd15-v3" / "model_index.json").is_file()  # the failed rebuild deleted nothing
 
 
 def test_warm_up_trains_the_sd15_unet_without_micro_conditioning() -> None:
-    """The warm-up (latent-scale calibration, then plain denoising steps) runs on the one-encoder architecture."""
+    """The warm-up (latent-scale calibration, then denoising steps, the empty prompt's embedding for dropped
+    captions) runs on the one-encoder architecture and trains its text encoder too."""
     pipe = models.build_tiny_pipeline(seed=0, arch="sd15")
     before = {name: param.clone() for name, param in pipe.unet.named_parameters()}
-    models.warm_up_tiny_base(pipe, steps=1, batch_size=4)
+    before_text = {name: param.clone() for name, param in pipe.text_encoder.named_parameters()}
+    models.warm_up_tiny_base(pipe, steps=2, batch_size=4, caption_dropout=0.5)
     assert pipe.vae.config.scaling_factor != 0.18215  # calibrated to unit latent std
     assert any(not torch.equal(param, before[name]) for name, param in pipe.unet.named_parameters())
+    # the text encoder is trained with the UNet (a random one barely tells the colour words apart)
+    assert any(not torch.equal(param, before_text[name]) for name, param in pipe.text_encoder.named_parameters())
+    for module in (pipe.unet, pipe.text_encoder):
+        assert not any(param.requires_grad for param in module.parameters())  # frozen again, as saved
 
 
 def test_reference_is_the_base_unet_exactly(tiny_base_dir: Path, unet_inputs: dict) -> None:

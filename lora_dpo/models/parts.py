@@ -98,7 +98,13 @@ def unet_from_config(arch: str | dict[str, Any], dtype: torch.dtype = torch.floa
 @torch.no_grad()
 def encode_prompts(base: BaseModel, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor | None]:
     """Prompt embeddings (B, 77, D) and, for SDXL, pooled embeddings (B, P), as the pipelines make them:
-    SDXL concatenates both encoders' penultimate hidden states; SD 1.5 uses the last."""
+    SDXL concatenates both encoders' penultimate hidden states; SD 1.5 uses the last. No gradient: the
+    encoders are frozen in training (`embed_prompts` is the same with gradients, for the tiny bases' build)."""
+    return embed_prompts(base, prompts, device)
+
+
+def embed_prompts(base: BaseModel, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """`encode_prompts` with gradients flowing into the text encoders: the tiny bases' build trains them."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

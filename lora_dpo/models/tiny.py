@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from lora_dpo import files, synthetic
 from lora_dpo.files import cache_home
@@ -197,7 +198,7 @@ def train_tiny_vae(vae: Any, pixels: Tensor, steps: int, seed: int = 0, batch_si
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     vae.train()
     loss = torch.zeros(())
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="tiny base: VAE", unit="step", disable=None):  # the build takes minutes
         batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
         loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -263,7 +264,7 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
     alphas = base.noise_scheduler.alphas_cumprod
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="tiny base: UNet and text encoders", unit="step", disable=None):
         index = rng.sample(range(len(prompts)), batch_size)
         every_embeds, every_pooled = embed_prompts(base, distinct, torch.device("cpu"))
         embeds = every_embeds[rows[index]]

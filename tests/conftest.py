@@ -21,12 +21,17 @@ torch.set_num_threads(1)  # two threads on a busy 2-core machine are many times 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+# The files that take minutes, in the order `make test`'s two pytest-xdist workers should start them: the demo (it
+# builds the generating tiny base) on one worker, the subprocess-heavy ones on the other while it builds.
+SLOW_FILES = ("test_demo.py", "test_shipped_recipes.py", "test_distributed.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The demo's tests first (test_demo.py builds the generating tiny base: minutes). `make test` runs the suite
-    on two pytest-xdist workers, a file to a worker in this order (`--dist loadfile --no-loadscope-reorder`; by
-    default xdist starts with the files that hold the most tests): one worker pays for the build while the other
-    runs everything else."""
-    items.sort(key=lambda item: item.path.name != "test_demo.py")  # stable: the rest keep their order
+    """The slow files first, in `SLOW_FILES` order. `make test` deals files to two pytest-xdist workers in this
+    order (`--dist loadfile --no-loadscope-reorder`; by default xdist starts with the files that hold the most
+    tests), so the long ones overlap instead of trailing."""
+    rank = {name: index for index, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -250,7 +250,7 @@ def bare_step(unet: Any, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     noisy, timesteps, embeds, added = inputs
     prediction = unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
     prediction.float().square().mean().backward()
-    with models.adapters_disabled(_inner(unet)), torch.inference_mode():
+    with models.adapters_disabled(unwrap(unet)), torch.inference_mode():
         unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added)
 
 
@@ -261,10 +261,6 @@ def _bare_inputs(batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor, torch
     if batch.pooled is not None:
         added = {"text_embeds": batch.pooled.repeat(2, 1), "time_ids": torch.cat([batch.time_ids_w, batch.time_ids_l])}
     return noisy, timesteps, batch.prompt_embeds.repeat(2, 1, 1), added
-
-
-def _inner(unet: Any) -> Any:
-    return unwrap(unet)  # the bare step unwraps as cheaply as the step it is the floor of
 
 
 def _sdpa(name: str) -> AbstractContextManager[Any]:
@@ -309,12 +305,12 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
         optimizer = make_optimizer(recipe.train, models.lora_parameters(base.unet), device)
         optimizer_name = type(optimizer).__name__
         unet, optimizer = accelerator.prepare(base.unet, optimizer)
-        params = models.lora_parameters(_inner(unet))
+        params = models.lora_parameters(unwrap(unet))
         if case.compile:
             unet = torch.compile(unet)
         unet.train()
         pairs = recipe.train.batch_size
-        cached = random_batch(_inner(unet).config, pairs, case.resolution, device, weight_dtype, generator)
+        cached = random_batch(unwrap(unet).config, pairs, case.resolution, device, weight_dtype, generator)
         if case.encode == "live":
             pixels = random_pixels(pairs, case.resolution, generator)
             cached = encode_batch(base, pixels, device)  # for the bare baseline: the UNet's inputs, once

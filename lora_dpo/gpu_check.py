@@ -43,6 +43,7 @@ from lora_dpo.step import (
     random_batch,
     resolve_precision,
     train_step,
+    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def check_resume(suite: Suite, item: str) -> Check:
                      quantize=recipe.model.quantize, device=device, checkpointing=True)
         optimizer = make_optimizer(recipe.train, models.lora_parameters(base.unet), device)
         unet, optimizer = accelerator.prepare(base.unet, optimizer)
-        inner = bench._inner(unet)
+        inner = unwrap(unet)
         params = models.lora_parameters(inner)
         scheduler = get_scheduler("constant", optimizer)
         generator = torch.Generator().manual_seed(recipe.train.seed)

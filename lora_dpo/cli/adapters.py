@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lora_dpo.cli.common import _fail, _quiet_imports, app
-from lora_dpo.errors import LoraDpoError  # every problem a user can cause or meet: one line, exit code 2
+from lora_dpo.cli.common import _fail, _quiet_imports, app, user_errors
 
 ScorerOption = Annotated[list[str], typer.Option(help="KIND[@SOURCE][:WEIGHT], repeatable: pickscore, hps, clip, "
                                                      "aesthetic (e.g. --scorer pickscore --scorer aesthetic@F:0.3).")]
@@ -31,12 +30,10 @@ def label(
     _quiet_imports()
     from lora_dpo import rewards
 
-    try:
+    with user_errors():
         scorers = rewards.build_scorers(scorer, device=device)
         summary = rewards.relabel_source(data, scorers, out, ties=ties, strict=strict, hard=not soft,
                                          batch_size=batch_size)
-    except LoraDpoError as err:
-        _fail(str(err))
     for line in summary.lines(out):
         typer.echo(line)
 
@@ -62,12 +59,10 @@ def pairs(
     _quiet_imports()
     from lora_dpo import pairs as pairs_module
 
-    try:
+    with user_errors():
         summary = pairs_module.run(prompts, base, scorer, out, adapter=adapter, images_per_prompt=images_per_prompt,
                                    seed=seed, steps=steps, guidance_scale=guidance,
                                    resolution=resolution, precision=precision)
-    except LoraDpoError as err:
-        _fail(str(err))
     for line in summary.lines(out):
         typer.echo(line)
 
@@ -105,7 +100,7 @@ def eval_(
 
     if threads:
         torch.set_num_threads(threads)
-    try:
+    with user_errors():
         scales = evaluate.parse_numbers(scale, [1.0], float, "--scale")
         seeds = evaluate.parse_numbers(seed, [0], int, "--seed")
         prompt_list = evaluate.load_prompts(prompts, limit)
@@ -114,8 +109,6 @@ def eval_(
         report = evaluate.evaluate_adapter(adapter, prompt_list, prompts, scorers, out_dir, base=base, scales=scales,
                                            seeds=seeds, steps=steps, guidance_scale=guidance, resolution=resolution,
                                            precision=precision)
-    except LoraDpoError as err:
-        _fail(str(err))
     for line in evaluate.summary_lines(report):
         typer.echo(line)
     typer.echo(f"wrote {out_dir / 'report.md'}, {out_dir / 'report.json'} and {len(report['grids'])} grid(s)")
@@ -133,10 +126,8 @@ def export_(
     _quiet_imports()
     from lora_dpo.export import export_adapter
 
-    try:
+    with user_errors():
         path = export_adapter(adapter, out, format_, dtype, base)  # type: ignore[arg-type]
-    except LoraDpoError as err:
-        _fail(str(err))
     typer.echo(f"wrote {path} ({format_}, {dtype})")
 
 
@@ -155,10 +146,8 @@ def merge(
 
     if dtype not in STORAGE_DTYPES:
         _fail(f"--dtype {dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
-    try:
+    with user_errors():
         path = merge_adapter(adapter, base, scale, out, dtype)
-    except LoraDpoError as err:
-        _fail(str(err))
     typer.echo(f"wrote {path}: load it with DiffusionPipeline.from_pretrained({str(path)!r})")
 
 
@@ -172,10 +161,8 @@ def inspect(
 
     from lora_dpo.export import inspect_adapter
 
-    try:
+    with user_errors():
         info = inspect_adapter(adapter)
-    except LoraDpoError as err:
-        _fail(str(err))
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
@@ -192,10 +179,8 @@ def push(
     """Upload a run folder to the Hugging Face hub as a model repo (card, adapter, recipe; no checkpoints)."""
     from lora_dpo.publish import push as push_folder
 
-    try:
+    with user_errors():
         url = push_folder(adapter, repo_id, private)
-    except LoraDpoError as err:
-        _fail(str(err))
     typer.echo(f"uploaded {adapter} to {url}")
 
 

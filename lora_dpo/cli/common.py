@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from lora_dpo.errors import LoraDpoError  # every problem a user can cause or meet: one line, exit code 2
 
 if TYPE_CHECKING:
     pass
@@ -55,6 +59,15 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_versio
 def _fail(message: str) -> None:
     typer.echo(f"lora-dpo: error: {message}", err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Inside it, a `LoraDpoError` becomes the one-line failure (`_fail`, exit code 2), never a traceback."""
+    try:
+        yield
+    except LoraDpoError as err:
+        _fail(str(err))
 
 
 def bare_resume(args: list[str]) -> list[str]:

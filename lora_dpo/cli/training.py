@@ -14,7 +14,7 @@ from lora_dpo.errors import LoraDpoError  # every problem a user can cause or me
 if TYPE_CHECKING:
     from lora_dpo.recipe import Recipe
 
-from lora_dpo.cli.common import SetOption, _fail, _quiet_imports, app
+from lora_dpo.cli.common import SetOption, _fail, _quiet_imports, app, user_errors
 
 
 @app.command()
@@ -62,7 +62,7 @@ def cache(
     with `[data] cache = "FOLDER"`. Resumable; under `accelerate launch` each process writes its share of shards."""
     from lora_dpo import recipe as recipe_module
 
-    try:
+    with user_errors():
         loaded = recipe_module.load(recipe, set_ or [])
         folder = out or (Path(loaded.data.cache) if loaded.data.cache else None)
         if folder is None:
@@ -72,8 +72,6 @@ def cache(
         from lora_dpo.cache import build_cache
 
         manifest = build_cache(loaded, folder, shard_size=shard_size, dtype=dtype, batch_size=batch_size)
-    except LoraDpoError as err:
-        _fail(str(err))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`: one report, not one per process
@@ -101,7 +99,7 @@ def plan(
     Needs no GPU, no weights, no download: the step is traced on fake tensors from the model's config."""
     from lora_dpo import recipe as recipe_module
 
-    try:
+    with user_errors():
         loaded = recipe_module.load(recipe, set_ or [])
         _quiet_imports()
         from lora_dpo import plan as planner
@@ -119,8 +117,6 @@ def plan(
 
             typer.echo("\n" + planner.compare_on_device(loaded, torch.device("cuda" if torch.cuda.is_available()
                                                                             else "cpu")))
-    except LoraDpoError as err:
-        _fail(str(err))
 
 
 @app.command("tiny-base")
@@ -134,10 +130,8 @@ def tiny_base(
     _quiet_imports()
     from lora_dpo.models import build_tiny_base
 
-    try:
+    with user_errors():
         path = build_tiny_base(out_dir, warmup_steps=warmup_steps, seed=seed, replace=True, arch=arch)
-    except LoraDpoError as err:
-        _fail(str(err))
     pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
     typer.echo(f"wrote {path}: load it with {pipeline}.from_pretrained({str(path)!r})")
 
@@ -181,7 +175,7 @@ def bench(
     from lora_dpo import bench as bench_module
     from lora_dpo import recipe as recipe_module
 
-    try:
+    with user_errors():
         loaded = (recipe_module.load(recipe, set_ or []) if recipe else
                   recipe_module.from_dict({}, "--set", tuple(set_ or [])))
         loaded = _bench_threads(loaded, threads)
@@ -211,8 +205,6 @@ def bench(
         resolutions = resolution or bench_module.default_resolutions(chosen, loaded)
         cases = bench_module.make_cases(loaded, resolutions, bench_module.parse_compare(compare or []), max_memory_gb)
         report = bench_module.run_bench(chosen, cases, steps=steps, warmup=warmup)
-    except LoraDpoError as err:
-        _fail(str(err))
     typer.echo(bench_module.format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")

@@ -8,11 +8,11 @@ the code snippet, and an evaluation written later shows up the next time it is r
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from lora_dpo import __version__, models
+from lora_dpo.hub import is_hub_id
 from lora_dpo.recipe import Recipe, load
 
 CARD_FILE = "README.md"
@@ -29,10 +29,6 @@ METHODS = {"dpo": "**Diffusion-DPO** (Wallace et al. 2023)",
            "sft": "**supervised fine-tuning** on the preferred images (the paper's SFT baseline)"}
 # Never uploaded: resumable checkpoints (optimizer state, large) and half-written temporaries.
 UPLOAD_IGNORE = ["checkpoint-*", ".*", "*.tmp*"]
-
-
-def is_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# One torch thread in this process and in every subprocess it starts (CLI runs, `accelerate launch`, data-loader
+# workers): two pytest-xdist workers each running torch's default two threads on a 2-core machine oversubscribe it,
+# and every op then waits on the others (many times slower). The GPU recipes leave `train.num_threads` to torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
-torch.set_num_threads(1)  # two threads on a busy 2-core machine are many times slower than one
+torch.set_num_threads(1)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 

@@ -69,6 +69,10 @@ def test_prompt_files_in_every_format(tmp_path: Path) -> None:
     assert load_prompts(str(tmp_path / "p.tsv")) == ["a red circle"]
     assert load_prompts(str(tmp_path / "p.jsonl"), limit=1) == ["a red circle"]
     assert load_prompts(str(tmp_path / "hps.json")) == ["a red circle", "a blue square"]
+    # a run's heldout.jsonl repeats its prompts: each is evaluated once, in the order first seen
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps({"prompt": p, "label": 1.0}) + "\n"
+                                                    for p in ["a blue circle", "a red square", "a blue circle"]))
+    assert load_prompts(str(tmp_path / "heldout.jsonl")) == ["a blue circle", "a red square"]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{oops\n')
     with pytest.raises(EvalError, match=r"bad.jsonl:2: not valid JSON"):
         load_prompts(str(tmp_path / "bad.jsonl"))

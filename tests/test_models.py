@@ -60,16 +60,16 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
     import shutil
 
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
-    assert models.tiny_base_path("sd15") == tmp_path / "tiny-sd15-v3"
-    assert models.tiny_base_path() == tmp_path / "tiny-base-v3"  # unchanged: caches of `tiny` stay valid
+    assert models.tiny_base_path("sd15") == tmp_path / "tiny-sd15-v4"
+    assert models.tiny_base_path() == tmp_path / "tiny-base-v4"  # unchanged: caches of `tiny` stay valid
     # stands in for the build on first use (VAE training and UNet warm-up, a few minutes)
-    shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v3")
-    assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v3")
+    shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v4")
+    assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v4")
     base = models.load_base(ModelRecipe(base="tiny-sd15"))
     assert not base.is_sdxl and len(base.text_encoders) == 1
     with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd15"):
-        models.build_tiny_base(tmp_path / "tiny-sd15-v3", arch="sd21", replace=True)
-    assert (tmp_path / "tiny-sd15-v3" / "model_index.json").is_file()  # the failed rebuild deleted nothing
+        models.build_tiny_base(tmp_path / "tiny-sd15-v4", arch="sd21", replace=True)
+    assert (tmp_path / "tiny-sd15-v4" / "model_index.json").is_file()  # the failed rebuild deleted nothing
 
 
 def test_warm_up_trains_the_sd15_unet_without_micro_conditioning() -> None:

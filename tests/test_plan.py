@@ -164,7 +164,7 @@ def test_cli_plan_on_the_tiny_recipe() -> None:
                              "--gpu", "h100", "--measure"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.startswith("the run: 200 steps x 8 pairs = 1,600 pairs; "), out[:200]  # the run's length first
+    assert out.startswith("the run: 600 steps x 8 pairs = 4,800 pairs; "), out[:200]  # the run's length first
     for text in ("memory (MiB)", "compute (GFLOP per step)", "reference forward", "8GB", "h100", "a card needs"):
         assert text in out, text
     measured = re.search(r"measured on cpu .*measured / planned (\d\.\d+)", out)

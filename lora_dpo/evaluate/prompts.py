@@ -22,7 +22,9 @@ HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 def load_prompts(spec: str, limit: int | None = None) -> list[str]:
     """Prompts from a `.txt` (one a line), a `.csv`/`.tsv`/`.jsonl`/`.json` with a prompt column (a `.json`
     may also be a list of strings), `parti` (PartiPrompts), `hpsv2` or `hpsv2:<style>` (the HPS v2
-    benchmark), a local dataset folder, or a hub dataset id `owner/name[:split]`."""
+    benchmark), a local dataset folder, or a hub dataset id `owner/name[:split]`. Each distinct prompt once, in the
+    order first seen: a preference file (a run's `heldout.jsonl`) repeats its prompts, and a repeat would only
+    count the same (prompt, seed) comparison twice."""
     key, path = spec.strip().lower(), Path(spec)
     if key in ("parti", "partiprompts"):
         prompts = _dataset_prompts(*PARTI)
@@ -37,7 +39,7 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
         prompts = _dataset_prompts(name, split or "train")
     else:
         raise EvalError(f"--prompts {spec!r}: no such file, and not `parti`, `hpsv2[:STYLE]` or a hub dataset id")
-    prompts = [str(p).strip() for p in prompts if p is not None and str(p).strip()]
+    prompts = list(dict.fromkeys(str(p).strip() for p in prompts if p is not None and str(p).strip()))
     if not prompts:
         raise EvalError(f"--prompts {spec!r}: no prompts found")
     return prompts[:limit] if limit else prompts

@@ -26,9 +26,9 @@ TinyArch = Literal["sdxl", "sd15"]
 TINY_BASES: dict[str, TinyArch] = dict(zip(BUILTIN_BASES, ("sdxl", "sd15"), strict=True))
 # Their cache folders under cache_home(): bump a version when that base's weights change, so that no stale
 # cached copy is reused (v2: the VAE is trained to reconstruct and the UNet to denoise the demo images; v3: a VAE
-# without mid-block attention, a UNet warmed up longer on the preferred images, with caption dropout, and the
-# text encoders trained with it)
-TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v3", "sd15": "tiny-sd15-v3"}
+# without mid-block attention, a UNet warmed up longer on the preferred images, with caption dropout; v4: the
+# text encoders trained with the UNet, VAE 1200 and UNet 600 x 32 steps)
+TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v4", "sd15": "tiny-sd15-v4"}
 
 
 def _check_tiny_arch(arch: str) -> None:
@@ -223,9 +223,10 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
     """Train the VAE to reconstruct demo images for `vae_steps` steps (0: keep it random), calibrate its scaling
     factor to unit latent std, then pre-train the whole UNet and the text encoders together for `steps`
     denoising steps on the demo's preferred images. A cold random UNet learns no preference; a warmed one
-    does, as a real pretrained base would (measured: held-out accuracy ~0.5 cold, ~0.9 warm); with a trained VAE
+    does, as a real pretrained base would (measured: held-out accuracy ~0.5 cold, 1.00 warm); with a trained VAE
     it also generates. Only the preferred side is learnt: on both sides, each prompt's images are half of them
-    dim and wrongly coloured, and the short warm-up then draws blobs whose colour ignores the prompt."""
+    dim and wrongly coloured, and the short warm-up then draws dim blobs whose colour ignores the prompt (measured
+    with the text encoders trained too; docs/demo.md)."""
     from diffusers import DDPMScheduler
 
     sdxl = getattr(pipe, "text_encoder_2", None) is not None  # as load_base tells the architectures apart

@@ -23,7 +23,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 torch.set_num_threads(1)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+for noisy in ("bitsandbytes", "kernels"):  # as the CLI's _quiet_imports: CPU-only installs log missing kernels
+    logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 # The files that take minutes, in the order `make test`'s two pytest-xdist workers should start them: the demo (it

@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
                              f"output.dir={out}", "--set", "train.max_steps=50", "--set", "sample.every=25"], cwd=root,
                             capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    return out / "tiny", result.stderr
+    return out / "tiny", result.stderr + "\n" + result.stdout  # log lines and the bar, then the final lines
 
 
 def test_tiny_demo_learns_the_held_out_preference(demo_run: tuple[Path, str]) -> None:

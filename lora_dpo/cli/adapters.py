@@ -71,7 +71,9 @@ def pairs(
 def eval_(
     adapter: Annotated[Path, typer.Argument(help="Run folder (adapters/<run>) or its .safetensors LoRA file.")],
     prompts: Annotated[str, typer.Option(help="A .txt (one prompt a line), a .csv/.tsv/.jsonl/.json with a prompt "
-                                         "column, `parti`, `hpsv2[:STYLE]`, or a hub dataset id[:split].")],
+                                         "column (a run's heldout.jsonl: the prompts it never trained on), "
+                                         "`parti`, `hpsv2[:STYLE]`, or a hub dataset id[:split]. Each distinct "
+                                         "prompt once.")],
     base: Annotated[str | None, typer.Option(help="Base pipeline: hub id, folder or `tiny`; default: the "
                                              "[model].base of the recipe.toml beside the adapter.")] = None,
     scorer: Annotated[list[str] | None, typer.Option(help="Reward model KIND[@SOURCE]: pickscore, clip, hps, "

@@ -29,6 +29,9 @@ def _quiet_imports() -> None:
     """The stack logs noise on CPU-only installs (bitsandbytes' missing kernels, transformers' torchvision)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # On import, bitsandbytes asks `kernels` (a transformers dependency since 5.25) for a hub CPU kernel; offline,
+    # `kernels` warns that it skips its trust check, and bitsandbytes falls back to its own kernel either way
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed, when installed, warns on import that it picked the CPU

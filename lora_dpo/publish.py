@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_dpo import __version__, card, export, models
+from lora_dpo import __version__, card, export, hub, models
+
+
+def _check_run_folder(folder: Path) -> None:
+    if not (folder / card.ADAPTER_FILE).is_file():
+        raise models.ModelError(f"{folder}: no {card.ADAPTER_FILE}: not a finished lora-dpo run folder")
 
 
 def prepare(folder: Path, repo_id: str) -> Path:
     """Write `<run>_kohya.safetensors` from the run's adapter and refresh the card (unless hand-edited: its
     mark removed); raises when the folder is still not ready to upload. Returns the kohya file."""
     folder = Path(folder)
-    if not (folder / card.ADAPTER_FILE).is_file():
-        raise models.ModelError(f"{folder}: no {card.ADAPTER_FILE}: not a finished lora-dpo run folder")
+    _check_run_folder(folder)
     # the base recorded in the adapter names the kohya layers (a known hub id reads a shipped config: offline)
     kohya_path = export.export_adapter(folder / card.ADAPTER_FILE, folder / card.kohya_file(folder), "kohya")
     card_path = folder / card.CARD_FILE
@@ -36,6 +40,11 @@ def push(folder: Path, repo_id: str, private: bool = False) -> str:
     from huggingface_hub import HfApi
 
     folder = Path(folder)
+    _check_run_folder(folder)
+    if not hub.online():  # at once, not after the export and the client's retries
+        raise hub.HubUnavailableError(
+            f"{repo_id}: the upload goes to the Hugging Face hub, which is offline here (no answer within "
+            f"{hub.TIMEOUT_S:g} s, or HF_HUB_OFFLINE=1); connect and run again")
     prepare(folder, repo_id)
     api = HfApi()
     try:

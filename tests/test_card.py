@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_dpo import card, models, publish
+from lora_dpo import card, hub, models, publish
 from lora_dpo.export import ADAPTER_FILE, detect_format, read_file, save_adapter
 from lora_dpo.recipe import LoraRecipe, ModelRecipe, from_dict
 
@@ -85,14 +85,16 @@ def test_hub_base_gets_base_model_license_and_dataset(tmp_path: Path) -> None:
     assert "license: mit" in card.model_card(folder)  # [output].license overrides the base's
 
 
-def test_upload_leaves_out_checkpoints_and_reports_failure_in_one_line(run_dir: Path) -> None:
+def test_upload_leaves_out_checkpoints_and_offline_fails_at_once_in_one_line(run_dir: Path) -> None:
     (run_dir / "checkpoint-5").mkdir(exist_ok=True)
     (run_dir / "checkpoint-5" / "adapter.safetensors").write_bytes(b"x")
     files = card.hub_files(run_dir)
     assert ADAPTER_FILE in files and "README.md" in files and "recipe.toml" in files
     assert not any(f.startswith("checkpoint-") for f in files)
-    with pytest.raises(models.ModelError, match="me/run: upload failed"):  # HF_HUB_OFFLINE=1 in the tests
+    with pytest.raises(hub.HubUnavailableError, match="me/run: the upload goes to the Hugging Face hub, which is "
+                                                      "offline here"):  # HF_HUB_OFFLINE=1 in the tests
         publish.push(run_dir, "me/run")
+    publish.prepare(run_dir, "me/run")  # what push does next, online
     assert "pipe.load_lora_weights('me/run')" in (run_dir / "README.md").read_text()  # refreshed for the hub
     with pytest.raises(models.ModelError, match="no recipe.toml"):
         card.model_card(run_dir / "checkpoint-5")
@@ -101,8 +103,7 @@ def test_upload_leaves_out_checkpoints_and_reports_failure_in_one_line(run_dir: 
 def test_hand_edited_card_is_kept(run_dir: Path, tmp_path: Path) -> None:
     edited = (run_dir / "README.md").read_text().replace(card.MARK + "\n", "") + "\nMy notes.\n"
     (run_dir / "README.md").write_text(edited)
-    with pytest.raises(models.ModelError):
-        publish.push(run_dir, "me/run")
+    publish.prepare(run_dir, "me/run")
     assert (run_dir / "README.md").read_text() == edited
 
 

@@ -27,18 +27,22 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("eval", "someone/some-adapter", "--prompts", "{data}", "--scorer", "pickscore"),
     ("merge", "someone/some-adapter", "--base", "someone/some-sdxl-finetune", "--out", "merged"),
     ("pairs", "{data}", "--base", "someone/some-sdxl-finetune", "--scorer", "shapes", "--out", "pairs.parquet"),
+    ("push", "{run}", "someone/some-adapter"),
 ])
 def test_a_hub_id_offline_is_one_line_and_exit_2(args: tuple[str, ...], tmp_path: Path, shapes_jsonl: Path) -> None:
     recipe = tmp_path / "hub.toml"
     recipe.write_text('[model]\nbase = "someone/some-sdxl-finetune"\n[data]\nsource = "synthetic:shapes"\n'
                       f'resolution = 64\n[output]\ndir = "{tmp_path}"\n')
-    result = _cli(*(a.format(recipe=recipe, data=shapes_jsonl) for a in args), cwd=tmp_path)
+    run = tmp_path / "run"  # what push checks before it asks the hub: a run folder with its adapter file
+    run.mkdir()
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    result = _cli(*(a.format(recipe=recipe, data=shapes_jsonl, run=run) for a in args), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     # the first hub id the command needs (the adapter, the base or a scorer's weights), named in one line
-    assert re.match(r"lora-dpo: error: [\w.-]+/[\w.-]+: .+ comes from the Hugging Face hub, which is offline here",
-                    lines[0]), lines[0]
+    assert re.match(r"lora-dpo: error: [\w.-]+/[\w.-]+: .+ (comes from|goes to) the Hugging Face hub, which is "
+                    r"offline here", lines[0]), lines[0]
 
 
 def test_offline_failure_takes_no_retries() -> None:

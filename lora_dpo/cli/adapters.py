@@ -179,6 +179,7 @@ def push(
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
 ) -> None:
     """Upload a run folder to the Hugging Face hub as a model repo (card, adapter, recipe; no checkpoints)."""
+    _quiet_imports()
     from lora_dpo.publish import push as push_folder
 
     with user_errors():

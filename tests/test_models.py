@@ -61,7 +61,7 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
 
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
     assert models.tiny_base_path("sd15") == tmp_path / "tiny-sd15-v4"
-    assert models.tiny_base_path() == tmp_path / "tiny-base-v4"  # unchanged: caches of `tiny` stay valid
+    assert models.tiny_base_path() == tmp_path / "tiny-base-v4"  # `tiny` keeps its own folder
     # stands in for the build on first use (VAE training and UNet warm-up, a few minutes)
     shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v4")
     assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v4")
@@ -70,6 +70,22 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
     with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd15"):
         models.build_tiny_base(tmp_path / "tiny-sd15-v4", arch="sd21", replace=True)
     assert (tmp_path / "tiny-sd15-v4" / "model_index.json").is_file()  # the failed rebuild deleted nothing
+
+
+@pytest.mark.parametrize(("name", "fixture"), [("tiny", "tiny_base_dir"), ("tiny-sd15", "tiny_sd15_base_dir")])
+def test_a_tiny_base_unet_config_is_read_without_building_the_base(name: str, fixture: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """What `export --format kohya` needs of a tiny base (its UNet's blocks) is a constant: on a machine where the
+    base was never built it is not built (minutes) to read it, and it names the same kohya layers."""
+    from lora_dpo import kohya
+
+    built = json.loads((request.getfixturevalue(fixture) / "unet" / "config.json").read_text())
+    monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
+    config = models.base_unet_config(name)
+    assert not any(tmp_path.iterdir())  # nothing built
+    assert kohya.sgm_prefixes(config) == kohya.sgm_prefixes(built)
+    assert kohya.is_sdxl(config) == kohya.is_sdxl(built) == (name == "tiny")
 
 
 def test_warm_up_trains_the_sd15_unet_without_micro_conditioning() -> None:

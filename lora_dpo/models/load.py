@@ -12,7 +12,7 @@ import torch
 from lora_dpo import hub
 from lora_dpo.models.parts import KNOWN_BASES, PREDICTION_TYPES, BaseModel, ModelError, shipped_config
 from lora_dpo.models.single_file import config_folder, is_single_file, load_single_file_parts, tokenizer_source
-from lora_dpo.models.tiny import resolve_base
+from lora_dpo.models.tiny import TINY_BASES, resolve_base, tiny_unet_config
 from lora_dpo.recipe import ModelRecipe
 
 
@@ -109,9 +109,12 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
 
 def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
     """A base's UNet config without its weights (adapter formats need the architecture, not 5 GB): the shipped
-    config for the well-known hub ids (offline), `unet/config.json` of a local folder, or the hub's."""
+    config for the well-known hub ids (offline), the built-in tiny bases' constant, `unet/config.json` of a local
+    folder, or the hub's."""
     if name in KNOWN_BASES:
         return shipped_config(KNOWN_BASES[name], "unet")
+    if name in TINY_BASES:  # a constant, as the planner reads it: never a build (minutes) just for the blocks
+        return tiny_unet_config(TINY_BASES[name])
     if is_single_file(name):
         return read_pipeline_json(str(config_folder(Path(name))), "unet/config.json")
     return read_pipeline_json(resolve_base(name), "unet/config.json", revision)

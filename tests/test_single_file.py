@@ -88,16 +88,21 @@ def _resblock(stem: str) -> str:
 
 
 def write_single_file(base_dir: Path, out: Path) -> Path:
-    """The tiny SDXL base as one original-layout safetensors file, with its config folder (no weights) beside."""
-    from diffusers import StableDiffusionXLPipeline
+    """A tiny base (SDXL or SD 1.5) as one original-layout safetensors file, with its config folder (no weights)
+    beside. SD 1.5 keeps its one CLIP encoder under `cond_stage_model.transformer.`; SDXL has two embedders, the
+    second in OpenCLIP's names."""
+    from diffusers import DiffusionPipeline
     from safetensors.torch import save_file
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    pipe = DiffusionPipeline.from_pretrained(base_dir)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     state = _unet_to_original(pipe.unet.state_dict(), dict(pipe.unet.config))
     state |= _vae_to_original(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels))
-    state |= {"conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+    first = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+    state |= {first + ("" if k.startswith("text_model.") else "text_model.") + k: v
               for k, v in pipe.text_encoder.state_dict().items() if "position_ids" not in k}
-    state |= _openclip(pipe.text_encoder_2.state_dict())
+    if sdxl:
+        state |= _openclip(pipe.text_encoder_2.state_dict())
     out.mkdir(parents=True)
     for item in base_dir.iterdir():  # configs and tokenizers, no weights
         if item.is_dir():
@@ -110,6 +115,26 @@ def write_single_file(base_dir: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def single_file(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_single_file(tiny_base_dir, tmp_path_factory.mktemp("single") / "checkpoint")
+
+
+def test_an_sd15_single_file_loads_every_part_and_trains(tiny_sd15_base_dir: Path, tiny_recipe: Any,
+                                                         tmp_path: Path) -> None:
+    """SD 1.5 in the original layout (one encoder under `cond_stage_model`): read as SD 1.5 from its keys, every
+    part back with the base's weights, and a run trains on it."""
+    from lora_dpo.export import read_file
+    from lora_dpo.train import train
+
+    path = write_single_file(tiny_sd15_base_dir, tmp_path / "checkpoint")
+    assert models.single_file_arch(path) == "sd15"
+    loaded = models.load_base(ModelRecipe(base=str(path)))
+    folder = models.load_base(ModelRecipe(base=str(tiny_sd15_base_dir)))
+    assert not loaded.is_sdxl and len(loaded.text_encoders) == 1
+    for ours, theirs in ((loaded.unet, folder.unet), (loaded.vae, folder.vae),
+                         (loaded.text_encoders[0], folder.text_encoders[0])):
+        expected, got = theirs.state_dict(), ours.state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), type(ours)
+    adapter = train(tiny_recipe(model={"base": str(path)}, train={"max_steps": 2}))
+    assert read_file(adapter)[1]["lora_dpo.base_model"] == str(path)
 
 
 def test_single_file_loads_every_part_with_the_base_weights(single_file: Path, tiny_base_dir: Path) -> None:

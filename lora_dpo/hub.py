@@ -75,9 +75,12 @@ def preflight_model(model: ModelRecipe) -> None:
     preflight(model.vae, "config.json", "the VAE")
 
 
+# how every offline error says why the hub counts as offline
+OFFLINE_HERE = f"the Hugging Face hub, which is offline here (no answer within {TIMEOUT_S:g} s, or HF_HUB_OFFLINE=1)"
+
+
 def unavailable(source: str, what: str) -> HubUnavailableError:
     """The one-line error for a hub id that could not be loaded while offline."""
     return HubUnavailableError(
-        f"{source}: {what} comes from the Hugging Face hub, which is offline here (no answer within {TIMEOUT_S:g} s, "
-        "or HF_HUB_OFFLINE=1), and it is not in the local cache; connect and run again (it is cached after), or "
-        "pass a local folder or file")
+        f"{source}: {what} comes from {OFFLINE_HERE}, and it is not in the local cache; connect and run again (it "
+        "is cached after), or pass a local folder or file")

@@ -42,9 +42,7 @@ def push(folder: Path, repo_id: str, private: bool = False) -> str:
     folder = Path(folder)
     _check_run_folder(folder)
     if not hub.online():  # at once, not after the export and the client's retries
-        raise hub.HubUnavailableError(
-            f"{repo_id}: the upload goes to the Hugging Face hub, which is offline here (no answer within "
-            f"{hub.TIMEOUT_S:g} s, or HF_HUB_OFFLINE=1); connect and run again")
+        raise hub.HubUnavailableError(f"{repo_id}: the upload goes to {hub.OFFLINE_HERE}; connect and run again")
     prepare(folder, repo_id)
     api = HfApi()
     try:

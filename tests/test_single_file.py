@@ -112,6 +112,16 @@ def write_single_file(base_dir: Path, out: Path) -> Path:
     return out / "tiny.safetensors"
 
 
+def _assert_same_weights(loaded: Any, folder: Any) -> None:
+    """Every part of a base read from a single file (UNet, VAE, each text encoder) holds the folder base's weights."""
+    for ours, theirs in ((loaded.unet, folder.unet), (loaded.vae, folder.vae),
+                         *zip(loaded.text_encoders, folder.text_encoders, strict=True)):
+        expected = theirs.state_dict()
+        got = ours.state_dict()
+        assert set(got) == set(expected), type(ours).__name__
+        assert all(torch.equal(got[k], expected[k]) for k in expected), type(ours).__name__
+
+
 @pytest.fixture(scope="module")
 def single_file(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_single_file(tiny_base_dir, tmp_path_factory.mktemp("single") / "checkpoint")
@@ -127,12 +137,8 @@ def test_an_sd15_single_file_loads_every_part_and_trains(tiny_sd15_base_dir: Pat
     path = write_single_file(tiny_sd15_base_dir, tmp_path / "checkpoint")
     assert models.single_file_arch(path) == "sd15"
     loaded = models.load_base(ModelRecipe(base=str(path)))
-    folder = models.load_base(ModelRecipe(base=str(tiny_sd15_base_dir)))
     assert not loaded.is_sdxl and len(loaded.text_encoders) == 1
-    for ours, theirs in ((loaded.unet, folder.unet), (loaded.vae, folder.vae),
-                         (loaded.text_encoders[0], folder.text_encoders[0])):
-        expected, got = theirs.state_dict(), ours.state_dict()
-        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), type(ours)
+    _assert_same_weights(loaded, models.load_base(ModelRecipe(base=str(tiny_sd15_base_dir))))
     adapter = train(tiny_recipe(model={"base": str(path)}, train={"max_steps": 2}))
     assert read_file(adapter)[1]["lora_dpo.base_model"] == str(path)
 
@@ -141,14 +147,8 @@ def test_single_file_loads_every_part_with_the_base_weights(single_file: Path, t
     assert models.is_single_file(str(single_file)) and models.single_file_arch(single_file) == "sdxl"
     assert models.config_folder(single_file) == single_file.parent
     loaded = models.load_base(ModelRecipe(base=str(single_file)))
-    folder = models.load_base(ModelRecipe(base=str(tiny_base_dir)))
     assert loaded.is_sdxl and len(loaded.text_encoders) == 2 and len(loaded.tokenizers) == 2
-    for ours, theirs in ((loaded.unet, folder.unet), (loaded.vae, folder.vae),
-                         *zip(loaded.text_encoders, folder.text_encoders, strict=True)):
-        expected = theirs.state_dict()
-        got = ours.state_dict()
-        assert set(got) == set(expected), type(ours).__name__
-        assert all(torch.equal(got[k], expected[k]) for k in expected), type(ours).__name__
+    _assert_same_weights(loaded, models.load_base(ModelRecipe(base=str(tiny_base_dir))))
     assert not any(p.requires_grad for p in loaded.unet.parameters())
 
 

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoint-<step>/` with the LoRA weights, the whole optimizer state (at any nesting
 depth: bitsandbytes' 8-bit state included) as tensors, and `state.json` (where each of those tensors goes, step,
-micro-steps consumed = the data position, scheduler and fp16 loss-scaler states, recipe fingerprint, history).
+pairs consumed = the data position, the launch layout, scheduler and fp16 loss-scaler states, the guard's counts,
+the resolved recipe and its fingerprint, history).
 It is written to a temporary folder, flushed and renamed (`files.publish_folder`), so a crash or a SIGKILL at
 any moment leaves either the whole checkpoint or none; the newest `keep` are kept.
 
@@ -25,9 +26,11 @@ from lora_dpo.errors import FileFormatError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER, OPTIMIZER, STATE = "adapter.safetensors", "optimizer.safetensors", "state.json"
-# what state.json must hold, and of which JSON type
-STATE_FIELDS: dict[str, type] = {"step": int, "micro_steps": int, "fingerprint": str, "scheduler": dict,
-                                 "optimizer": dict, "history": list}
+# what state.json must hold, and of which JSON type. Where the data stands is `pairs` (draws consumed, the same on
+# any launch layout) beside `layout`; checkpoints written before had `micro_steps` (this layout's micro-batches)
+STATE_FIELDS: dict[str, type] = {"step": int, "fingerprint": str, "scheduler": dict, "optimizer": dict,
+                                 "history": list}
+POSITION_FIELDS = ("pairs", "micro_steps")
 
 
 def flatten_state(value: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
@@ -99,20 +102,30 @@ def save_checkpoint(run_dir: Path, step: int, lora_state: dict[str, torch.Tensor
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """-> (LoRA weights, optimizer state_dict, state.json). A truncated, corrupt or foreign checkpoint raises
-    FileFormatError naming the file; whether the tensors fit the model is the caller's check (`files.check_tensors`)."""
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked (read before anything loads: a resume decides from it whether it can
+    go on). A truncated, corrupt or foreign one raises FileFormatError naming the file."""
     state = files.read_json(path / STATE, "checkpoint")
     if not isinstance(state, dict):
         raise FileFormatError(f"{path / STATE}: not a lora-dpo checkpoint state (expected a JSON object)")
     problems = [f"`{key}` missing or not a {kind.__name__}" for key, kind in STATE_FIELDS.items()
                 if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]
-    if not problems and (state["step"] < 0 or state["micro_steps"] < 0):
+    position = next((state[key] for key in POSITION_FIELDS if key in state), None)
+    if not isinstance(position, int) or isinstance(position, bool):
+        problems.append("`pairs` missing or not an int")
+    if not problems and (state["step"] < 0 or position < 0):
         problems.append("negative step")
     if not problems and not isinstance(state["scheduler"].get("last_epoch"), int):
         problems.append("`scheduler.last_epoch` missing")
     if problems:
         raise FileFormatError(f"{path / STATE}: not a lora-dpo checkpoint state: {'; '.join(problems)}")
+    return state
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """-> (LoRA weights, optimizer state_dict, state.json). A truncated, corrupt or foreign checkpoint raises
+    FileFormatError naming the file; whether the tensors fit the model is the caller's check (`files.check_tensors`)."""
+    state = read_state(path)
     tensors = files.read_safetensors(path / OPTIMIZER, "checkpoint's optimizer state")
     try:
         optimizer = unflatten_state(tensors, state["optimizer"])

@@ -108,8 +108,8 @@ class BadSteps:
     """Counts optimizer steps skipped because the loss or the gradients were not finite; `limit` in a row stop
     the run. A skipped step leaves the adapter and the optimizer state as they were."""
 
-    def __init__(self, limit: int, total: int = 0) -> None:
-        self.limit, self.in_a_row, self.total = limit, 0, total
+    def __init__(self, limit: int, total: int = 0, in_a_row: int = 0) -> None:
+        self.limit, self.total, self.in_a_row = limit, total, in_a_row  # a resume goes on with its counts
 
     def record(self, ok: bool, step: int, recipe: Recipe, run_dir: Path) -> None:
         if ok:

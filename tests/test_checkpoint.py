@@ -6,7 +6,10 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +48,7 @@ def _small_checkpoint(run_dir: Path, step: int, keep: int = 2) -> Path:
     scheduler.step()
     lora = {"a.lora_A.weight": layer.weight.detach(), "a.lora_B.weight": layer.bias.detach()[:, None]}
     return checkpoint.save_checkpoint(run_dir, step, lora, optimizer, scheduler,
-                                      {"micro_steps": step, "history": [], "fingerprint": "f"}, keep=keep)
+                                      {"pairs": step, "history": [], "fingerprint": "f"}, keep=keep)
 
 
 def test_checkpoints_are_whole_and_only_the_newest_k_stay(tmp_path: Path) -> None:
@@ -83,7 +86,7 @@ def test_8bit_adamw_state_survives_a_checkpoint_bit_for_bit(tmp_path: Path) -> N
     _steps(optimizer, params, 3)
     lora = {"a.lora_A.weight": params[0].detach(), "a.lora_B.weight": params[1].detach()[:, None]}
     path = checkpoint.save_checkpoint(tmp_path, 3, lora, optimizer, scheduler,
-                                      {"micro_steps": 3, "history": [], "fingerprint": "f"})
+                                      {"pairs": 3, "history": [], "fingerprint": "f"})
     assert any(t.dtype == torch.uint8 for t in load_file(path / checkpoint.OPTIMIZER).values())
 
     restored_params, restored = build()
@@ -109,7 +112,7 @@ def test_the_fp16_loss_scale_is_part_of_the_checkpoint(tmp_path: Path) -> None:
         scaler.update()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     path = checkpoint.save_checkpoint(tmp_path, 4, {"a.lora_A.weight": layer.weight.detach()}, optimizer, scheduler,
-                                      {"micro_steps": 4, "history": [], "fingerprint": "f"}, scaler=scaler)
+                                      {"pairs": 4, "history": [], "fingerprint": "f"}, scaler=scaler)
     _, optimizer_state, state = checkpoint.load_checkpoint(path)
     fresh = torch.amp.GradScaler("cpu")
     checkpoint.restore_optimizer(optimizer, scheduler, optimizer_state, state, path, fresh)
@@ -172,7 +175,7 @@ def test_resuming_a_checkpoint_of_another_rank_names_the_file(tiny_recipe, tmp_p
     from peft.utils import get_peft_model_state_dict
 
     saved = checkpoint.save_checkpoint(tmp_path / "small", 2, get_peft_model_state_dict(small.unet), small.optimizer,
-                                       small.lr_scheduler, {"micro_steps": 2, "history": [], "fingerprint": "f"})
+                                       small.lr_scheduler, {"pairs": 2, "history": [], "fingerprint": "f"})
     with pytest.raises(FileFormatError, match=r"checkpoint-2/adapter.safetensors.*another shape.*\[lora\]"):
         setup(tiny_recipe(data={"val_pairs": 0}), tmp_path / "big", resume=str(saved))
 
@@ -180,7 +183,9 @@ def test_resuming_a_checkpoint_of_another_rank_names_the_file(tiny_recipe, tmp_p
 def test_an_unfinished_run_needs_resume_or_overwrite(tiny_recipe, tmp_path: Path) -> None:
     recipe = tiny_recipe(train={"max_steps": 2, "checkpoint_every": 1}, data={"val_pairs": 0})
     adapter = train(recipe)
-    adapter.unlink()  # as if the run had been killed after its checkpoint
+    assert [p.name for p in checkpoint.list_checkpoints(adapter.parent)] == ["checkpoint-1", "checkpoint-2"]
+    adapter.unlink()  # as if the run had been killed after its first checkpoint
+    shutil.rmtree(adapter.parent / "checkpoint-2")
     with pytest.raises(RecipeError, match=r"unfinished run \(latest: checkpoint-1\).*--resume latest"):
         train(recipe)
     partial = adapter.parent / ".checkpoint-2.tmp"  # a checkpoint the kill interrupted mid-write
@@ -189,7 +194,8 @@ def test_an_unfinished_run_needs_resume_or_overwrite(tiny_recipe, tmp_path: Path
     assert train(recipe, resume="latest").is_file() and not partial.exists()  # resumed from checkpoint-1
     again = train(tiny_recipe(train={"max_steps": 2, "checkpoint_every": 1}, data={"val_pairs": 0},
                               output={"overwrite": True}))  # starts over: the old checkpoints go first
-    assert again.is_file() and [p.name for p in checkpoint.list_checkpoints(again.parent)] == ["checkpoint-1"]
+    assert again.is_file() and [p.name for p in checkpoint.list_checkpoints(again.parent)] == ["checkpoint-1",
+                                                                                              "checkpoint-2"]
 
 
 def test_resume_alone_means_the_latest_checkpoint() -> None:
@@ -268,3 +274,65 @@ def test_no_pickle_is_ever_loaded() -> None:
         assert "import pickle" not in text and "from pickle" not in text, source
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{source}: {call}"
+
+
+def test_resume_of_a_finished_run_trains_longer_only_when_asked(tiny_recipe, tmp_path: Path) -> None:
+    """A finished run resumed as it was is refused in one line (exit 2 from the CLI); with [train].max_steps raised
+    it goes on from the checkpoint of its last step and ends as a run of the longer length would, bit for bit. A
+    changed run length or logging interval is allowed; a changed key that shapes the run is refused by name."""
+    def recipe_(name: str = "test", max_steps: int = 2, **train: object):
+        return tiny_recipe(data={"val_pairs": 0}, train={"max_steps": max_steps, "checkpoint_every": 2, **train},
+                           output={"dir": str(tmp_path), "name": name})
+
+    adapter = train(recipe_())
+    toml = tmp_path / "finished.toml"
+    toml.write_text(recipe_().to_toml())
+    cli = subprocess.run([sys.executable, "-m", "lora_dpo", "train", str(toml), "--resume"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert cli.returncode == 2 and cli.stdout == "", cli.stderr[-2000:]
+    assert cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr
+    assert (f"{adapter.parent} is a finished run (2 steps, [train].max_steps = 2): nothing to resume. To train "
+            "longer, raise [train].max_steps (e.g. --set train.max_steps=4)") in cli.stderr
+    before = adapter.read_bytes()
+    with pytest.raises(RecipeError, match=r"changed \[lora\].rank \(8 -> 4\), \[train\].learning_rate \(0.001 -> "
+                                          r"0.0001\) since this checkpoint was saved"):
+        train(tiny_recipe(lora={"rank": 4}, data={"val_pairs": 0}, output={"dir": str(tmp_path), "name": "test"},
+                          train={"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-4}), resume="latest")
+    assert adapter.read_bytes() == before  # refused before anything was written
+
+    longer = load_file(train(recipe_(max_steps=4, log_every=1), resume="latest"))
+    reference = load_file(train(recipe_("reference", max_steps=4)))
+    assert longer.keys() == reference.keys()
+    assert all(torch.equal(longer[k], reference[k]) for k in reference)
+    steps = [json.loads(line)["step"] for line in (adapter.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3, 4]  # logged every 2 steps, then every step after the resume
+
+
+def test_a_resume_on_another_layout_goes_on_from_the_same_pair_or_is_refused(tiny_recipe, tmp_path: Path) -> None:
+    """batch 2 x accumulation 1 -> batch 1 x accumulation 2: the same 2 pairs per optimizer step, so the resume goes
+    on from the same pair with the same noise and ends as the uninterrupted run, to float rounding (a batch of 2 and
+    two of 1 round differently). Accumulation 2 at batch 2 would take 4 pairs a step: refused, saying what to set.
+    (2 -> 1 and 1 -> 2 processes: tests/test_distributed.py.)"""
+    def recipe_(name: str, batch: int, accumulation: int):
+        return tiny_recipe(data={"val_pairs": 0}, output={"dir": str(tmp_path), "name": name},
+                           train={"max_steps": 4, "checkpoint_every": 2, "batch_size": batch, "log_every": 1,
+                                  "gradient_accumulation": accumulation, "adam_epsilon": 1e-3})
+
+    reference = load_file(train(recipe_("reference", 2, 1)))
+    saved = tmp_path / "reference" / "checkpoint-2"
+    with pytest.raises(RecipeError, match=r"its optimizer steps took 2 pairs \(batch 2 x accumulation 1 x 1 process\), "
+                                          r"this launch takes 4 pairs \(batch 2 x accumulation 2 x 1 process\): set "
+                                          r"\[train\].gradient_accumulation = 1 to keep 2 pairs per step"):
+        train(recipe_("more", 2, 2), resume=str(saved))
+    resumed = load_file(train(recipe_("accumulated", 1, 2), resume=str(saved)))
+    assert max(reference[k].abs().max().item() for k in reference if "lora_B" in k) > 3e-4  # real updates
+    for key, value in reference.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-3, atol=2e-5)
+    losses = {}
+    for name in ("reference", "accumulated"):
+        for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            losses.setdefault(record["step"], []).append(record["loss"])
+    assert sorted(losses) == [1, 2, 3, 4] and all(len(losses[step]) == 2 for step in (3, 4))
+    for step in (3, 4):  # the same pairs and noise after the resume: the same losses
+        assert losses[step][1] == pytest.approx(losses[step][0], rel=1e-3)  # beta 2000 magnifies rounding

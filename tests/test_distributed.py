@@ -31,42 +31,65 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record["loss"] for record in records}
 
 
-@pytest.mark.distributed
-def test_two_processes_train_the_adapter_one_process_trains_with_the_same_global_batch(
-        tiny_recipe, tmp_path: Path) -> None:
-    """2 processes x 1 pair == 1 process x 2 pairs: the same pairs (accelerate deals the stream out in turn),
-    the same noise per pair (seeded by its place in the stream), gradients averaged by DDP, and the same
-    lora_A init (seeded). adam_epsilon 1e-3 makes each update a smooth function of its gradient: with 1e-8,
-    Adam's first step is lr * sign(g) and float noise in near-zero gradients flips whole steps."""
-    settings = {"max_steps": 3, "log_every": 1, "checkpoint_every": 0, "adam_epsilon": 1e-3, "num_threads": 1}
-    two = tiny_recipe(train={**settings, "batch_size": 1}, data={"val_pairs": 0},
-                      output={"dir": str(tmp_path), "name": "two"})
-    (tmp_path / "two.toml").write_text(two.to_toml())
+def _ddp_train(toml: Path, *args: str) -> subprocess.CompletedProcess:
+    """`lora-dpo train toml *args` on two real processes (accelerate, DDP over gloo on the CPU)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "lora_dpo", "train", str(tmp_path / "two.toml")]
+               "--main_process_port", str(_free_port()), "-m", "lora_dpo", "train", str(toml), *args]
     # ACCELERATE_USE_CPU: without it `--multi_gpu` on a CPU runs two unsynchronised trainings (field notes)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "3 steps x 2 pairs (batch 1 x accumulation 1 x 2 processes)" in result.stdout
     assert "lora-dpo: launch: DDP, 2 processes, gloo" in result.stdout
     assert "identical on all 2 processes" in result.stdout  # every rank hashed its adapter; all agree
+    return result
 
-    train(tiny_recipe(train={**settings, "batch_size": 2}, data={"val_pairs": 0},
-                      output={"dir": str(tmp_path), "name": "one"}))
-    multi, single = load_file(tmp_path / "two" / ADAPTER_FILE), load_file(tmp_path / "one" / ADAPTER_FILE)
-    assert multi.keys() == single.keys()
-    trained = max(single[k].abs().max().item() for k in single if "lora_B" in k)
+
+def _assert_same_training(run_dir: Path, reference_dir: Path) -> None:
+    """The same adapter and losses to the tolerance of float rounding: a batch of 2 and two batches of 1 round
+    differently in the convolutions."""
+    adapter, reference = load_file(run_dir / ADAPTER_FILE), load_file(reference_dir / ADAPTER_FILE)
+    assert adapter.keys() == reference.keys()
+    trained = max(reference[k].abs().max().item() for k in reference if "lora_B" in k)
     assert trained > 3e-4  # lora_B starts at 0: the comparison below is of real updates
-    for key, value in single.items():
-        torch.testing.assert_close(multi[key], value, rtol=1e-3, atol=2e-5)
-    # the same tolerance as the adapters: a batch of 2 and two batches of 1 round differently in the convolutions
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-3)
+    for key, value in reference.items():
+        torch.testing.assert_close(adapter[key], value, rtol=1e-3, atol=2e-5)
+    losses, reference_losses = _losses(run_dir), _losses(reference_dir)  # step -> loss; a resumed run logs the rest
+    assert losses == pytest.approx({step: reference_losses[step] for step in losses}, rel=1e-3)
+
+
+@pytest.mark.distributed
+def test_two_processes_train_as_one_and_a_checkpoint_goes_on_with_either(tiny_recipe, tmp_path: Path) -> None:
+    """2 processes x 1 pair == 1 process x 2 pairs: the same pairs (accelerate deals the stream out in turn),
+    the same noise per pair (seeded by its place in the stream), gradients averaged by DDP, and the same
+    lora_A init (seeded). A checkpoint of either goes on with the other (2 -> 1 and 1 -> 2 processes, the same 2
+    pairs per step): from the same pair with the same noise, ending as the other's uninterrupted run.
+    adam_epsilon 1e-3 makes each update a smooth function of its gradient: with 1e-8, Adam's first step is
+    lr * sign(g) and float noise in near-zero gradients flips whole steps."""
+    settings = {"max_steps": 3, "log_every": 1, "checkpoint_every": 2, "adam_epsilon": 1e-3, "num_threads": 1}
+
+    def recipe_(name: str, processes: int):
+        return tiny_recipe(train={**settings, "batch_size": 2 // processes}, data={"val_pairs": 0},
+                           output={"dir": str(tmp_path), "name": name})
+
+    for name in ("two", "one-then-two"):
+        (tmp_path / f"{name}.toml").write_text(recipe_(name, 2).to_toml())
+    result = _ddp_train(tmp_path / "two.toml")
+    assert "3 steps x 2 pairs (batch 1 x accumulation 1 x 2 processes)" in result.stdout
+    train(recipe_("one", 1))
+    _assert_same_training(tmp_path / "two", tmp_path / "one")
+
+    # 2 -> 1: the two-process run's checkpoint at step 2, resumed in one process
+    train(recipe_("two-then-one", 1), resume=str(tmp_path / "two" / "checkpoint-2"))
+    _assert_same_training(tmp_path / "two-then-one", tmp_path / "one")
+    # 1 -> 2: the one-process run's checkpoint at step 2, resumed on two processes
+    _ddp_train(tmp_path / "one-then-two.toml", "--resume", str(tmp_path / "one" / "checkpoint-2"))
+    _assert_same_training(tmp_path / "one-then-two", tmp_path / "two")
 
 
 def _records(run_dir: Path) -> list[dict[str, float]]:

@@ -85,6 +85,34 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
     assert all(torch.equal(saved[k], v) for k, v in _lora(run).items())  # the bad steps changed nothing
 
 
+def test_a_stop_amid_bad_steps_resumes_with_the_streak_it_had(tiny_recipe, tmp_path: Path) -> None:
+    """A stop asked for during a run of NaN steps writes a checkpoint mid-streak; the resumed run goes on counting
+    that streak, so [train].max_bad_steps in a row still stop it (not max_bad_steps more)."""
+    recipe_ = tiny_recipe(data={"val_pairs": 0}, train={"max_steps": 8, "checkpoint_every": 0, "max_bad_steps": 3})
+    run = setup(recipe_, tmp_path)
+
+    def fault(n: int, output):
+        if n == 3:  # the loop reads the stop flag as the next step begins: it stops after step 4, checkpointed
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _nan_on({3, 4})(n, output)
+
+    _inject(run, fault)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # restored by fit's handler on exit; ours after
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            fit(run)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.step == 4
+    state = checkpoint.read_state(tmp_path / "checkpoint-4")
+    assert (state["skipped_steps"], state["bad_steps_in_a_row"]) == (2, 2)
+
+    resumed = setup(recipe_, tmp_path, resume="latest")
+    _inject(resumed, _nan_on({1}))  # the first step after the resume (step 5) is bad too: the third in a row
+    with pytest.raises(guards.TrainingError, match=r"NaN/Inf for 3 optimizer steps in a row \(up to step 5"):
+        fit(resumed)
+
+
 def test_out_of_memory_names_the_settings_that_would_fit(tiny_recipe, tmp_path: Path) -> None:
     run = setup(tiny_recipe(data={"val_pairs": 0}), tmp_path)
     before = signal.getsignal(signal.SIGINT)

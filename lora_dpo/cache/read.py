@@ -121,8 +121,9 @@ def collate_encoded(items: list[dict[str, Tensor]]) -> EncodedBatch:
                         stack("time_ids_w"), stack("time_ids_l"), stack("labels"))
 
 
-def cached_datasets(recipe: Recipe, draws: int, embed_dtype: torch.dtype) -> data.Datasets:
-    """The trainer's datasets from `[data].cache`, after checking the cache fits the recipe."""
+def cached_datasets(recipe: Recipe, draws: int, embed_dtype: torch.dtype, start: int = 0) -> data.Datasets:
+    """The trainer's datasets from `[data].cache`, after checking the cache fits the recipe; the training stream
+    of `draws` goes on from draw `start` (a resume)."""
     cache = LatentCache(recipe.data.cache)
     cache.check(recipe)
     seed = recipe.train.seed
@@ -138,6 +139,6 @@ def cached_datasets(recipe: Recipe, draws: int, embed_dtype: torch.dtype) -> dat
     stats = data.PairStats(manifest["read"], manifest["kept"], Counter(manifest["dropped"]), manifest["skipped"],
                            manifest["converted"])
     summary += f"; held out: {manifest['heldout']}"
-    return data.Datasets(train, val if len(val) else None, data.StreamSampler(len(train), draws, seed),
+    return data.Datasets(train, val if len(val) else None, data.StreamSampler(len(train), draws, seed, start=start),
                          collate_encoded, stats, summary, recipe.data.num_workers, heldout=manifest["heldout"],
                          heldout_rows=manifest["heldout_rows"])

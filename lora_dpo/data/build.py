@@ -62,9 +62,10 @@ def split_live(cfg: DataRecipe, seed: int) -> tuple[list[Pair], HeldOut, PairSta
 
 
 def build_datasets(cfg: DataRecipe, seed: int, draws: int, batch_size: int, process_index: int = 0,
-                   num_processes: int = 1) -> Datasets:
+                   num_processes: int = 1, start: int = 0) -> Datasets:
     """Live sources: read and filter the records (or, for a stream, the held-out head), split, and wrap them.
-    `draws` counts the whole run's pairs over all processes."""
+    `draws` counts the whole run's pairs over all processes; the training stream goes on from draw `start` (a
+    resume; a streamed source is replayed by the trainer instead)."""
     if cfg.streaming:
         if not is_hub(cfg.source):
             raise DataError(f"[data].streaming = true needs a hub dataset; {cfg.source!r} is read lazily anyway")
@@ -90,7 +91,7 @@ def build_datasets(cfg: DataRecipe, seed: int, draws: int, batch_size: int, proc
         sizes = sorted(b - a for a, b in zip(blocks, [*blocks[1:], len(train_pairs)], strict=True))
         reader = ImageReader(capacity=2 * (math.ceil(cfg.shuffle_buffer / sizes[len(sizes) // 2]) + 2))
     train = PreferenceDataset(train_pairs, cfg, seed, reader=reader)
-    sampler = StreamSampler(len(train_pairs), draws, seed, blocks, cfg.shuffle_buffer)
+    sampler = StreamSampler(len(train_pairs), draws, seed, blocks, cfg.shuffle_buffer, start)
     val = PreferenceDataset(val_pairs, cfg, seed, train=False) if val_pairs else None
     summary = f"{stats.summary()}; {len(train_pairs)} train / {len(val_pairs)} held out ({heldout.describe()})"
     prompts = tuple(p.prompt for p in (val_pairs or train_pairs[:256]))

@@ -147,16 +147,19 @@ def collate(items: list[dict[str, Any]]) -> PreferenceBatch:
 
 class StreamSampler(torch.utils.data.Sampler[int]):
     """The whole run's draws as one stream: epoch e yields e * n + (an order of range(n) seeded by (seed, e)).
-    One pass over the loader is the whole run, so the loop has no epochs and a resume only skips batches.
+    One pass over the loader is the whole run, so the loop has no epochs; a resume starts the stream at `start`
+    draws, whatever the launch layout it continues on.
 
     With `blocks` (start offsets of pairs stored together, e.g. parquet row groups) the order shuffles whole
     blocks, then the pairs within each window of at least `window` pairs: a pass reads each block about once."""
 
-    def __init__(self, n: int, draws: int, seed: int, blocks: list[int] | None = None, window: int = 1) -> None:
+    def __init__(self, n: int, draws: int, seed: int, blocks: list[int] | None = None, window: int = 1,
+                 start: int = 0) -> None:
         self.n, self.draws, self.seed, self.blocks, self.window = n, draws, seed, blocks, window
+        self.start = start  # draws already consumed (a resume): the stream goes on from there
 
     def __len__(self) -> int:
-        return self.draws
+        return self.draws - self.start
 
     def _order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -174,9 +177,10 @@ class StreamSampler(torch.utils.data.Sampler[int]):
         return order
 
     def __iter__(self) -> Iterator[int]:
-        emitted, epoch = 0, 0
+        epoch, offset = divmod(self.start, self.n)  # a resume orders only the epochs it still needs
+        emitted = self.start
         while emitted < self.draws:
-            for index in self._order(epoch)[: self.draws - emitted]:
+            for index in self._order(epoch)[offset: offset + self.draws - emitted]:
                 yield epoch * self.n + index
-            emitted += min(self.n, self.draws - emitted)
-            epoch += 1
+            emitted += min(self.n - offset, self.draws - emitted)
+            epoch, offset = epoch + 1, 0

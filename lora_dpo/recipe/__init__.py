@@ -23,9 +23,10 @@ from lora_dpo.recipe.schema import (
     RecipeError,
     SampleRecipe,
     TrainRecipe,
+    resume_rule,
 )
 
 __all__ = ["BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe", "LoraRecipe",
            "ModelRecipe",
            "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe",
-           "TrainRecipe", "describe", "from_dict", "load", "parse_override"]
+           "TrainRecipe", "describe", "from_dict", "load", "parse_override", "resume_rule"]

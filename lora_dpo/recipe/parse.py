@@ -13,9 +13,13 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_dpo.recipe.schema import SECTIONS, ColumnMap, ObjectiveRecipe, Recipe, RecipeError
+from lora_dpo.recipe.schema import SECTIONS, ColumnMap, ObjectiveRecipe, Recipe, RecipeError, resume_rule
 
 log = logging.getLogger(__name__)
+# what the recipe reference says of each resume rule (schema.RESUME_RULES); "same" keys say nothing: most are
+RESUME_NOTES = {"same": "", "free": " May change on `--resume`.",
+                "layout": " May change on `--resume` if the pairs per optimizer step (batch x accumulation x "
+                          "processes) stay the same."}
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -207,5 +211,6 @@ def describe() -> list[tuple[str, str, str, str]]:
             help_text = f.metadata["help"]
             if type(None) in typing.get_args(hints[f.name]):  # say once, where users look, how to unset one
                 help_text += " `none` unsets it (`--set " + f"{section}.{f.name}=none`)."
+            help_text += RESUME_NOTES[resume_rule(section, f.name)]
             rows.append((f"{section}.{f.name}", type_name, repr(f.default), help_text))
     return rows

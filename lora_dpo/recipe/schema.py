@@ -27,12 +27,21 @@ COLUMN_NAMES = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", 
                 "prompt", "chosen", "rejected", "label")
 
 
+# What `lora-dpo train --resume` allows a key to do between the checkpoint's recipe and the one resuming it:
+# "same": it shapes the run (base, data, objective, adapter, optimizer), so a change is refused; "free": it does
+# not (run length, logging, intervals, threads, workers); "layout": it may change if the pairs per optimizer step
+# (batch x accumulation x processes) stay the same. [sample] and [output] are free as a whole.
+RESUME_RULES = ("same", "free", "layout")
+FREE_SECTIONS = ("sample", "output")
+
+
 class RecipeError(LoraDpoError, ValueError):
     """A recipe that cannot be used; the message names the file and every offending key."""
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text travels with it (read by `describe` and the CLI)."""
+    """A dataclass field whose help text travels with it (read by `describe` and the CLI). `resume`: what a
+    `--resume` may do with it (`RESUME_RULES`; "same" unless given)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: recipes are frozen")
     return field(default=default, metadata={"help": help, **kwargs})
@@ -149,8 +158,9 @@ class DataRecipe:
     caption_dropout: float = _f(
         0.0, "Probability of training a pair on the empty prompt (the official code uses 0.2).", min=0.0, max=1.0
     )
-    num_workers: int = _f(0, "DataLoader worker processes decoding images.", min=0)
-    prefetch_factor: int = _f(2, "Batches each worker prepares ahead (when num_workers > 0).", min=1)
+    num_workers: int = _f(0, "DataLoader worker processes decoding images.", min=0, resume="free")
+    prefetch_factor: int = _f(2, "Batches each worker prepares ahead (when num_workers > 0).", min=1,
+                              resume="free")
 
 
 @dataclass(frozen=True)
@@ -198,9 +208,9 @@ class TrainRecipe:
     learning_rate: float = _f(1e-5, "Peak learning rate of the LoRA weights.", min=0.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Schedule after warmup.")
     warmup_steps: int = _f(0, "Linear warmup, in optimizer steps.", min=0)
-    max_steps: int = _f(2000, "Optimizer steps to train.", min=1)
-    batch_size: int = _f(1, "Pairs per micro-batch on each device.", min=1)
-    gradient_accumulation: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1)
+    max_steps: int = _f(2000, "Optimizer steps to train.", min=1, resume="free")
+    batch_size: int = _f(1, "Pairs per micro-batch on each device.", min=1, resume="layout")
+    gradient_accumulation: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, resume="layout")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).", min=0.0)
     mixed_precision: Precision = _f(
         "bf16", "Compute precision (autocast) and the frozen base's weight dtype, on every device; `fp16` adds "
@@ -217,14 +227,19 @@ class TrainRecipe:
     adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0)
     adam_beta2: float = _f(0.999, "AdamW beta2.", min=0.0, max=1.0)
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.", min=0.0)
-    log_every: int = _f(10, "Optimizer steps between log lines (when metrics are copied from the device).", min=1)
-    val_every: int = _f(100, "Optimizer steps between validation passes (when data.val_pairs > 0).", min=1)
-    checkpoint_every: int = _f(500, "Optimizer steps between resumable checkpoints (0 disables).", min=0)
-    keep_checkpoints: int = _f(2, "Checkpoints kept on disk: the newest K; older ones are deleted.", min=1)
+    log_every: int = _f(10, "Optimizer steps between log lines (when metrics are copied from the device).", min=1,
+                        resume="free")
+    val_every: int = _f(100, "Optimizer steps between validation passes (when data.val_pairs > 0).", min=1,
+                        resume="free")
+    checkpoint_every: int = _f(500, "Optimizer steps between resumable checkpoints (0 disables); the last step is "
+                               "always checkpointed too (unless 0), so a finished run can train longer.", min=0,
+                               resume="free")
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk: the newest K; older ones are deleted.", min=1,
+                               resume="free")
     max_bad_steps: int = _f(
         5, "Optimizer steps in a row whose loss or gradients are NaN/Inf (each is skipped, the adapter unchanged) "
-        "before the run stops.", min=1)
-    num_threads: int | None = _f(None, "CPU threads for torch (None: torch's default).", min=1)
+        "before the run stops.", min=1, resume="free")
+    num_threads: int | None = _f(None, "CPU threads for torch (None: torch's default).", min=1, resume="free")
     device_fallback: bool = _f(
         False,
         "Where this machine cannot run a setting as written (today only `mixed_precision = \"fp16\"` on a CPU, "
@@ -298,8 +313,27 @@ class Recipe:
         settings = {k: v for k, v in self.to_dict().items() if k not in ("sample", "output")}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
+    def resume_conflicts(self, saved: dict[str, dict[str, Any]]) -> list[str]:
+        """The run-shaping keys (`resume_rule` "same") whose value differs from `saved` (a checkpoint's
+        `to_dict()`), as `[section].key (old -> new)`: what a resume must refuse."""
+        now, changed = self.to_dict(), []
+        for section, values in now.items():
+            for key, value in values.items():
+                before = saved.get(section, {}).get(key, value)  # a key added since: its default was the run's
+                if before != value and resume_rule(section, key) == "same":
+                    changed.append(f"[{section}].{key} ({_toml_value(before)} -> {_toml_value(value)})")
+        return changed
+
     def run_name(self, recipe_path: Path | None) -> str:
         return self.output.name or (recipe_path.stem if recipe_path else "run")
+
+
+def resume_rule(section: str, key: str) -> str:
+    """What `--resume` may do with `[section].key`: one of RESUME_RULES."""
+    if section in FREE_SECTIONS:
+        return "free"
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    return fields[key].metadata.get("resume", "same") if key in fields else "same"
 
 
 def _plain(value: Any, annotation: Any) -> Any:

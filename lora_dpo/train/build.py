@@ -39,7 +39,8 @@ class Run:
     val_loader: Any | None
     sampler: samples.TrainingSampler | None = None
     start_step: int = 0
-    skipped_steps: int = 0  # optimizer steps skipped so far for a NaN/Inf loss or gradient
+    start_pairs: int = 0  # pairs of the run's stream of draws consumed before this process started (a resume)
+    bad_steps: tuple[int, int] = (0, 0)  # the guard's counts so far: (skipped for NaN/Inf in all, in a row)
     data_summary: str = ""
     heldout: str = "no held-out pairs"  # how the held-out set was chosen: for metrics.json and the model card
     history: list[dict[str, float]] = field(default_factory=list)
@@ -65,6 +66,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     if (run_dir / ADAPTER_FILE).exists() and not (recipe.output.overwrite or resume):
         raise RecipeError(f"{run_dir} already holds a finished adapter; choose another [output].name, "
                           "or pass --overwrite to replace it")
+    resuming = _checkpoint_to_resume(recipe, run_dir, resume) if resume else None  # checked before anything loads
     earlier = checkpoint.list_checkpoints(run_dir)
     if earlier and not resume:
         if not recipe.output.overwrite:
@@ -81,6 +83,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     accelerator.init_trackers(trackers.PROJECT, config=trackers.run_config(recipe), init_kwargs=init_kwargs)
     device = accelerator.device
     _check_parallelism(accelerator, cfg)
+    start_pairs = 0 if resuming is None else _resume_position(resuming, recipe, accelerator.num_processes)
 
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before any weight is loaded
     checkpointing, why = plan.resolve_checkpointing(recipe, free)
@@ -88,10 +91,10 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     weight_dtype = models.DTYPES[precision]
     draws = cfg.max_steps * cfg.gradient_accumulation * cfg.batch_size * accelerator.num_processes
     if recipe.data.cache:  # encoded already: the VAE and the text encoders are never loaded
-        parts = cache.cached_datasets(recipe, draws, weight_dtype)
+        parts = cache.cached_datasets(recipe, draws, weight_dtype, start_pairs)
     else:
         parts = data.build_datasets(recipe.data, cfg.seed, draws, cfg.batch_size, accelerator.process_index,
-                                    accelerator.num_processes)
+                                    accelerator.num_processes, start_pairs)
 
     base = models.load_base(recipe.model, with_encoders=not recipe.data.cache, weight_dtype=weight_dtype,
                             vae_dtype=models.DTYPES[recipe.model.vae_dtype])
@@ -129,8 +132,8 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         prompts = recipe.sample.prompts or samples.default_sample_prompts(parts.prompts)
         run.sampler = samples.TrainingSampler(base, accelerator.unwrap_model(unet), recipe, prompts,
                                               run_dir / "samples")
-    if resume:
-        _resume(run, resume)
+    if resuming is not None:
+        _restore(run, resuming, start_pairs)
     return run
 
 
@@ -193,28 +196,119 @@ def _deepspeed_settings(accelerator: Any, cfg: TrainRecipe) -> None:
                           "so the recipe decides; or make them equal")
 
 
-def _resume(run: Run, which: str) -> None:
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run goes on from, found and checked before anything loads."""
+
+    path: Path
+    state: dict[str, Any]  # its state.json
+
+
+def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, which: str) -> Resume:
+    """The checkpoint `--resume which` names, if this recipe can go on from it: the run is not finished (or
+    [train].max_steps was raised to train longer) and nothing that shapes the run changed since it was saved."""
+    found = checkpoint.list_checkpoints(run_dir)
+    path = (found[-1] if found else None) if which == "latest" else Path(which)
+    max_steps = recipe.train.max_steps
+    done = _finished_steps(run_dir)
+    if done is not None and max_steps <= done:
+        raise RecipeError(f"{run_dir} is a finished run ({done} steps, [train].max_steps = {max_steps}): nothing to "
+                          f"resume. To train longer, raise [train].max_steps (e.g. --set train.max_steps={2 * done}) "
+                          "and --resume goes on from its last checkpoint; to start over, pass --overwrite")
+    if path is None or not (path / checkpoint.STATE).is_file():
+        where = run_dir if which == "latest" else path
+        raise RecipeError(f"--resume {which}: no checkpoint found in {where}"
+                          + (" ([train].checkpoint_every = 0 wrote none)" if done is not None else ""))
+    state = checkpoint.read_state(path)
+    if state["step"] > max_steps:
+        raise RecipeError(f"--resume {path}: the checkpoint is at step {state['step']}, past [train].max_steps = "
+                          f"{max_steps}; raise it to at least {state['step'] + 1}")
+    saved = state.get("recipe")
+    if not isinstance(saved, dict):  # written before checkpoints kept their recipe: its fingerprint alone
+        if state["fingerprint"] != recipe.fingerprint():
+            log.warning("resuming %s, saved with a different recipe (fingerprint %s, now %s)", path,
+                        state["fingerprint"], recipe.fingerprint())
+        return Resume(path, state)
+    changed = recipe.resume_conflicts(saved)
+    if changed:
+        raise RecipeError(f"--resume {path}: the recipe changed {', '.join(changed)} since this checkpoint was "
+                          "saved, and that changes the run it would go on with; set it back to resume, or start a "
+                          "new run (another [output].name, or --overwrite)")
+    return Resume(path, state)
+
+
+def _finished_steps(run_dir: Path) -> int | None:
+    """How many steps the run in `run_dir` finished with (its metrics.json, written beside the adapter), or None
+    when it holds no finished adapter."""
+    if not (run_dir / ADAPTER_FILE).is_file():
+        return None
+    summary = files.read_json(run_dir / "metrics.json", "run metrics") if (run_dir / "metrics.json").is_file() else {}
+    steps = summary.get("steps") if isinstance(summary, dict) else None
+    return steps if isinstance(steps, int) else 0
+
+
+def launch_layout(cfg: TrainRecipe, processes: int) -> dict[str, int]:
+    """What a checkpoint records of how the run was launched: the pairs each optimizer step takes come from it."""
+    return {"processes": processes, "batch_size": cfg.batch_size, "gradient_accumulation": cfg.gradient_accumulation}
+
+
+def _pairs_per_step(layout: dict[str, int]) -> int:
+    return layout["processes"] * layout["batch_size"] * layout["gradient_accumulation"]
+
+
+def _describe_layout(layout: dict[str, int]) -> str:
+    processes = layout["processes"]
+    return (f"{_pairs_per_step(layout)} pairs (batch {layout['batch_size']} x accumulation "
+            f"{layout['gradient_accumulation']} x {processes} process{'es' if processes > 1 else ''})")
+
+
+def _resume_position(resuming: Resume, recipe: Recipe, processes: int) -> int:
+    """Pairs of the run's stream of draws the checkpoint consumed: where this launch goes on. Another launch layout
+    goes on from the same pair with the same per-pair noise when its optimizer steps take as many pairs (the loss is
+    a mean over them, so only float rounding differs); otherwise the step count, the schedule and the data would
+    part ways, and it is refused. A streamed source deals its shards by process and batch: same layout only."""
+    state, now = resuming.state, launch_layout(recipe.train, processes)
+    saved = state.get("layout")
+    if not isinstance(saved, dict):  # written before checkpoints kept their layout: assume this one (as then)
+        return state.get("pairs", state.get("micro_steps", 0) * recipe.train.batch_size * processes)
+    if saved == now:
+        return state["pairs"]
+    wanted, have = _pairs_per_step(saved), _pairs_per_step(now)
+    if recipe.data.streaming:
+        fix = "launch it as it was saved"
+    elif wanted % (recipe.train.batch_size * processes) == 0:
+        fix = (f"set [train].gradient_accumulation = {wanted // (recipe.train.batch_size * processes)} to keep "
+               f"{wanted} pairs per step")
+    else:
+        fix = f"choose [train].batch_size and gradient_accumulation that make {wanted} pairs per step here"
+    if recipe.data.streaming or wanted != have:
+        raise RecipeError(f"--resume {resuming.path}: its optimizer steps took {_describe_layout(saved)}, this launch "
+                          f"takes {_describe_layout(now)}" + (" and a streamed source [data].streaming = true deals "
+                          "its shards by launch layout" if recipe.data.streaming and wanted == have else "")
+                          + f": {fix}, or start a new run")
+    log.info("resuming %s on another launch layout: %s per step as before", resuming.path, _describe_layout(now))
+    return state["pairs"]
+
+
+def _restore(run: Run, resuming: Resume, start_pairs: int) -> None:
+    """Load the checkpoint's adapter, optimizer, schedule and loss scale into the built run, and the counts the
+    loop goes on from."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    found = checkpoint.list_checkpoints(run.run_dir)
-    path = (found[-1] if found else None) if which == "latest" else Path(which)
-    if path is None or not (path / "state.json").is_file():
-        raise RecipeError(f"--resume {which}: no checkpoint found in {run.run_dir if which == 'latest' else path}")
+    path = resuming.path
     lora, optimizer_state, state = checkpoint.load_checkpoint(path)
-    if state["fingerprint"] != run.recipe.fingerprint():
-        log.warning("resuming %s, saved with a different recipe (fingerprint %s, now %s)", path,
-                    state["fingerprint"], run.recipe.fingerprint())
     unet = run.accelerator.unwrap_model(run.unet)
     files.check_tensors(lora, get_peft_model_state_dict(unet), path / checkpoint.ADAPTER, "checkpoint's adapter")
     set_peft_model_state_dict(unet, lora)
     checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path,
                                  run.accelerator.scaler)
-    run.train_loader = run.accelerator.skip_first_batches(run.train_loader, state["micro_steps"])
-    run.start_step = state["step"]
-    run.skipped_steps = int(state.get("skipped_steps", 0))
+    if isinstance(run.train_loader.dataset, torch.utils.data.IterableDataset):
+        # a stream orders itself, with no sampler to start later: replay it up to the checkpoint's batch
+        micro_steps = start_pairs // (run.recipe.train.batch_size * run.accelerator.num_processes)
+        run.train_loader = run.accelerator.skip_first_batches(run.train_loader, micro_steps)
+    run.start_step, run.start_pairs = state["step"], start_pairs
+    run.bad_steps = (int(state.get("skipped_steps", 0)), int(state.get("bad_steps_in_a_row", 0)))
     run.history = state["history"]
     if run.accelerator.is_main_process:
         checkpoint.rewind_metrics(run.run_dir / "metrics.jsonl", run.start_step)
     log.info("resumed from %s at step %d", path, run.start_step)
-
-

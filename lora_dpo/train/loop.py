@@ -20,11 +20,12 @@ from lora_dpo.step import (
     dpo_step,
     dropout_seed,
     encode_batch,
+    first_pair,
     noise_generators,
     train_step,
     validation_generator,
 )
-from lora_dpo.train.build import Run
+from lora_dpo.train.build import Run, launch_layout
 
 
 def _encode(run: Run, batch: data.PreferenceBatch | EncodedBatch) -> EncodedBatch:
@@ -75,10 +76,10 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
     finds the data where an uninterrupted run would); the learning-rate schedule counts applied updates only."""
     cfg, accelerator = run.recipe.train, run.accelerator
     params = models.lora_parameters(accelerator.unwrap_model(run.unet))
-    step, micro_step = run.start_step, run.start_step * cfg.gradient_accumulation
+    step, micro_step = run.start_step, 0  # micro_step: micro-batches since this process started
     sums: dict[str, torch.Tensor] = {}  # running metric sums over `window` micro-steps, on device: read when logging
     window = 0
-    bad = guards.BadSteps(cfg.max_bad_steps, total=run.skipped_steps)
+    bad = guards.BadSteps(cfg.max_bad_steps, *run.bad_steps)
     saved: tuple[int, Path | None] = (-1, None)  # the last checkpoint written: (step, path)
     val_metrics = validate(run) if run.val_loader is not None and step == 0 else {}
     if val_metrics:
@@ -89,9 +90,10 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
     finite: torch.Tensor | bool = True  # every loss of the current optimizer step so far
     processes, rank = accelerator.num_processes, accelerator.process_index
     for batch in run.train_loader:
-        torch.manual_seed(dropout_seed(cfg.seed, micro_step, processes, rank))  # LoRA dropout
+        first = first_pair(run.start_pairs, micro_step, processes, rank, cfg.batch_size)  # its place in the run's draws
+        torch.manual_seed(dropout_seed(cfg.seed, first, cfg.batch_size))  # LoRA dropout
         encoded = _encode(run, batch)
-        noise = noise_generators(cfg.seed, micro_step, processes, rank, len(encoded.labels), accelerator.device)
+        noise = noise_generators(cfg.seed, first, len(encoded.labels), accelerator.device)
         result = train_step(accelerator, run.unet, run.base, encoded, run.recipe.objective, cfg.max_grad_norm,
                             noise, run.optimizer, params, finite, stop.signum is not None)
         finite = result.finite
@@ -127,11 +129,13 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
         grid = run.sampler.maybe_sample(step, final=final) if run.sampler is not None else None
         if grid is not None:
             trackers.log_image(accelerator, "samples", grid, step)
-        checkpoint_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not final
+        # the last step too: a finished run can train longer (--resume with a raised [train].max_steps)
+        checkpoint_due = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or final)
+        pairs = run.start_pairs + micro_step * processes * cfg.batch_size  # consumed by every process so far
         if checkpoint_due and not bad.in_a_row:  # during a run of bad steps the last good checkpoint stays newest
-            saved = (step, _save_checkpoint(run, step, micro_step, bad.total))
+            saved = (step, _save_checkpoint(run, step, pairs, bad))
         if result.stopping and not final:
-            path = saved[1] if saved[0] == step else _save_checkpoint(run, step, micro_step, bad.total)
+            path = saved[1] if saved[0] == step else _save_checkpoint(run, step, pairs, bad)
             raise guards.Interrupted(step, stop.signum or signal.SIGINT, path)
     seconds = time.perf_counter() - started
     final = {k: v for k, v in run.history[-1].items() if k != "step"} if run.history else {}
@@ -149,18 +153,20 @@ def _record(run: Run, record: dict[str, float]) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(run: Run, step: int, micro_step: int, skipped_steps: int) -> Path | None:
-    """Write a checkpoint from the main process; returns its path there (None on the others)."""
+def _save_checkpoint(run: Run, step: int, pairs: int, bad: guards.BadSteps) -> Path | None:
+    """Write a checkpoint from the main process; returns its path there (None on the others). `pairs`: the draws
+    every process consumed so far, the data's position on any launch layout."""
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return None
     from peft.utils import get_peft_model_state_dict
 
     unet = run.accelerator.unwrap_model(run.unet)
+    extra = {"pairs": pairs, "layout": launch_layout(run.recipe.train, run.accelerator.num_processes),
+             "history": run.history, "recipe": run.recipe.to_dict(), "fingerprint": run.recipe.fingerprint(),
+             "skipped_steps": bad.total, "bad_steps_in_a_row": bad.in_a_row}
     return checkpoint.save_checkpoint(run.run_dir, step, get_peft_model_state_dict(unet), run.optimizer,
-                                      run.lr_scheduler, {"micro_steps": micro_step, "history": run.history,
-                                                         "fingerprint": run.recipe.fingerprint(),
-                                                         "skipped_steps": skipped_steps},
-                                      keep=run.recipe.train.keep_checkpoints, scaler=run.accelerator.scaler)
+                                      run.lr_scheduler, extra, keep=run.recipe.train.keep_checkpoints,
+                                      scaler=run.accelerator.scaler)
 
 

@@ -239,7 +239,11 @@ _UNWRAPPED: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDi
 
 
 def unwrap(unet: Any) -> Any:
-    """`accelerate.utils.extract_model_from_parallel(unet)`, computed once per wrapper."""
+    """`accelerate.utils.extract_model_from_parallel(unet)`, computed once per wrapper. A model no wrapper holds
+    (one process, not compiled) is its own: accelerate would import DeepSpeed to look for its engine, ~2 s of the
+    start of every run where DeepSpeed is installed."""
+    if not hasattr(unet, "module") and not hasattr(unet, "_orig_mod"):
+        return unet
     found = _UNWRAPPED.get(unet)
     inner = None if found is None else found()
     if inner is None:

@@ -130,7 +130,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
                     "no grids this run (`lora-dpo eval` the adapter afterwards)")
     elif recipe.sample.every and accelerator.is_main_process:  # grids from the UNet being trained, no copy
         prompts = recipe.sample.prompts or samples.default_sample_prompts(parts.prompts)
-        run.sampler = samples.TrainingSampler(base, accelerator.unwrap_model(unet), recipe, prompts,
+        run.sampler = samples.TrainingSampler(base, step.unwrap(unet), recipe, prompts,
                                               run_dir / "samples")
     if resuming is not None:
         _restore(run, resuming, start_pairs)
@@ -297,7 +297,7 @@ def _restore(run: Run, resuming: Resume, start_pairs: int) -> None:
 
     path = resuming.path
     lora, optimizer_state, state = checkpoint.load_checkpoint(path)
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = step.unwrap(run.unet)
     files.check_tensors(lora, get_peft_model_state_dict(unet), path / checkpoint.ADAPTER, "checkpoint's adapter")
     set_peft_model_state_dict(unet, lora)
     checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path,

@@ -23,6 +23,7 @@ from lora_dpo.step import (
     first_pair,
     noise_generators,
     train_step,
+    unwrap,
     validation_generator,
 )
 from lora_dpo.train.build import Run, launch_layout
@@ -40,7 +41,7 @@ def _encode(run: Run, batch: data.PreferenceBatch | EncodedBatch) -> EncodedBatc
 @torch.no_grad()
 def validate(run: Run) -> dict[str, float]:
     """Held-out implicit reward accuracy and margin, with the same noise at every evaluation."""
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = unwrap(run.unet)
     device = run.accelerator.device
     totals: dict[str, float] = {}
     count = 0
@@ -75,7 +76,7 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
     skipped for NaN/Inf still counts as a step and consumes its pairs (the run ends at max_steps, and a resume
     finds the data where an uninterrupted run would); the learning-rate schedule counts applied updates only."""
     cfg, accelerator = run.recipe.train, run.accelerator
-    params = models.lora_parameters(accelerator.unwrap_model(run.unet))
+    params = models.lora_parameters(unwrap(run.unet))
     step, micro_step = run.start_step, 0  # micro_step: micro-batches since this process started
     sums: dict[str, torch.Tensor] = {}  # running metric sums over `window` micro-steps, on device: read when logging
     window = 0
@@ -161,7 +162,7 @@ def _save_checkpoint(run: Run, step: int, pairs: int, bad: guards.BadSteps) -> P
         return None
     from peft.utils import get_peft_model_state_dict
 
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = unwrap(run.unet)
     extra = {"pairs": pairs, "layout": launch_layout(run.recipe.train, run.accelerator.num_processes),
              "history": run.history, "recipe": run.recipe.to_dict(), "fingerprint": run.recipe.fingerprint(),
              "skipped_steps": bad.total, "bad_steps_in_a_row": bad.in_a_row}

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lora_dpo import __version__, models
+from lora_dpo import __version__, files, models
 from lora_dpo.hub import is_hub_id
 from lora_dpo.recipe import Recipe, load
 
@@ -52,7 +52,24 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _eval_section(report: dict[str, Any]) -> list[str]:
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """File name -> sha256 of its bytes, for the folder's adapter files: the diffusers one, the kohya one if there."""
+    names = (ADAPTER_FILE, kohya_file(folder))
+    return {name: files.sha256(folder / name) for name in names if (folder / name).is_file()}
+
+
+def _evaluated(report: dict[str, Any], hashes: dict[str, str]) -> list[str]:
+    """Which file the evaluation scored, named by its hash (the report's own, or its generation settings' in a
+    report written before it had one), never by where the report lies: a retrained adapter is not the one scored."""
+    sha = report.get("adapter_sha256") or (report.get("generation") or {}).get("adapter_sha256")
+    if not sha:
+        return []
+    name = next((f"`{name}`" for name, own in hashes.items() if own == sha), None)
+    where = name or "a file no longer in this folder (replaced since: run `lora-dpo eval` again)"
+    return [f"Evaluated: {where}, sha256 `{sha}`.", ""]
+
+
+def _eval_section(report: dict[str, Any], hashes: dict[str, str]) -> list[str]:
     """The evaluation's summary: a win-rate table when it has that shape ({scorer: {strength: {rate, low, high,
     ...}}}), otherwise every number under its dotted path."""
     summary = report.get("summary") or {}
@@ -62,6 +79,7 @@ def _eval_section(report: dict[str, Any]) -> list[str]:
     if report.get("base") or report.get("prompts"):
         lines += [f"Against the base `{report.get('base', '?')}` on prompts `{report.get('prompts', '?')}` "
                   f"({report.get('n_prompts', '?')} prompts x {len(report.get('seeds', [])) or '?'} seeds).", ""]
+    lines += _evaluated(report, hashes)
     shaped = all(isinstance(v, dict) and all(isinstance(r, dict) and "rate" in r for r in v.values())
                  for v in summary.values())
     if shaped:
@@ -125,8 +143,9 @@ def _read_json_list(path: Path) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
-def _files_section(folder: Path, ref: str, name: str) -> list[str]:
-    """Which file is for which tool: the diffusers file, and the kohya file when present (push writes it)."""
+def _files_section(folder: Path, ref: str, name: str, hashes: dict[str, str]) -> list[str]:
+    """Which file is for which tool: the diffusers file, and the kohya file when present (push writes it); then
+    each file's own sha256."""
     kohya_name = kohya_file(folder)
     if (folder / kohya_name).is_file():
         webui_row = f"| ComfyUI, AUTOMATIC1111, Forge, SD.Next | `{kohya_name}` (kohya format): put it in the " \
@@ -134,9 +153,13 @@ def _files_section(folder: Path, ref: str, name: str) -> list[str]:
     else:
         webui_row = (f"| ComfyUI, AUTOMATIC1111, Forge, SD.Next | the kohya format: `lora-dpo export {ref} --format "
                      f"kohya --out {name}{KOHYA_SUFFIX}`, then put the file in the tool's LoRA folder |")
-    return ["| tool | file |", "|---|---|",
-            f"| diffusers (`load_lora_weights`, the snippet above) | `{ADAPTER_FILE}` |", webui_row, "",
-            "ComfyUI does not apply the diffusers file's attention layers: use the kohya file there.", ""]
+    lines = ["| tool | file |", "|---|---|",
+             f"| diffusers (`load_lora_weights`, the snippet above) | `{ADAPTER_FILE}` |", webui_row, "",
+             "ComfyUI does not apply the diffusers file's attention layers: use the kohya file there.", ""]
+    if hashes:  # two files, two hashes: each named with its file (training prints the diffusers file's)
+        lines += ["sha256 of each file's bytes (`sha256sum` prints the same):", "",
+                  *(f"- `{file}`: `{sha}`" for file, sha in hashes.items()), ""]
+    return lines
 
 
 def _snippet(base: str, adapter_ref: str, sdxl: bool) -> str:
@@ -181,13 +204,14 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
     cfg, lora, obj = recipe.train, recipe.lora, recipe.objective
     base_note = "" if is_hub_id(base) else " (a local base: put its hub id or folder in the snippet)"
     effective = cfg.batch_size * cfg.gradient_accumulation
+    hashes = _file_hashes(folder)
     lines = [
         "---", data.to_yaml(), "---", MARK, "",
         f"# {name}", "",
         f"A LoRA adapter for `{base}`{base_note}, aligned to human preferences with "
         f"{METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
         "", "## Use it", "", _snippet(models.base_location(base), ref, sdxl), "",
-        *_files_section(folder, ref, name),
+        *_files_section(folder, ref, name, hashes),
         "## Training", "",
         "| setting | value |", "|---|---|",
         f"| objective | `{obj.kind}`, beta {obj.beta:g} (loss `-log sigmoid(-beta/2 x ((e_w - r_w) - (e_l - r_l)))`, "
@@ -209,7 +233,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
                   "the last training batches; reward accuracy: the share of pairs the adapter prefers as people did, "
                   "0.5 before training):", "",
                   "| metric | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in numbers.items()), ""]
-    lines += _eval_section(report)
+    lines += _eval_section(report, hashes)
     image = _sample_image(folder, report)
     if image:
         lines += ["## Samples", "", f"![samples]({image})", ""]

@@ -268,7 +268,9 @@ def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl:
 
 
 def _carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in metadata.items() if k.startswith(("lora_dpo.", "modelspec."))}
+    """Our keys and the model spec, less its hash: a hash names its own file, so a converted file gets its own
+    (kohya) or none (diffusers), never its source's."""
+    return {k: v for k, v in metadata.items() if k.startswith(("lora_dpo.", "modelspec.")) and "hash" not in k}
 
 
 def _webui_metadata(adapter: Adapter, config: Any, name: str, tensors: dict[str, Tensor]) -> dict[str, str]:
@@ -341,11 +343,12 @@ def export_adapter(source: str | Path, out: Path, fmt: Format, dtype: str = "fp1
 
 
 def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipeline_class: type, recipe: Recipe,
-                 metrics: dict[str, Any]) -> Path:
-    """Write the adapter (diffusers format, stamped), the resolved recipe, the metrics and the model card into
-    `run_dir`, each file atomically. (`pipeline_class` is kept for callers; the format is the same for both.)"""
+                 metrics: dict[str, Any], weights: dict[str, Tensor] | None = None) -> Path:
+    """Write the adapter (diffusers format, stamped), the resolved recipe, the metrics (with the adapter file's
+    sha256) and the model card into `run_dir`, each file atomically. `weights`: the LoRA weights to write, named as
+    `lora_state_dict` names them (default: the UNet's own). (`pipeline_class` is kept for callers.)"""
     run_dir.mkdir(parents=True, exist_ok=True)
-    weights = lora_state_dict(unet)
+    weights = lora_state_dict(unet) if weights is None else weights
     scale = lora_config.lora_alpha / lora_config.r  # peft's uniform scale; kohya alpha = scale x module rank
     alphas = {k.removesuffix(".lora_A.weight"): scale * v.shape[0] for k, v in weights.items()
               if k.endswith(".lora_A.weight")}
@@ -356,7 +359,9 @@ def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipelin
           recipe_tmp, files.atomic_file(run_dir / "metrics.json") as metrics_tmp):
         write_diffusers(Adapter(weights, alphas, source=str(run_dir)), adapter_tmp, extra_metadata=stamp)
         recipe_tmp.write_text(recipe.to_toml(), encoding="utf-8")
-        metrics_tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        # the file's own hash lives beside it, not in its header (which it would change); renaming keeps the bytes
+        own = {"adapter_file": ADAPTER_FILE, "adapter_sha256": files.sha256(adapter_tmp)}
+        metrics_tmp.write_text(json.dumps({**metrics, **own}, indent=1), encoding="utf-8")
     try:  # the adapter is safe on disk by now: a card problem must not fail a finished training
         card.write_model_card(run_dir)
     except Exception as err:
@@ -430,7 +435,7 @@ def inspect_adapter(source: str | Path) -> dict[str, Any]:
         "targets": targets, "layers": len(layers),
         "text_encoder_layers": sum(1 for n in layers if "lora_te" in n or n.startswith("text_encoder")),
         "parameters": sum(v.numel() for k, v in tensors.items() if not k.endswith(".alpha")),
-        "size_mb": round(path.stat().st_size / 2**20, 2),
+        "size_mb": round(path.stat().st_size / 2**20, 2), "sha256": files.sha256(path),
         "dtype": sorted({str(v.dtype).removeprefix("torch.") for k, v in tensors.items() if not k.endswith(".alpha")}),
     }
     recorded = {"objective": "lora_dpo.objective", "beta": "lora_dpo.beta", "steps": "lora_dpo.steps",

@@ -9,12 +9,15 @@ names the path, after removing the temporaries.
 Reads: `read_safetensors` and `read_json` turn truncated or corrupt files into a `FileFormatError` naming the
 file; `check_tensors` says when tensors read from a file do not fit the model they are meant for.
 
+Hashes: `sha256` is the one hash lora-dpo gives a file, of its bytes (what `sha256sum` prints).
+
 Where: `cache_home` is the folder of lora-dpo's own cached assets (the tiny bases, the generated demo set).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -102,6 +105,13 @@ def remove_temporaries(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def sha256(path: Path) -> str:
+    """The sha256 of the file's bytes, in hex: the value training prints and records in metrics.json, the model card
+    and eval reports show, so each names the same file and `sha256sum` checks any of them."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _reason(err: Exception) -> str:

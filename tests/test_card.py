@@ -1,6 +1,7 @@
 """The run folder as a hub repo: the card parses with huggingface_hub, carries the front matter the hub reads,
 shows evaluation numbers and samples when they exist, and its code snippet runs as pasted. Nothing is uploaded."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_dpo import card, hub, models, publish
+from lora_dpo import card, export, hub, models, publish
 from lora_dpo.export import ADAPTER_FILE, detect_format, read_file, save_adapter
 from lora_dpo.recipe import LoraRecipe, ModelRecipe, from_dict
 
@@ -62,6 +63,11 @@ def test_card_shows_evaluation_and_samples_when_present(run_dir: Path) -> None:
     text = card.model_card(run_dir)
     assert "| pickscore | 1 | **62.5%** (50.0% - 75.0%) | 5 / 0 / 3 |" in text
     assert "![samples](eval/grids/grid-000.png)" in text
+    assert "Evaluated:" not in text  # a report that does not say which file it scored names none
+    own = hashlib.sha256((run_dir / ADAPTER_FILE).read_bytes()).hexdigest()
+    for sha, evaluated in ((own, f"`{ADAPTER_FILE}`"), ("0" * 64, "a file no longer in this folder")):
+        (run_dir / "eval" / "report.json").write_text(json.dumps({**report, "adapter_sha256": sha}))
+        assert f"Evaluated: {evaluated}" in card.model_card(run_dir)  # by the hash, not by where the report lies
     report["summary"] = {"clip": {"mean": 0.31}}  # another shape: every number under its path
     (run_dir / "eval" / "report.json").write_text(json.dumps(report))
     assert "| clip.mean | 0.31 |" in card.model_card(run_dir)
@@ -134,3 +140,45 @@ def test_push_prepares_the_kohya_file_and_a_gallery_of_uploaded_samples(run_dir:
     (samples / "step-000010.png").unlink()  # a gallery image that would not be uploaded is a problem
     assert card.hub_problems(run_dir) == ["README.md widget image samples/step-000010.png is not among the "
                                           "uploaded files"]
+
+
+def test_the_adapter_sha256_is_the_files_own_in_training_metrics_card_and_eval(tiny_recipe, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """One value, the sha256 of pytorch_lora_weights.safetensors's bytes: printed at the end of training, in
+    metrics.json, in the model card, in `lora-dpo eval`'s report. The kohya file `push` writes has its own, and
+    each file's hash is named with that file only."""
+    from typer.testing import CliRunner
+
+    from lora_dpo.cli import app
+    from lora_dpo.train import train
+
+    path = train(tiny_recipe(train={"max_steps": 2, "log_every": 1}, data={"val_pairs": 0}))
+    run_dir = path.parent
+    printed = re.findall(r"^lora-dpo: adapter sha256 ([0-9a-f]+) \(pytorch_lora_weights.safetensors\)$",
+                         capsys.readouterr().out, re.M)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert printed == [sha]  # whole, once
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["adapter_file"], metrics["adapter_sha256"]) == (ADAPTER_FILE, sha)
+    assert f"- `{ADAPTER_FILE}`: `{sha}`" in (run_dir / "README.md").read_text()
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--prompts", str(tmp_path / "prompts.txt"), "--scorer",
+                                      "shapes", "--steps", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output[-2000:]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["adapter_sha256"] == report["generation"]["adapter_sha256"] == sha
+    assert report["adapter_file"] == str(path)
+    assert f"sha256 `{sha}`" in (run_dir / "eval" / "report.md").read_text()
+
+    kohya_path = publish.prepare(run_dir, "me/run")  # the kohya file, and the card refreshed with the eval
+    kohya_sha = hashlib.sha256(kohya_path.read_bytes()).hexdigest()
+    assert kohya_sha != sha
+    text = (run_dir / "README.md").read_text()
+    assert f"- `{ADAPTER_FILE}`: `{sha}`" in text and f"- `{kohya_path.name}`: `{kohya_sha}`" in text
+    assert f"Evaluated: `{ADAPTER_FILE}`, sha256 `{sha}`." in text
+    assert text.count(sha) == 2 and text.count(kohya_sha) == 1  # the list and the evaluation; the list
+    # the headers: the kohya file does not carry the diffusers file's hash, nor a file converted back the kohya one's
+    assert sha not in json.dumps(read_file(kohya_path)[1])
+    back = export.export_adapter(kohya_path, tmp_path / "back.safetensors", "diffusers", "fp32")
+    assert not [k for k in read_file(back)[1] if "hash" in k]

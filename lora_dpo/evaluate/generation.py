@@ -148,7 +148,7 @@ def open_generation(base: str, adapter: Path | None, *, steps: int, guidance_sca
     pipe = load_pipeline(base, adapter, torch.device("cuda" if cuda else "cpu"), dtype)
     if guidance_scale is None:
         guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
-    sha = "" if adapter is None else hashlib.sha256(adapter_file(adapter).read_bytes()).hexdigest()
+    sha = "" if adapter is None else files.sha256(adapter_file(adapter))  # the file's bytes, as training prints
     gen = Generation(base=base, adapter_sha256=sha, scheduler=type(pipe.scheduler).__name__, steps=steps,
                      guidance_scale=float(guidance_scale),
                      resolution=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor,

@@ -105,6 +105,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     n = report["n_prompts"] * len(report["seeds"])
     lines = [
         f"# Evaluation of `{report['adapter']}`", "",
+        f"Adapter file `{report['adapter_file']}`, sha256 `{report['adapter_sha256']}`.", "",
         f"Base `{report['base']}`; prompts `{report['prompts']}` ({report['n_prompts']} prompts x "
         f"{len(report['seeds'])} seeds = {n} comparisons per strength); {gen['steps']} steps of "
         f"{gen['scheduler']}, guidance {gen['guidance_scale']:g}, {gen['resolution']} px, {gen['precision']}.", "",
@@ -188,8 +189,10 @@ def evaluate_adapter(adapter: Path, prompts: Sequence[str], prompt_source: str, 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     scores = score_images(scorers, prompts, seeds, ["base", *(variant_name(s) for s in scales)], images_dir)
-    meta = {"adapter": str(adapter), "base": base, "prompts": prompt_source, "generation": asdict(gen),
-            "images_generated": made, "images_reused": total - made}
+    # the file scored and its sha256 (of its bytes: what training printed and metrics.json records for this file)
+    meta = {"adapter": str(adapter), "adapter_file": str(adapter_file(adapter)), "adapter_sha256": gen.adapter_sha256,
+            "base": base, "prompts": prompt_source, "generation": asdict(gen), "images_generated": made,
+            "images_reused": total - made}
     report = build_report(meta, prompts, seeds, scales, scores)
     grids = write_grids(report, images_dir, out_dir / "grids", rows_per_grid, cell)
     report["grids"] = [str(p.relative_to(out_dir)) for p in grids]

@@ -1,44 +1,72 @@
 """`train(recipe)`: build the run, fit it, check that every process holds the same adapter, write the adapter
-file, the training plot and the closing lines."""
+file (under DeepSpeed from the optimizer's fp32 master weights), the training plot and the closing lines, which
+give the adapter file's sha256 (of its bytes, as metrics.json, the model card and eval reports do)."""
 
 from __future__ import annotations
 
 import gc
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from lora_dpo import data, files, guards, models, trackers
-from lora_dpo.export import ADAPTER_FILE, save_adapter
+from lora_dpo.export import ADAPTER_FILE, lora_state_dict, save_adapter
 from lora_dpo.recipe import ObjectiveRecipe, Recipe
 from lora_dpo.step import is_deepspeed
 from lora_dpo.train import samples
 from lora_dpo.train.build import Run, setup
 from lora_dpo.train.loop import fit
 
+log = logging.getLogger(__name__)
 
-def _check_processes_agree(run: Run) -> str:
-    """The adapter's sha256 on this process; with several processes, raise unless all hold the same bytes
-    (data parallel training keeps replicas identical; a mismatch means gradients were not synchronised)."""
+
+def _check_processes_agree(run: Run) -> None:
+    """With several processes, raise unless all hold the same LoRA weights in the model they train (data parallel
+    training keeps replicas identical; a mismatch means gradients were not synchronised). The digest compared is
+    of tensors, for this check only: the adapter's sha256 is its file's (`files.sha256`)."""
     import hashlib
 
     from accelerate.utils import gather_object
 
-    from lora_dpo.export import lora_state_dict
-
+    if run.accelerator.num_processes == 1:
+        return
     state = lora_state_dict(run.accelerator.unwrap_model(run.unet))
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].float().numpy().tobytes())
-    mine = digest.hexdigest()
-    if run.accelerator.num_processes > 1:
-        digests = gather_object([mine])
-        if len(set(digests)) > 1:
-            raise RuntimeError(f"the {len(digests)} processes ended with different adapters "
-                               f"({', '.join(d[:12] for d in digests)}): their gradients were not synchronised; "
-                               "check the accelerate launch configuration")
-    return mine
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the {len(digests)} processes ended with different LoRA weights (weight digests "
+                           f"{', '.join(d[:12] for d in digests)}): their gradients were not synchronised; check "
+                           "the accelerate launch configuration")
+
+
+def _adapter_weights(run: Run) -> dict[str, Tensor]:
+    """The LoRA weights to save, on every process (under DeepSpeed a collective: all must call it). DeepSpeed's
+    module holds a bf16/fp16 copy of them, stepped by rounding the fp32 master weights its optimizer updates:
+    the adapter is the master copy, not its rounding. DDP and one process train the weights themselves."""
+    unet = run.accelerator.unwrap_model(run.unet)
+    if not is_deepspeed(run.accelerator):
+        return lora_state_dict(unet)
+    from deepspeed.utils import safe_get_full_fp32_param
+    from peft.utils import get_peft_model_state_dict
+
+    state = unet.state_dict()
+    for name, param in unet.named_parameters():  # the same order on every process: each gather is an all-reduce
+        if "lora_" not in name:
+            continue
+        master = safe_get_full_fp32_param(param)  # ZeRO-1/2: the partitions summed into the whole fp32 tensor
+        if master is None and param.dtype != torch.float32:  # e.g. ZeRO-0 with fp16: no master copy to read
+            log.warning("%s: DeepSpeed keeps no fp32 master copy lora-dpo can read; saving its %s weights", name,
+                        param.dtype)
+        state[name] = param if master is None else master
+    weights = get_peft_model_state_dict(unet, state_dict=state)  # peft's names and selection, master values
+    return {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
 
 
 def _layout(accelerator: Any) -> str:
@@ -95,16 +123,18 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
                       f"{cfg.gradient_accumulation} x {accelerator.num_processes} processes) on "
                       f"{accelerator.device}; objective {_objective_summary(recipe.objective)}")
     accelerator.print(f"lora-dpo: launch: {_layout(accelerator)}")
-    if not resume:
+    if not resume and accelerator.is_main_process:  # one process resets the run's files: the one that writes them
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()  # and every process sets off after the reset, never while it happens
     summary = fit(run)
     accelerator.wait_for_everyone()
     accelerator.print(f"lora-dpo: data: {_data_report(run)}")
-    digest = _check_processes_agree(run)
+    _check_processes_agree(run)
+    weights = _adapter_weights(run)
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(run.unet)
         with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
-            path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary)
+            path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary, weights)
         plot = samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
         if plot is not None:
             trackers.log_image(accelerator, "training_curves", plot, summary["steps"])
@@ -113,9 +143,11 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         accelerator.print(f"lora-dpo: done in {summary['seconds']:.0f} s; {acc}wrote {path}")
         accelerator.print(f"lora-dpo: load it on its base: {run.base.pipeline_class.__name__}.from_pretrained("
                           f"{models.base_location(recipe.model.base)!r}).load_lora_weights({str(run_dir)!r})")
+        # the file's bytes, whole: the value metrics.json, the model card and `lora-dpo eval` reports record
+        accelerator.print(f"lora-dpo: adapter sha256 {files.sha256(path)} ({ADAPTER_FILE})")
         processes = accelerator.num_processes
-        accelerator.print(f"lora-dpo: adapter sha256 {digest[:16]}"
-                          + (f", identical on all {processes} processes" if processes > 1 else ""))
+        if processes > 1:
+            accelerator.print(f"lora-dpo: LoRA weights identical on all {processes} processes")
     if accelerator.num_processes > 1:
         # Free the DDP model (it holds the process group) on every rank while all are alive: left to interpreter
         # exit, a rank whose peer is gone can block forever in a destructor (seen with gloo under load).

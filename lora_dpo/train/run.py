@@ -16,7 +16,7 @@ from torch import Tensor
 from lora_dpo import data, files, guards, models, trackers
 from lora_dpo.export import ADAPTER_FILE, lora_state_dict, save_adapter
 from lora_dpo.recipe import ObjectiveRecipe, Recipe
-from lora_dpo.step import is_deepspeed
+from lora_dpo.step import is_deepspeed, unwrap
 from lora_dpo.train import samples
 from lora_dpo.train.build import Run, setup
 from lora_dpo.train.loop import fit
@@ -34,7 +34,7 @@ def _check_processes_agree(run: Run) -> None:
 
     if run.accelerator.num_processes == 1:
         return
-    state = lora_state_dict(run.accelerator.unwrap_model(run.unet))
+    state = lora_state_dict(unwrap(run.unet))
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
@@ -50,7 +50,7 @@ def _adapter_weights(run: Run) -> dict[str, Tensor]:
     """The LoRA weights to save, on every process (under DeepSpeed a collective: all must call it). DeepSpeed's
     module holds a bf16/fp16 copy of them, stepped by rounding the fp32 master weights its optimizer updates:
     the adapter is the master copy, not its rounding. DDP and one process train the weights themselves."""
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = unwrap(run.unet)
     if not is_deepspeed(run.accelerator):
         return lora_state_dict(unet)
     from deepspeed.utils import safe_get_full_fp32_param
@@ -132,7 +132,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     _check_processes_agree(run)
     weights = _adapter_weights(run)
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(run.unet)
+        unet = unwrap(run.unet)
         with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
             path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary, weights)
         plot = samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")

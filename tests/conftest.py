@@ -27,8 +27,8 @@ for noisy in ("bitsandbytes", "kernels"):  # as the CLI's _quiet_imports: CPU-on
     logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-# The files that take minutes, in the order `make test`'s two pytest-xdist workers should start them: the demo (it
-# builds the generating tiny base) on one worker, the subprocess-heavy ones on the other while it builds.
+# The files that take minutes, in the order `make test`'s two pytest-xdist workers should start them: the demo
+# (600 steps of the shipped tiny base, cut to 50) on one worker, the subprocess-heavy ones on the other.
 SLOW_FILES = ("test_demo.py", "test_shipped_recipes.py", "test_distributed.py")
 
 

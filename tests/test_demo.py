@@ -15,9 +15,8 @@ from lora_dpo.export import ADAPTER_FILE
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The README's demo, run once as a user runs it (`lora-dpo train recipes/tiny.toml`, in a subprocess), but for
-    50 of its 600 steps (held-out accuracy 0.95 at step 50; docs/demo.md), with a sample grid at step 25: it builds
-    the generating tiny base in this session's LORA_DPO_HOME (VAE, UNet and text encoders trained on the demo
-    images). Returns the run folder and what the run printed."""
+    50 of its 600 steps (held-out accuracy 0.95 at step 50; docs/demo.md), with a sample grid at step 25: it copies
+    the shipped tiny base into this session's LORA_DPO_HOME. Returns the run folder and what the run printed."""
     out = tmp_path_factory.mktemp("demo")
     root = Path(__file__).parent.parent
     result = subprocess.run([sys.executable, "-m", "lora_dpo", "train", str(root / "recipes" / "tiny.toml"), "--set",

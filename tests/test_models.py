@@ -61,7 +61,7 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
 
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
     assert models.tiny_base_path("sd15") == tmp_path / "tiny-sd15-v4"
-    assert models.tiny_base_path() == tmp_path / "tiny-base-v4"  # `tiny` keeps its own folder
+    assert models.tiny_base_path() == tmp_path / "tiny-base-v5"  # `tiny` keeps its own folder
     # stands in for the build on first use (VAE training and UNet warm-up, a few minutes)
     shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v4")
     assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v4")
@@ -70,6 +70,33 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
     with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd15"):
         models.build_tiny_base(tmp_path / "tiny-sd15-v4", arch="sd21", replace=True)
     assert (tmp_path / "tiny-sd15-v4" / "model_index.json").is_file()  # the failed rebuild deleted nothing
+
+
+def test_the_demo_base_is_the_shipped_one_byte_for_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tiny` is the base shipped with the package, the same bytes on every machine (a build trains on the CPU it
+    runs on, and CPUs round differently): its hash is pinned here, and the first use copies it (no build), checked.
+    A damaged copy in the package is refused by name instead of being installed."""
+    import shutil
+
+    from lora_dpo.models import tiny
+
+    assert tiny.folder_sha256(tiny.SHIPPED_BASES["sdxl"]) == tiny.SHIPPED_SHA256["sdxl"] == (
+        "20d9122b4359fdbb894ba29bf936fe4d613a403a92256d7d18aface0a965ca9a")
+    monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tiny, "build_tiny_base", None)  # a build would fail here: the first use must copy
+    path = Path(models.resolve_base("tiny"))
+    assert path == tmp_path / "home" / "tiny-base-v5"
+    assert tiny.folder_sha256(path) == tiny.SHIPPED_SHA256["sdxl"]
+    base = models.load_base(ModelRecipe(base="tiny"))
+    assert base.is_sdxl and base.unet.config.sample_size == 8
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny.SHIPPED_BASES["sdxl"], damaged)
+    (damaged / "unet" / "config.json").write_text("{}")
+    monkeypatch.setitem(tiny.SHIPPED_BASES, "sdxl", damaged)
+    with pytest.raises(models.ModelError, match="the shipped tiny base is missing or damaged"):
+        tiny.install_shipped_base("sdxl", tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize(("name", "fixture"), [("tiny", "tiny_base_dir"), ("tiny-sd15", "tiny_sd15_base_dir")])

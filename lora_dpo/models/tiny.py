@@ -3,6 +3,7 @@ configs with random weights, warmed up on the demo images, saved as ordinary dif
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -27,8 +28,14 @@ TINY_BASES: dict[str, TinyArch] = dict(zip(BUILTIN_BASES, ("sdxl", "sd15"), stri
 # Their cache folders under cache_home(): bump a version when that base's weights change, so that no stale
 # cached copy is reused (v2: the VAE is trained to reconstruct and the UNet to denoise the demo images; v3: a VAE
 # without mid-block attention, a UNet warmed up longer on the preferred images, with caption dropout; v4: the
-# text encoders trained with the UNet, VAE 1200 and UNet 600 x 32 steps)
-TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v4", "sd15": "tiny-sd15-v4"}
+# text encoders trained with the UNet, VAE 1200 and UNet 600 x 32 steps; v5: `tiny` is the shipped copy of v4)
+TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v5", "sd15": "tiny-sd15-v4"}
+# The demo's base, built once (`build_tiny_base`, seed 0) on a 2-core x86 CPU and shipped with the package (9 MB):
+# a build trains on the CPU it runs on, and CPUs round differently (a build on another machine drew other pictures,
+# mean pixel difference 17/255), so every machine gets these bytes and the README's figures. `lora-dpo tiny-base`
+# still builds one; `tiny-sd15` is built on first use.
+SHIPPED_BASES: dict[TinyArch, Path] = {"sdxl": Path(__file__).parent.parent / "assets" / "tiny-base-v5"}
+SHIPPED_SHA256: dict[TinyArch, str] = {"sdxl": "20d9122b4359fdbb894ba29bf936fe4d613a403a92256d7d18aface0a965ca9a"}
 
 
 def _check_tiny_arch(arch: str) -> None:
@@ -53,10 +60,39 @@ def resolve_base(name: str) -> str:
         return name
     arch = TINY_BASES[name]
     path = tiny_base_path(arch)
-    if not (path / "model_index.json").is_file():
+    if (path / "model_index.json").is_file():
+        return str(path)
+    if arch in SHIPPED_BASES:
+        install_shipped_base(arch, path)
+    else:
         log.info("building the %s base in %s (once, a few minutes of CPU)", name, path)
         build_tiny_base(path, arch=arch)
     return str(path)
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over a folder's files: each one's path (relative, '/'-separated) and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def install_shipped_base(arch: TinyArch, path: Path) -> Path:
+    """Copy the shipped `arch` base into `path` (the cache), after checking its bytes are the recorded ones.
+    Written to a temporary folder and renamed; a process that finished first keeps its copy."""
+    import shutil
+
+    shipped = SHIPPED_BASES[arch]
+    if not (shipped / "model_index.json").is_file() or folder_sha256(shipped) != SHIPPED_SHA256[arch]:
+        raise ModelError(f"{shipped}: the shipped tiny base is missing or damaged (its sha256 is not the recorded "
+                         "one): reinstall lora-dpo, or build one with `lora-dpo tiny-base FOLDER` and point "
+                         "[model].base at it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_folder(path, replace=False) as tmp:
+        shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
     metrics = _read_json(folder / "metrics.json")
     report = _read_json(folder / "eval" / "report.json")
     base = recipe.model.base
-    architecture = _header(folder / ADAPTER_FILE).get("modelspec.architecture", "")
+    header = _header(folder / ADAPTER_FILE)
+    architecture = header.get("modelspec.architecture", "")
     sdxl = "-xl-" in architecture if architecture else ("xl" in base.lower() or base == "tiny")
     data = ModelCardData(
         base_model=base if is_hub_id(base) else None,
@@ -222,6 +223,8 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         f"| steps | {metrics.get('steps', cfg.max_steps)} optimizer steps x {effective} pairs per device |",
         f"| learning rate | {cfg.learning_rate:g}, `{cfg.lr_schedule}` schedule, {cfg.warmup_steps} warmup steps |",
         f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(f'`{t}`' for t in lora.target_modules)} |",
+        f"| noise schedule | `{header.get('modelspec.prediction_type', 'epsilon')}` prediction"  # the base's
+        f"{', zero terminal SNR' if header.get('lora_dpo.zero_terminal_snr') == 'true' else ''} |",
         f"| precision, seed | `{cfg.mixed_precision}`, {cfg.seed} |",
         f"| recipe fingerprint | `{recipe.fingerprint()}` (the full recipe is `recipe.toml`) |", ""]
     if metrics.get("data"):

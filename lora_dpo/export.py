@@ -8,7 +8,6 @@ holds every peft setting we write), and the file's header metadata. Every format
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
@@ -22,13 +21,14 @@ import torch
 from torch import Tensor
 
 from lora_dpo import __version__, card, files, hub, kohya, models, webui
-from lora_dpo.recipe import Recipe
+from lora_dpo.recipe import ModelRecipe, Recipe
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 LORA_SUFFIXES = (".lora_A.weight", ".lora_down.weight")  # peft/diffusers and kohya down-projections
 Format = Literal["diffusers", "kohya"]
+MERGE_FORMATS = ("diffusers", "single-file")  # a pipeline folder, or one original-layout checkpoint file
 DIFFUSERS_CONFIG_KEY = "lora_adapter_metadata"  # where diffusers keeps the peft LoraConfig in the header
 
 
@@ -254,6 +254,17 @@ def load_adapter(unet: Any, source: str | Path, base: str | None = None, adapter
 # Metadata and writing
 
 
+def _base_stamp(cfg: ModelRecipe) -> dict[str, str]:
+    """`webui.base_stamp` of the recipe's base; a base that can no longer be read leaves it out (the finished
+    adapter is written all the same)."""
+    try:
+        single = Path(cfg.base) if models.is_single_file(cfg.base) else None
+        return webui.base_stamp(models.base_schedule(cfg), single)
+    except (models.ModelError, OSError) as err:
+        log.warning("the base's schedule and hashes are left out of the adapter's metadata (%s)", err)
+        return {}
+
+
 def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl: bool) -> dict[str, str]:
     """What a trained adapter says about itself (safetensors metadata values are strings)."""
     stamp = {"lora_dpo.version": __version__, "lora_dpo.base_model": recipe.model.base,
@@ -264,7 +275,8 @@ def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl:
              "lora_dpo.steps": str(metrics.get("steps", "")), "lora_dpo.dataset": recipe.data.source,
              "lora_dpo.fingerprint": recipe.fingerprint(), "lora_dpo.recipe": json.dumps(recipe.to_dict()),
              "lora_dpo.metrics": json.dumps(metrics)}
-    return {**stamp, **webui.modelspec(sdxl, title, recipe.data.resolution, webui.IMPLEMENTATION_DIFFUSERS)}
+    return {**stamp, **webui.modelspec(sdxl, title, recipe.data.resolution, webui.IMPLEMENTATION_DIFFUSERS),
+            **_base_stamp(recipe.model)}
 
 
 def _carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -274,26 +286,9 @@ def _carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 
 def _webui_metadata(adapter: Adapter, config: Any, name: str, tensors: dict[str, Tensor]) -> dict[str, str]:
-    """sd-scripts' keys (A1111/Forge show and sort by them) plus model-spec, over what the adapter carried: the
-    training keys from the recipe it carries (none for an adapter made elsewhere), then the hashes of `tensors`."""
-    sdxl = kohya.is_sdxl(config)
-    carried = _carried_metadata(adapter.metadata)
-    recipe = json.loads(carried.get("lora_dpo.recipe") or "{}")
-    resolution = recipe["data"]["resolution"] if recipe else (1024 if sdxl else 512)
-    meta = {**webui.modelspec(sdxl, name, resolution, webui.IMPLEMENTATION_DIFFUSERS), **carried}
-    # the names of this file's keys: SGM for SDXL, diffusers for SD 1.x (kohya.py), whatever the source file said
-    meta["modelspec.implementation"] = webui.IMPLEMENTATION_SGM if sdxl else webui.IMPLEMENTATION_DIFFUSERS
-    meta |= {"ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1", "ss_network_module": "networks.lora",
-             "ss_network_dim": str(kohya.most_common(adapter.ranks)),
-             "ss_network_alpha": repr(float(kohya.most_common(adapter.alphas))), "ss_output_name": name,
-             "ss_sd_model_name": adapter.base, "ss_training_comment": "Diffusion-DPO LoRA made with lora-dpo"}
-    if "lora_dpo.steps" in meta:
-        meta["ss_steps"] = meta["lora_dpo.steps"]
-    if recipe:
-        finished = datetime.datetime.fromisoformat(meta["modelspec.date"]).replace(tzinfo=datetime.UTC).timestamp()
-        meta |= webui.training_keys(recipe, json.loads(carried.get("lora_dpo.metrics") or "{}"), finished)
-    meta |= webui.network_args(adapter.weights, adapter.alphas)
-    return meta | webui.hash_keys(tensors, meta)
+    """sd-scripts' keys (A1111/Forge show and sort by them) plus model-spec, over what the adapter carried."""
+    return webui.kohya_metadata(_carried_metadata(adapter.metadata), kohya.is_sdxl(config), name, adapter.base,
+                                adapter.weights, adapter.alphas, tensors)
 
 
 def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], out: Path) -> Path:
@@ -373,11 +368,16 @@ def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipelin
 # Merging and inspecting
 
 
-def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dtype: str = "fp32") -> Path:
-    """A full diffusers pipeline with the adapter fused in at `scale`: stock `load_lora_weights`, `fuse_lora`,
-    `unload_lora_weights` (fused weights stay), `save_pretrained`, written to a temporary folder and renamed."""
+def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dtype: str = "fp32",
+                  fmt: str = "diffusers") -> Path:
+    """The base with the adapter fused in at `scale` (stock `load_lora_weights`, `fuse_lora`, `unload_lora_weights`:
+    fused weights stay), written to a temporary path and renamed: a diffusers pipeline folder (`save_pretrained`),
+    or one original-layout checkpoint file for A1111, Forge and ComfyUI (`single-file`, `models.original`)."""
     from diffusers import DiffusionPipeline
 
+    if fmt not in MERGE_FORMATS or (fmt == "single-file") != (out_dir.suffix == ".safetensors"):
+        raise AdapterError(f"--format {fmt} --out {out_dir}: write a checkpoint with --format single-file and an --out "
+                           "ending in .safetensors, a pipeline folder with --format diffusers and any other --out")
     path = resolve_adapter_file(source)
     try:
         torch_dtype = models.STORAGE_DTYPES[dtype]
@@ -389,6 +389,9 @@ def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dt
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="merged")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["merged"])
     pipe.unload_lora_weights()
+    if fmt == "single-file":
+        note = f"{base} with the LoRA {source} fused in at scale {scale:g} (lora-dpo {__version__})"
+        return models.write_checkpoint(pipe, out_dir, note)
     with files.atomic_folder(out_dir) as tmp:
         pipe.save_pretrained(tmp)
     return out_dir

@@ -9,6 +9,10 @@ The hashes, as sd-scripts defines them (`train_util.precalculate_safetensors_has
 - `sshs_legacy_hash`: the old webui hash, the first 8 hex digits of sha256 of the 0x10000 bytes at offset
   0x100000 of that serialisation (an empty read for files under 1 MiB: `e3b0c442`).
 `modelspec.hash_sha256` is `0x` + the model hash.
+
+The base a LoRA was trained on is named as sd-scripts names it (`train_network.py`): a local file or folder by its
+basename in `ss_sd_model_name` (a hub id as is), a local file with its two webui hashes, `ss_sd_model_hash` (the
+legacy one, as above but of the base file itself) and `ss_new_sd_model_hash` (sha256 of the whole file).
 """
 
 from __future__ import annotations
@@ -16,31 +20,83 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from lora_dpo import __version__
+from lora_dpo import __version__, kohya
 
 LEGACY_OFFSET, LEGACY_SIZE = 0x100000, 0x10000
+MODELSPEC_VERSION = "1.0.1"  # what sd-scripts' library/sai_model_spec.py writes
 IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"  # sd-scripts' name for SGM-named files
 IMPLEMENTATION_DIFFUSERS = "diffusers"  # diffusers module names (our diffusers file; kohya SD 1.5 files)
-PREDICTION_TYPE = "epsilon"  # SD 1.5 and SDXL bases predict the noise; v-prediction bases are not trained here
+# diffusers' scheduler prediction_type -> the model spec's (sd-scripts writes "v" for v-parameterization)
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+DESCRIPTION = f"LoRA aligned to human preferences with Diffusion-DPO (lora-dpo {__version__})"
 
 
-def modelspec(sdxl: bool, title: str, resolution: int | None, implementation: str) -> dict[str, str]:
-    """The Stability model-spec keys that webui tools read to sort and label a LoRA. `implementation` names
-    whose module names the file's keys use: SGM (`input_blocks_...`) or diffusers (`down_blocks_...`)."""
-    spec = {"modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
+def modelspec(sdxl: bool, title: str, resolution: int | None, implementation: str, prediction_type: str = "epsilon",
+              lora: bool = True, description: str = DESCRIPTION) -> dict[str, str]:
+    """The Stability model-spec keys that webui tools read to sort and label a model. `implementation` names whose
+    module names the file's keys use: SGM (`input_blocks_...`) or diffusers (`down_blocks_...`);
+    `prediction_type` is the base scheduler's (`epsilon` or `v_prediction`); `lora=False`: a full checkpoint."""
+    architecture = "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1"
+    spec = {"modelspec.sai_model_spec": MODELSPEC_VERSION,
+            "modelspec.architecture": architecture + ("/lora" if lora else ""),
             "modelspec.implementation": implementation,
             "modelspec.title": title,
             "modelspec.date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-            "modelspec.prediction_type": PREDICTION_TYPE,
-            "modelspec.description": f"LoRA aligned to human preferences with Diffusion-DPO (lora-dpo {__version__})"}
+            "modelspec.prediction_type": MODELSPEC_PREDICTION.get(prediction_type, prediction_type),
+            "modelspec.description": description}
     if resolution:
         spec["modelspec.resolution"] = f"{resolution}x{resolution}"
     return spec
+
+
+def base_model_version(sdxl: bool, prediction: str) -> str:
+    """sd-scripts' `ss_base_model_version`: `sdxl_base_v1-0` for any SDXL, `sd_v1` or, v-parameterized, `sd_v1_v`
+    (`model_util.get_model_version_str_for_sd1_sd2`)."""
+    if sdxl:
+        return "sdxl_base_v1-0"
+    return "sd_v1_v" if MODELSPEC_PREDICTION.get(prediction, prediction) == "v" else "sd_v1"
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(legacy, sha256) of a whole file as sd-scripts computes a local base's (`train_util.model_hash`,
+    `calculate_sha256`): 8 hex digits of sha256 of the 0x10000 bytes at 0x100000, and sha256 of every byte."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        handle.seek(LEGACY_OFFSET)
+        legacy = hashlib.sha256(handle.read(LEGACY_SIZE)).hexdigest()[:8]
+    return legacy, digest.hexdigest()
+
+
+def base_stamp(schedule: dict[str, Any], base_file: Path | None) -> dict[str, str]:
+    """What an adapter records of its base while it trains: the noise schedule it was trained on
+    (`modelspec.prediction_type`, `lora_dpo.zero_terminal_snr`) and, for a base file, its two hashes (sd-scripts
+    computes them while it trains too; an export elsewhere still has them)."""
+    kind = schedule["prediction_type"]
+    stamp = {"modelspec.prediction_type": MODELSPEC_PREDICTION.get(kind, kind),
+             "lora_dpo.zero_terminal_snr": json.dumps(bool(schedule["rescale_betas_zero_snr"]))}
+    if base_file is not None:
+        legacy, sha256 = file_hashes(base_file)
+        stamp |= {"lora_dpo.base_sha256": sha256, "lora_dpo.base_legacy_sha256": legacy}
+    return stamp
+
+
+def base_keys(meta: dict[str, str], base: str) -> dict[str, str]:
+    """`ss_sd_model_name` and, for a base file, its hashes: recorded at training (`lora_dpo.base_sha256`,
+    `lora_dpo.base_legacy_sha256`), as sd-scripts records them while it trains."""
+    local = "lora_dpo.base_sha256" in meta or Path(base).exists()
+    keys = {"ss_sd_model_name": os.path.basename(base.rstrip("/\\")) if local else base}
+    if "lora_dpo.base_sha256" in meta:
+        keys |= {"ss_sd_model_hash": meta.get("lora_dpo.base_legacy_sha256", ""),
+                 "ss_new_sd_model_hash": meta["lora_dpo.base_sha256"]}
+    return keys
 
 
 def _optimizer_name(train: dict[str, Any]) -> str:
@@ -87,6 +143,34 @@ def network_args(weights: dict[str, Tensor], alphas: dict[str, float]) -> dict[s
     conv_alphas = [alphas[m] for m in conv]
     alpha = max(set(conv_alphas), key=conv_alphas.count)
     return {"ss_network_args": json.dumps({"conv_dim": str(dim), "conv_alpha": f"{alpha:g}"})}
+
+
+def kohya_metadata(carried: dict[str, str], sdxl: bool, name: str, base: str, weights: dict[str, Tensor],
+                   alphas: dict[str, float], tensors: dict[str, Tensor]) -> dict[str, str]:
+    """A kohya file's header: model spec and sd-scripts' keys over what the adapter carried (`carried`: its
+    `lora_dpo.*` and `modelspec.*` keys), the training keys from the recipe it carries (none for an adapter made
+    elsewhere), then the hashes of `tensors`, the file's own."""
+    recipe = json.loads(carried.get("lora_dpo.recipe") or "{}")
+    resolution = recipe["data"]["resolution"] if recipe else (1024 if sdxl else 512)
+    meta = {**modelspec(sdxl, name, resolution, IMPLEMENTATION_DIFFUSERS), **carried}
+    # the names of this file's keys: SGM for SDXL, diffusers for SD 1.x (kohya.py), whatever the source file said
+    meta["modelspec.implementation"] = IMPLEMENTATION_SGM if sdxl else IMPLEMENTATION_DIFFUSERS
+    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in weights.items()
+             if k.endswith(".lora_A.weight")}
+    # sd-scripts' minimum keys (`train_util.SS_METADATA_MINIMUM_KEYS`) first: ss_v2 is False for SD 1.x and SDXL
+    meta |= {"ss_v2": "False", "ss_base_model_version": base_model_version(sdxl, meta["modelspec.prediction_type"]),
+             "ss_network_module": "networks.lora", "ss_network_dim": str(kohya.most_common(ranks)),
+             "ss_network_alpha": repr(float(kohya.most_common(alphas))), "ss_output_name": name,
+             "ss_training_comment": "Diffusion-DPO LoRA made with lora-dpo", **base_keys(meta, base)}
+    if "lora_dpo.steps" in meta:
+        meta["ss_steps"] = meta["lora_dpo.steps"]
+    if "lora_dpo.zero_terminal_snr" in meta:  # the schedule trained on, the recipe's or the base file's
+        meta["ss_zero_terminal_snr"] = str(meta["lora_dpo.zero_terminal_snr"] == "true")
+    if recipe:
+        finished = datetime.datetime.fromisoformat(meta["modelspec.date"]).replace(tzinfo=datetime.UTC).timestamp()
+        meta |= training_keys(recipe, json.loads(carried.get("lora_dpo.metrics") or "{}"), finished)
+    meta |= network_args(weights, alphas)
+    return meta | hash_keys(tensors, meta)
 
 
 def safetensors_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[str, str]:

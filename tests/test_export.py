@@ -126,7 +126,7 @@ def test_kohya_export_loads_in_stock_diffusers_like_the_diffusers_file(arch: str
     assert alpha.shape == () and alpha.item() == 16.0 and down.dtype == models.STORAGE_DTYPES[dtype]
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "16.0"
     assert meta["ss_base_model_version"] == expected.ss_version and meta["ss_network_module"] == "networks.lora"
-    assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["lora_dpo.steps"] == "3"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["lora_dpo.steps"] == "3"
     assert meta["modelspec.architecture"] == expected.modelspec
     assert meta["modelspec.implementation"] == ("https://github.com/Stability-AI/generative-models" if arch == "sdxl"
                                                 else "diffusers")  # whose module names the keys use
@@ -258,6 +258,48 @@ def test_merge_equals_the_adapter_applied_at_that_scale(trained_run: Path, tiny_
     assert not torch.allclose(fused, full, atol=1e-4)  # the scale was applied, not 1.0
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_merge_writes_a_single_file_that_diffusers_reads_back_fused(arch: str, request: pytest.FixtureRequest,
+                                                                    tmp_path: Path) -> None:
+    """`lora-dpo merge --format single-file`: one checkpoint in the original layout (A1111, Forge, ComfyUI), whose
+    UNet, read back by diffusers' `from_single_file` with the base's local configs, gives base + adapter at that
+    scale, and whose VAE and text encoders are the base's."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_dpo.models.single_file import load_single_file_parts
+
+    expected = ARCHS[arch]
+    run, base_dir = request.getfixturevalue(expected.run_fixture), request.getfixturevalue(expected.base_fixture)
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(app, ["merge", str(run), "--base", str(base_dir), "--scale", "0.6", "--format",
+                                      "single-file", "--out", str(out)])
+    assert result.exit_code == 0 and "checkpoint folder" in result.output, result.output
+    with safe_open(str(out), "pt") as handle:
+        keys, meta = list(handle.keys()), handle.metadata()
+    text = ("conditioner.embedders.",) if arch == "sdxl" else ("cond_stage_model.transformer.text_model.",)
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", *text)) for k in keys)
+    assert "v_pred" not in keys and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.architecture"] == expected.modelspec.removesuffix("/lora")  # a checkpoint, not a LoRA
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.resolution"] == "64x64"
+
+    unet = UNet2DConditionModel.from_single_file(str(out), config=str(base_dir), subfolder="unet",
+                                                 local_files_only=True)
+    pipe = _stock_pipe(base_dir, run, arch, adapter_name="a")
+    pipe.set_adapters(["a"], [0.6])
+    inputs = _inputs(**expected.inputs)
+    fused, applied = _out(unet, inputs), _out(pipe.unet, inputs)
+    torch.testing.assert_close(fused, applied, rtol=0, atol=1e-5)
+    assert not torch.allclose(fused, _out(_stock_pipe(base_dir, arch=arch).unet, inputs), atol=1e-4)  # fused in
+    parts = load_single_file_parts(out, base_dir, arch == "sdxl", with_unet=False, with_encoders=True, vae=True,
+                                   weight_dtype=torch.float32, vae_dtype=torch.float32)
+    stock = _stock_pipe(base_dir, arch=arch)
+    encoders = (stock.text_encoder, stock.text_encoder_2) if arch == "sdxl" else (stock.text_encoder,)
+    for ours, theirs in ((parts["vae"], stock.vae), *zip(parts["text_encoders"], encoders, strict=True)):
+        expected_state, got = theirs.state_dict(), ours.state_dict()
+        assert set(got) == set(expected_state) and all(torch.equal(got[k], expected_state[k]) for k in got)
+
+
 def test_inspect_describes_ours_and_foreign_files(trained_run: Path, tmp_path: Path) -> None:
     ours = export.inspect_adapter(trained_run)
     assert ours["format"] == "diffusers" and ours["rank"] == 4 and ours["alpha"] == 16.0
@@ -294,6 +336,9 @@ def test_cli_export_inspect_merge_and_their_errors(trained_run: Path, tiny_base_
     result = runner.invoke(app, ["merge", str(trained_run), "--base", str(tiny_base_dir), "--scale", "0.5",
                                  "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0 and (tmp_path / "merged" / "model_index.json").is_file()
+    bad = runner.invoke(app, ["merge", str(trained_run), "--base", str(tiny_base_dir), "--out",
+                              str(tmp_path / "merged.safetensors")])  # a file name, the folder format
+    assert bad.exit_code == 2 and "--format single-file" in bad.output and len(bad.output.strip().splitlines()) == 1
     bad = runner.invoke(app, ["export", str(tmp_path / "none"), "--out", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and "no such file or folder" in bad.output
     (tmp_path / "weights.bin").write_bytes(b"not a pickle we would open")

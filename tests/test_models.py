@@ -249,6 +249,23 @@ def test_turbo_settings_reach_the_noise_schedule(tiny_base_dir: Path) -> None:
         from_dict({"model": {"timesteps": [-1]}})
 
 
+def test_a_base_whose_scheduler_config_sets_zero_snr_keeps_it(tiny_base_dir: Path, tmp_path: Path) -> None:
+    """A v-prediction, zero-terminal-SNR diffusers base says so in its scheduler config; the recipe's default
+    (`rescale_betas_zero_snr = false`) does not switch it off, and the adapter's metadata reads the same."""
+    import json
+    import shutil
+
+    base = shutil.copytree(tiny_base_dir, tmp_path / "ztsnr_base")
+    config_file = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}))
+    loaded = models.load_base(ModelRecipe(base=str(base)), with_encoders=False, with_unet=False)
+    assert loaded.noise_scheduler.config.prediction_type == "v_prediction"
+    assert float(loaded.noise_scheduler.alphas_cumprod[-1]) < 1e-6
+    assert models.base_schedule(ModelRecipe(base=str(base))) == {"prediction_type": "v_prediction",
+                                                                 "rescale_betas_zero_snr": True}
+
+
 def test_images_are_encoded_a_megapixel_at_a_time(tiny_base_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An uncached step encodes its 2B images in calls of at most `ENCODE_PIXELS`: the same latents as one call,
     and a VAE peak that does not grow with the batch (the plan traces the same function)."""

@@ -102,17 +102,37 @@ def test_the_paper_recipe_differs_from_the_overnight_one_only_in_length() -> Non
     assert paper["train"]["gradient_accumulation"] * paper["train"]["batch_size"] == 2048
 
 
+def _enforce_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """The alphas_cumprod the DPO reference scripts train Turbo on (`enforce_zero_terminal_snr` in diffusers'
+    train_diffusion_dpo_sdxl.py and the official train.py), written here from their steps: sqrt(alpha_bar) shifted
+    so the last is 0 and scaled so the first keeps its value; the ratios' cumulative product is alpha_bar again."""
+    root = (1 - betas).cumprod(0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    alphas_bar = ((root - last) * first / (first - last)) ** 2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return alphas.cumprod(0)
+
+
 def test_the_turbo_recipe_trains_and_samples_as_turbo(tiny_base_dir: Path, pickapic_shapes: Path,
                                                       tmp_path: Path) -> None:
-    """SDXL-Turbo's recipe is the overnight SDXL one plus Turbo's base, timesteps, resolution and sampling; on the
+    """SDXL-Turbo's recipe is the overnight SDXL one plus Turbo's base, timesteps, zero-terminal-SNR schedule (the
+    reference scripts' own), no caption dropout (the official Turbo launcher's), resolution and sampling; on the
     tiny base it trains (on the four timesteps only) and samples at 4 steps without guidance."""
+    from lora_dpo import models
+
     overnight = recipe.load(RECIPES / "sdxl_pickapic.toml").to_dict()
     turbo = recipe.load(RECIPES / "sdxl_turbo_pickapic.toml").to_dict()
     differs = {f"{s}.{k}" for s in turbo for k in turbo[s] if turbo[s][k] != overnight[s][k]}
-    assert differs == {"model.base", "model.timesteps", "data.resolution", "sample.steps", "sample.guidance_scale"}
+    assert differs == {"model.base", "model.timesteps", "model.rescale_betas_zero_snr", "data.resolution",
+                       "data.caption_dropout", "sample.steps", "sample.guidance_scale"}
     assert turbo["model"]["timesteps"] == [249, 499, 749, 999] and turbo["sample"]["guidance_scale"] == 0.0
+    assert turbo["model"]["rescale_betas_zero_snr"] is True and turbo["data"]["caption_dropout"] == 0.0
     settings = shipped("sdxl_turbo_pickapic.toml", tiny_base_dir, pickapic_shapes, tmp_path, "turbo",
                        train={"max_steps": 2, "checkpoint_every": 0}, sample={"every": 2, "steps": 4})
+    schedule = models.load_base(settings.model, with_encoders=False, with_unet=False).noise_scheduler
+    plain = models.load_base(recipe.ModelRecipe(base=str(tiny_base_dir)), with_encoders=False, with_unet=False)
+    torch.testing.assert_close(schedule.alphas_cumprod, _enforce_zero_terminal_snr(plain.noise_scheduler.betas),
+                               rtol=0, atol=1e-6)
     weights = load_file(train(settings))
     assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
     assert (tmp_path / "turbo" / "samples" / "step-000002.png").is_file()

@@ -1,12 +1,15 @@
 """Single-file bases: the tiny base written as one checkpoint in Stability's original layout (what A1111 and
-ComfyUI load), then loaded back through diffusers' `from_single_file` with the config folder beside it: the
-architecture is read from the keys, every part comes back with the same weights, the planner and the adapter
-formats read its UNet config, and a run trains on it."""
+ComfyUI load; `models.original`, what `merge --format single-file` writes), then loaded back through diffusers'
+`from_single_file` with the config folder beside it: the architecture is read from the keys, every part comes back
+with the same weights, the planner and the adapter formats read its UNet config, and a run trains on it. ComfyUI's
+marker keys set the schedule (`v_pred`, `ztsnr`); checkpoints of other kinds (EDM, refiner, inpainting) are refused
+by name. The layout itself is checked on the real SDXL and SD 1.5 architectures against diffusers' own converters."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,101 +17,28 @@ import pytest
 import torch
 from torch import Tensor
 
-from lora_dpo import kohya, models
+from lora_dpo import models
 from lora_dpo.plan.bases import architecture
 from lora_dpo.recipe import ModelRecipe
 
-# the original layout's names for the diffusers parts that kohya's UNet table (LoRA targets only) leaves out
-RESNET_NAMES = {**kohya.RESNET_SGM, "norm1": "in_layers.0", "norm2": "out_layers.0"}
+MARKER = torch.tensor([])  # ComfyUI writes its marker keys as empty tensors
 
-
-def _unet_to_original(state: dict[str, Tensor], config: dict[str, Any]) -> dict[str, Tensor]:
-    prefixes = {**kohya.sgm_prefixes(config), "conv_norm_out": "out.0"}
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        cut = next(c for c in range(len(parts), 0, -1) if ".".join(parts[:c]) in prefixes)
-        head, rest = ".".join(parts[:cut]), parts[cut:]
-        if ".resnets." in f".{head}." and rest[0] in RESNET_NAMES:
-            rest = [RESNET_NAMES[rest[0]], *rest[1:]]
-        out["model.diffusion_model." + ".".join([prefixes[head], *rest])] = value
-    return out
-
-
-def _vae_to_original(state: dict[str, Tensor], levels: int) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        for i in range(levels):  # decoder levels count down in the original layout
-            new = new.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
-            new = new.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
-            new = new.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{levels - 1 - i}.block.")
-            new = new.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample.")
-        new = new.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
-        if "mid_block.attentions.0." in new:
-            new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
-            for ours, theirs in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
-                                 ("to_out.0.", "proj_out.")):
-                new = new.replace(ours, theirs)
-            if value.ndim == 2:  # linear here, 1x1 convolution there
-                value = value[:, :, None, None]
-        out["first_stage_model." + new] = value
-    return out
-
-
-def _openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The second SDXL encoder in OpenCLIP's names: q, k, v packed into one in_proj, the projection transposed."""
-    out: dict[str, Tensor] = {}
-    fixed = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
-             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.final_layer_norm.weight": "ln_final.weight",
-             "text_model.final_layer_norm.bias": "ln_final.bias"}
-    for key, value in state.items():
-        if key in fixed:
-            out[fixed[key]] = value
-        elif key == "text_projection.weight":
-            out["text_projection"] = value.T.contiguous()
-        elif ".self_attn.q_proj." in key:
-            kind = key.rsplit(".", 1)[1]
-            stem = key.split(".self_attn.")[0]
-            packed = torch.cat([state[f"{stem}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
-            out[_resblock(stem) + f".attn.in_proj_{kind}"] = packed
-        elif ".self_attn.k_proj." in key or ".self_attn.v_proj." in key or "position_ids" in key:
-            continue
-        elif key.startswith("text_model.encoder.layers."):
-            stem, rest = key.split(".", 4)[:4], key.split(".", 4)[4]
-            rest = (rest.replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc")
-                    .replace("mlp.fc2", "mlp.c_proj").replace("self_attn.", "attn."))
-            out[_resblock(".".join(stem)) + "." + rest] = value
-    return {"conditioner.embedders.1.model." + k: v for k, v in out.items()}
-
-
-def _resblock(stem: str) -> str:
-    return "transformer.resblocks." + stem.split(".")[3]
-
-
-def write_single_file(base_dir: Path, out: Path) -> Path:
-    """A tiny base (SDXL or SD 1.5) as one original-layout safetensors file, with its config folder (no weights)
-    beside. SD 1.5 keeps its one CLIP encoder under `cond_stage_model.transformer.`; SDXL has two embedders, the
-    second in OpenCLIP's names."""
+def write_single_file(base_dir: Path, out: Path, change: Callable[[dict[str, Tensor]], None] | None = None) -> Path:
+    """A tiny base (SDXL or SD 1.5) as one original-layout safetensors file (`models.checkpoint_state`, what
+    `merge --format single-file` writes), with its config folder (no weights) beside; `change` edits the tensors
+    first (marker keys, another kind of checkpoint)."""
     from diffusers import DiffusionPipeline
     from safetensors.torch import save_file
 
-    pipe = DiffusionPipeline.from_pretrained(base_dir)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    state = _unet_to_original(pipe.unet.state_dict(), dict(pipe.unet.config))
-    state |= _vae_to_original(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels))
-    first = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
-    state |= {first + ("" if k.startswith("text_model.") else "text_model.") + k: v
-              for k, v in pipe.text_encoder.state_dict().items() if "position_ids" not in k}
-    if sdxl:
-        state |= _openclip(pipe.text_encoder_2.state_dict())
+    state = models.checkpoint_state(DiffusionPipeline.from_pretrained(base_dir))
+    if change:
+        change(state)
     out.mkdir(parents=True)
     for item in base_dir.iterdir():  # configs and tokenizers, no weights
         if item.is_dir():
             shutil.copytree(item, out / item.name, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     shutil.copy(base_dir / "model_index.json", out)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "tiny.safetensors"))
+    save_file(state, str(out / "tiny.safetensors"))
     return out / "tiny.safetensors"
 
 
@@ -192,3 +122,156 @@ def test_a_run_trains_on_a_single_file_base_and_its_adapter_exports_and_merges(
     assert any(k.startswith("lora_unet_input_blocks_") for k in read_file(kohya_file)[0])
     merged = merge_adapter(path, str(single_file), 1.0, tmp_path / "merged")
     assert isinstance(StableDiffusionXLPipeline.from_pretrained(merged), StableDiffusionXLPipeline)
+
+
+def _with(**extra: Tensor) -> Callable[[dict[str, Tensor]], None]:
+    return lambda state: state.update(extra)
+
+
+@pytest.fixture(scope="module")
+def vpred_file(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL base as a v-prediction, zero-terminal-SNR checkpoint: ComfyUI's `v_pred` and `ztsnr` keys."""
+    return write_single_file(tiny_base_dir, tmp_path_factory.mktemp("vpred") / "checkpoint",
+                             _with(v_pred=MARKER, ztsnr=MARKER))
+
+
+def test_a_v_pred_ztsnr_file_trains_samples_and_is_named_on_its_own_schedule(vpred_file: Path, tiny_recipe: Any,
+                                                                             tmp_path: Path) -> None:
+    """The markers set the training scheduler (v-prediction, zero terminal SNR) and every sampling one (training
+    samples, eval and merge: trailing spacing); the adapter, its kohya file (named and hashed as sd-scripts names
+    a local base) and its model card say so, and the merged checkpoint keeps the markers."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from lora_dpo.export import export_adapter, merge_adapter, read_file
+    from lora_dpo.train import samples, train
+
+    base = models.load_base(ModelRecipe(base=str(vpred_file)))
+    assert base.noise_scheduler.config.prediction_type == "v_prediction"
+    assert float(base.noise_scheduler.alphas_cumprod[-1]) < 1e-6  # the last timestep is pure noise
+    for scheduler in (samples.pipeline_from_parts(base, base.unet).scheduler,
+                      models.single_file_pipeline(vpred_file, torch.float32).scheduler):
+        config = scheduler.config
+        assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == \
+            ("v_prediction", True, "trailing")
+
+    adapter = train(tiny_recipe(model={"base": str(vpred_file)}, train={"max_steps": 2}))
+    raw = vpred_file.read_bytes()
+    meta = read_file(adapter)[1]
+    assert (meta["modelspec.prediction_type"], meta["lora_dpo.zero_terminal_snr"]) == ("v", "true")
+    assert "| noise schedule | `v` prediction, zero terminal SNR |" in (adapter.parent / "README.md").read_text()
+    kohya = read_file(export_adapter(adapter, tmp_path / "kohya.safetensors", "kohya"))[1]
+    expected = {"ss_sd_model_name": "tiny.safetensors", "ss_new_sd_model_hash": hashlib.sha256(raw).hexdigest(),
+                "ss_sd_model_hash": hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8],
+                "ss_zero_terminal_snr": "True", "modelspec.prediction_type": "v", "ss_v2": "False",
+                "ss_base_model_version": "sdxl_base_v1-0"}
+    assert {k: kohya.get(k) for k in expected} == expected
+
+    merged = merge_adapter(adapter, str(vpred_file), 1.0, tmp_path / "merged.safetensors", fmt="single-file")
+    with safe_open(str(merged), "pt") as handle:
+        assert {"v_pred", "ztsnr"} <= set(handle.keys()) and handle.metadata()["modelspec.prediction_type"] == "v"
+    assert models.scheduler_overrides(merged) == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+
+
+@pytest.mark.parametrize(("markers", "expected"), [
+    ((), {}),
+    (("v_pred",), {"prediction_type": "v_prediction"}),
+    (("v_pred", "ztsnr"), {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}),
+    (("ztsnr",), {}),  # ComfyUI reads ztsnr only beside v_pred: a lone one samples as epsilon there
+])
+def test_marker_keys_read_as_comfyui_reads_them(markers: tuple[str, ...], expected: dict[str, Any], tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "markers.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               **{name: MARKER for name in markers}}, str(path))
+    assert models.scheduler_overrides(path) == expected
+    assert ("'ztsnr' key without 'v_pred'" in caplog.text) == (markers == ("ztsnr",))
+
+
+def test_an_sd15_v_pred_file_trains_as_v_prediction(tiny_sd15_base_dir: Path, tmp_path: Path) -> None:
+    """ComfyUI reads `v_pred` on SDXL files only; a file that says it predicts v is trained so whatever its
+    architecture (epsilon training would teach it the wrong target)."""
+    path = write_single_file(tiny_sd15_base_dir, tmp_path / "checkpoint", _with(v_pred=MARKER))
+    base = models.load_base(ModelRecipe(base=str(path)), with_encoders=False)
+    assert base.noise_scheduler.config.prediction_type == "v_prediction" and not base.is_sdxl
+    assert float(base.noise_scheduler.alphas_cumprod[-1]) > 1e-4  # no ztsnr: the usual schedule
+    assert models.base_schedule(ModelRecipe(base=str(path))) == {"prediction_type": "v_prediction",
+                                                                 "rescale_betas_zero_snr": False}
+
+
+def _refiner(state: dict[str, Tensor]) -> None:
+    """SDXL's refiner: OpenCLIP bigG alone, as the first embedder."""
+    for key in [k for k in state if k.startswith("conditioner.")]:
+        value = state.pop(key)
+        if key.startswith("conditioner.embedders.1."):
+            state[key.replace("embedders.1.", "embedders.0.")] = value
+
+
+def _inpainting(state: dict[str, Tensor]) -> None:
+    """An inpainting UNet takes the masked image's latents and the mask too: 4 + 4 + 1 input channels."""
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state[key] = torch.cat([state[key], torch.zeros(state[key].shape[0], 5, *state[key].shape[2:])], dim=1)
+
+
+@pytest.mark.parametrize(("change", "found"), [
+    (_with(edm_mean=torch.zeros(1, 4, 1, 1), edm_std=torch.ones(1, 4, 1, 1)), "its edm_mean, edm_std keys"),
+    (_with(**{"edm_vpred.sigma_max": torch.tensor(80.0)}), "its edm_vpred.sigma_max keys"),
+    (_refiner, "an SDXL refiner (conditioner.embedders.0.model.*"),
+    (_inpainting, "an inpainting checkpoint (its UNet takes 9 input channels"),
+], ids=["playground-edm", "edm-vpred", "refiner", "inpainting"])
+def test_checkpoints_of_other_kinds_are_refused_naming_what_was_found(change: Callable[[dict[str, Tensor]], None],
+                                                                      found: str, tiny_base_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """Refused even with a config folder beside the file (which would otherwise load them as epsilon SDXL)."""
+    path = write_single_file(tiny_base_dir, tmp_path / "checkpoint", change)
+    for use in (lambda: models.load_base(ModelRecipe(base=str(path))), lambda: models.base_unet_config(str(path))):
+        with pytest.raises(models.ModelError) as raised:
+            use()
+        message = str(raised.value)
+        assert found in message and message.startswith(f"[model].base = {str(path)!r}") and "\n" not in message
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_the_original_layout_of_the_real_architectures_reads_back_through_diffusers_converters(arch: str) -> None:
+    """On the meta device (names and shapes, no weights): the real SDXL / SD 1.5 UNet, VAE (mid-block attention
+    included, which the tiny VAE lacks) and text encoders, written in the original layout, come back through
+    diffusers' own single-file converters to every key and shape they started from."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_dpo.models import original
+
+    def same(back: dict[str, Tensor], state: dict[str, Tensor]) -> None:
+        assert set(back) == set(state)
+        assert [k for k in state if back[k].shape != state[k].shape] == []
+
+    unet = models.unet_from_config(arch, device="meta")
+    state = unet.state_dict()
+    same(convert_ldm_unet_checkpoint(original.unet_state(state, unet.config), dict(unet.config)), state)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(models.shipped_config(arch, "vae"))
+        encoders = [cls(CLIPTextConfig(**models.shipped_config(arch, name)))
+                    for cls, name in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
+                    if arch == "sdxl" or name == "text_encoder"]
+    ldm = original.vae_state(vae.state_dict(), len(vae.config.block_out_channels), vae.config.layers_per_block)
+    assert any(".mid.attn_1.q.weight" in k for k in ldm)
+    same(convert_ldm_vae_checkpoint(ldm, dict(vae.config)), vae.state_dict())
+
+    def named(encoder: Any) -> dict[str, Tensor]:  # transformers 5 leaves `text_model.` out of the state dict
+        return {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+                for k, v in encoder.state_dict().items()}
+
+    same(convert_ldm_clip_checkpoint(original.clip_state(encoders[0].state_dict(), original.CLIP_PREFIX[arch])),
+         named(encoders[0]))
+    if arch == "sdxl":
+        packed = original.openclip_state(encoders[1].state_dict())
+        same(convert_open_clip_checkpoint(encoders[1], packed, prefix=original.OPENCLIP_PREFIX), named(encoders[1]))

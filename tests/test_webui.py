@@ -71,8 +71,11 @@ def test_kohya_export_carries_sd_scripts_training_keys_hashes_and_modelspec(conv
                 "ss_max_train_steps": "2", "ss_gradient_accumulation_steps": "2", "ss_network_dropout": "0.1",
                 "ss_steps": "2", "ss_network_dim": "4", "ss_network_alpha": "8.0",
                 "modelspec.prediction_type": "epsilon", "modelspec.resolution": "64x64",
-                "modelspec.implementation": "https://github.com/Stability-AI/generative-models"}  # SGM names
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",  # SGM names
+                "modelspec.sai_model_spec": "1.0.1", "ss_v2": "False", "ss_zero_terminal_snr": "False",
+                "ss_sd_model_name": "base"}  # a local folder by its basename, as sd-scripts names it
     assert {k: meta.get(k) for k in expected} == expected
+    assert "ss_new_sd_model_hash" not in meta and "ss_sd_model_hash" not in meta  # a folder has no file hash
     assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW(weight_decay=0.01")
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "8"}
     started, finished = float(meta["ss_training_started_at"]), float(meta["ss_training_finished_at"])
@@ -87,3 +90,29 @@ def test_kohya_export_carries_sd_scripts_training_keys_hashes_and_modelspec(conv
 def test_an_attention_only_adapter_writes_no_network_args() -> None:
     weights = {"a.to_q.lora_A.weight": torch.zeros(4, 8), "b.proj_in.lora_A.weight": torch.zeros(4, 8, 1, 1)}
     assert webui.network_args(weights, {"a.to_q": 4.0, "b.proj_in": 4.0}) == {}
+
+
+def test_a_base_file_is_hashed_as_sd_scripts_hashes_it_and_named_by_its_basename(tmp_path: Path) -> None:
+    """`train_util.model_hash` (8 hex digits of sha256 of the 64 KiB at 1 MiB) and `calculate_sha256` (the whole
+    file) on a file over 1 MiB; a hub id keeps its name, a local path is cut to its basename."""
+    path = tmp_path / "models" / "base.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(bytes(range(256)) * 5000)  # 1.22 MiB
+    raw = path.read_bytes()
+    legacy, full = webui.file_hashes(path)
+    assert full == hashlib.sha256(raw).hexdigest() and legacy == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
+    recorded = {"lora_dpo.base_sha256": full, "lora_dpo.base_legacy_sha256": legacy}
+    assert webui.base_keys(recorded, str(path)) == {"ss_sd_model_name": "base.safetensors",
+                                                    "ss_new_sd_model_hash": full, "ss_sd_model_hash": legacy}
+    assert webui.base_keys({}, "stabilityai/sdxl-turbo") == {"ss_sd_model_name": "stabilityai/sdxl-turbo"}
+    assert webui.base_keys({}, str(tmp_path / "models") + "/") == {"ss_sd_model_name": "models"}
+
+
+def test_v_prediction_is_named_as_sd_scripts_names_it() -> None:
+    """`modelspec.prediction_type` "v" (sai_model_spec.PRED_TYPE_V) and `ss_base_model_version` `sd_v1_v`
+    (model_util.get_model_version_str_for_sd1_sd2); SDXL is `sdxl_base_v1-0` either way."""
+    v_spec = webui.modelspec(True, "t", 1024, webui.IMPLEMENTATION_SGM, "v_prediction")
+    assert v_spec["modelspec.prediction_type"] == "v"
+    assert webui.modelspec(False, "t", 512, webui.IMPLEMENTATION_DIFFUSERS)["modelspec.prediction_type"] == "epsilon"
+    assert [webui.base_model_version(sdxl, kind) for sdxl in (False, True) for kind in ("epsilon", "v")] == \
+        ["sd_v1", "sd_v1_v", "sdxl_base_v1-0", "sdxl_base_v1-0"]

@@ -136,12 +136,18 @@ def export_(
 @app.command()
 def merge(
     adapter: Annotated[str, typer.Argument(help="Adapter: run folder, .safetensors file or hub id.")],
-    base: Annotated[str, typer.Option(help="Base pipeline: hub id, local folder or `tiny`.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the fused pipeline into.")],
+    base: Annotated[str, typer.Option(help="Base: hub id, diffusers folder, single-file checkpoint or `tiny`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the pipeline into (`diffusers`), or the "
+                                      ".safetensors file to write (`single-file`).")],
     scale: Annotated[float, typer.Option(help="Adapter strength fused into the weights.")] = 1.0,
-    dtype: Annotated[str, typer.Option(help="Precision of the written pipeline: fp32, fp16 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="Precision of the written weights: fp32, fp16 or bf16.")] = "fp32",
+    format_: Annotated[str, typer.Option("--format", help="`diffusers`: a pipeline folder (diffusers' "
+                                         "from_pretrained); `single-file`: one checkpoint in Stability's original "
+                                         "layout, what AUTOMATIC1111, Forge and ComfyUI's checkpoint loader open "
+                                         "(v-prediction bases keep their v_pred / ztsnr keys).")] = "diffusers",
 ) -> None:
-    """Write a full diffusers pipeline with the adapter fused in (no LoRA loading needed to use it)."""
+    """Write the base with the adapter fused in (no LoRA loading needed to use it): a diffusers pipeline folder, or
+    a single-file checkpoint for A1111, Forge and ComfyUI."""
     _quiet_imports()
     from lora_dpo.export import merge_adapter
     from lora_dpo.models import STORAGE_DTYPES
@@ -149,8 +155,12 @@ def merge(
     if dtype not in STORAGE_DTYPES:
         _fail(f"--dtype {dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
     with user_errors():
-        path = merge_adapter(adapter, base, scale, out, dtype)
-    typer.echo(f"wrote {path}: load it with DiffusionPipeline.from_pretrained({str(path)!r})")
+        path = merge_adapter(adapter, base, scale, out, dtype, format_)
+    if format_ == "single-file":
+        typer.echo(f"wrote {path}: put it in the tool's checkpoint folder (A1111/Forge models/Stable-diffusion, "
+                   "ComfyUI models/checkpoints)")
+    else:
+        typer.echo(f"wrote {path}: load it with DiffusionPipeline.from_pretrained({str(path)!r})")
 
 
 @app.command()

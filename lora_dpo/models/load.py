@@ -11,7 +11,13 @@ import torch
 
 from lora_dpo import hub
 from lora_dpo.models.parts import KNOWN_BASES, PREDICTION_TYPES, BaseModel, ModelError, shipped_config
-from lora_dpo.models.single_file import config_folder, is_single_file, load_single_file_parts, tokenizer_source
+from lora_dpo.models.single_file import (
+    config_folder,
+    is_single_file,
+    load_single_file_parts,
+    scheduler_overrides,
+    tokenizer_source,
+)
 from lora_dpo.models.tiny import TINY_BASES, resolve_base, tiny_unet_config
 from lora_dpo.recipe import ModelRecipe
 
@@ -36,6 +42,24 @@ def read_pipeline_json(source: str, filename: str, revision: str | None = None) 
                          "check the id, your network, or pass a local diffusers folder") from None
 
 
+def training_schedule(config: dict[str, Any], cfg: ModelRecipe, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The training scheduler's prediction type and zero-SNR setting: the base's scheduler config, then a
+    single file's marker keys (`overrides`); zero terminal SNR when the config, the file or the recipe asks."""
+    zero_snr = bool(config.get("rescale_betas_zero_snr") or overrides.get("rescale_betas_zero_snr")
+                    or cfg.rescale_betas_zero_snr)
+    return {"prediction_type": overrides.get("prediction_type", config.get("prediction_type", "epsilon")),
+            "rescale_betas_zero_snr": zero_snr}
+
+
+def base_schedule(cfg: ModelRecipe) -> dict[str, Any]:
+    """`training_schedule` of the recipe's base from its configs and header alone (no weights): what the adapter's
+    metadata says it was trained with."""
+    single = Path(cfg.base) if is_single_file(cfg.base) else None
+    source = str(config_folder(single)) if single else resolve_base(cfg.base)
+    config = read_pipeline_json(source, "scheduler/scheduler_config.json", cfg.revision)
+    return training_schedule(config, cfg, scheduler_overrides(single) if single else {})
+
+
 def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: torch.dtype = torch.float32,
               vae_dtype: torch.dtype = torch.float32, with_unet: bool = True) -> BaseModel:
     """Load the base pipeline's parts, frozen. `with_encoders=False` skips the VAE and text encoders (training
@@ -57,8 +81,9 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
     common = {"revision": cfg.revision}
     online = not (hub.is_hub_id(source) or (cfg.vae and hub.is_hub_id(cfg.vae))) or hub.prepare()
     try:
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler",
-                                                  rescale_betas_zero_snr=cfg.rescale_betas_zero_snr, **common)
+        overrides = scheduler_overrides(single) if single else {}  # the file's v_pred / ztsnr keys
+        config = DDPMScheduler.load_config(source, subfolder="scheduler", **common)
+        scheduler = DDPMScheduler.from_config(config, **training_schedule(config, cfg, overrides))
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"{source}: its scheduler predicts {scheduler.config.prediction_type!r}; lora-dpo "
                              f"trains bases that predict {' or '.join(PREDICTION_TYPES)}")
@@ -71,7 +96,7 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
                                            with_encoders=with_encoders, vae=cfg.vae is None,
                                            weight_dtype=weight_dtype, vae_dtype=vae_dtype)
             base = BaseModel(source=source, unet=parts["unet"], noise_scheduler=scheduler, is_sdxl=is_sdxl,
-                             train_timesteps=tuple(cfg.timesteps))
+                             train_timesteps=tuple(cfg.timesteps), scheduler_overrides=overrides)
             base.vae, base.text_encoders = parts["vae"], parts["text_encoders"]
             if with_encoders:
                 if cfg.vae is not None:

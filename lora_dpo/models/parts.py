@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class BaseModel:
     text_encoders: tuple[Any, ...] = ()
     tokenizers: tuple[Any, ...] = ()
     train_timesteps: tuple[int, ...] = ()  # [model].timesteps: the only timesteps training draws; (): all
+    # what a single-file base's marker keys change in every scheduler built for it, sampling too (v_pred, ztsnr)
+    scheduler_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pipeline_class(self) -> type:

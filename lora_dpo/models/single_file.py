@@ -8,11 +8,18 @@ one written from the configs shipped with lora-dpo for the architecture the file
 The shipped configs carry no tokenizer vocabulary: with the shipped folder the tokenizers come from the
 architecture's hub repo (cached after the first time); a UNet-only load (training from a latent cache) never
 needs them.
+
+The header also says what was trained into the file: ComfyUI's marker keys set the noise schedule (`v_pred`:
+v-prediction, with `ztsnr`: zero terminal SNR) for training and sampling alike, and the kinds lora-dpo cannot
+train (EDM such as Playground v2.5, the SDXL refiner, inpainting, SD 2.x) are refused by name instead of being
+trained as epsilon SDXL.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +28,16 @@ import torch
 from lora_dpo.files import cache_home
 from lora_dpo.models.parts import ModelError, shipped_config
 
+log = logging.getLogger(__name__)
+
 SUFFIX = ".safetensors"  # pickled .ckpt files can run code when loaded: not read
 UNET_PREFIX = "model.diffusion_model."  # every original-layout checkpoint keeps its UNet here
 # SDXL has a second (OpenCLIP bigG) text encoder at embedders.1 and a pooled/size embedding in its UNet.
 SDXL_MARKERS = ("conditioner.embedders.1.", UNET_PREFIX + "label_emb.")
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"  # (320, 4, 3, 3); 9 input channels: an inpainting UNet
+REFINER_MARKER = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP-bigG alone, as the first embedder
+EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")  # Playground v2.5, EDM v-pred
+V_PRED, ZTSNR = "v_pred", "ztsnr"  # v-prediction and zero-terminal-SNR marker keys (empty tensors)
 # Where the tokenizers of a shipped-config folder come from (the vocabulary is not shipped).
 TOKENIZER_REPOS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
                    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
@@ -36,28 +49,77 @@ def is_single_file(name: str) -> bool:
     return name.endswith(SUFFIX) and Path(name).is_file()
 
 
-def _keys(path: Path) -> list[str]:
+def _header(path: Path) -> tuple[list[str], list[int] | None]:
+    """The checkpoint's key names and its UNet's input convolution shape, from the header (no tensor is read)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
-            return list(handle.keys())
+            keys = list(handle.keys())
+            conv_in = handle.get_slice(CONV_IN).get_shape() if CONV_IN in keys else None
     except (SafetensorError, OSError) as err:
         raise ModelError(f"[model].base = {str(path)!r}: not a readable safetensors file ({err})") from None
+    return keys, conv_in
+
+
+def _refusal(keys: list[str], conv_in: list[int] | None) -> str | None:
+    """What kind of checkpoint this is when lora-dpo cannot train it (the kinds ComfyUI's `supported_models.py`
+    and diffusers' `infer_diffusers_model_type` tell apart by the same keys), or None."""
+    edm = [k for k in EDM_KEYS if k in keys]
+    if edm:
+        return (f"an EDM checkpoint (its {', '.join(edm)} keys: Playground v2.5 or an EDM fine-tune), sampled on a "
+                "continuous EDM schedule, not a DDPM one")
+    if any(k.startswith(REFINER_MARKER) for k in keys):
+        return f"an SDXL refiner ({REFINER_MARKER}*: OpenCLIP alone, no CLIP ViT-L)"
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        kind = "an inpainting checkpoint" if conv_in[1] == 9 else "not a text-to-image checkpoint"
+        return f"{kind} (its UNet takes {conv_in[1]} input channels, {CONV_IN}; text-to-image takes 4)"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP-H alone: SD 2.x
+        return "an SD 2.x checkpoint (cond_stage_model.model.*: OpenCLIP-H)"
+    return None
 
 
 def single_file_arch(path: Path) -> str:
-    """`sdxl` or `sd15`, from the checkpoint's key names alone (its header: no tensor is read)."""
-    keys = _keys(path)
+    """`sdxl` or `sd15`, from the checkpoint's header alone; a checkpoint of another kind is refused by name."""
+    keys, conv_in = _header(path)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelError(f"[model].base = {str(path)!r}: no {UNET_PREFIX}* keys: not a Stable Diffusion checkpoint "
                          "in the original single-file layout (an adapter, a lone UNet or VAE?); pass a full "
                          "checkpoint or a diffusers folder")
-    if any(k.startswith(SDXL_MARKERS) for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP-H alone: SD 2.x
-        raise ModelError(f"[model].base = {str(path)!r}: an SD 2.x checkpoint; lora-dpo trains SDXL and SD 1.5")
-    return "sd15"
+    refusal = _refusal(keys, conv_in)
+    if refusal:
+        raise ModelError(f"[model].base = {str(path)!r}: {refusal}; lora-dpo trains SD 1.5 and SDXL base "
+                         "text-to-image checkpoints (epsilon or v-prediction): pass one of those")
+    return "sdxl" if any(k.startswith(SDXL_MARKERS) for k in keys) else "sd15"
+
+
+def scheduler_overrides(path: Path) -> dict[str, Any]:
+    """What the checkpoint's marker keys say about its noise schedule, as diffusers scheduler settings: `v_pred`
+    -> v-prediction and, beside it, `ztsnr` -> zero terminal SNR; {} for an epsilon checkpoint. These are the keys
+    ComfyUI reads and writes (`supported_models.py` SDXL.model_type; its checkpoint save): `ztsnr` counts there
+    only beside `v_pred`, so a lone one is ignored here too, with a warning."""
+    keys = set(_header(path)[0])
+    if V_PRED not in keys:
+        if ZTSNR in keys:
+            log.warning("%s: a %r key without %r: trained as epsilon on the usual schedule, as ComfyUI samples it",
+                        path, ZTSNR, V_PRED)
+        return {}
+    return {"prediction_type": "v_prediction", **({"rescale_betas_zero_snr": True} if ZTSNR in keys else {})}
+
+
+def inference_scheduler(config: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """The base's sampling scheduler (its class and config) with a checkpoint's `scheduler_overrides`. Zero
+    terminal SNR samples from the last timestep ("trailing" spacing, Lin et al. 2024) with a scheduler that can
+    rescale its betas (Euler when the configured one, e.g. PNDM, cannot)."""
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"])
+    settings = dict(overrides)
+    if overrides.get("rescale_betas_zero_snr"):
+        settings["timestep_spacing"] = "trailing"
+        if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+            cls = diffusers.EulerDiscreteScheduler
+    return cls.from_config(config, **settings)
 
 
 def shipped_config_folder(arch: str) -> Path:
@@ -86,9 +148,10 @@ def shipped_config_folder(arch: str) -> Path:
 def config_folder(path: Path) -> Path:
     """The diffusers config folder for a single-file base: its own folder when that holds a `model_index.json`
     (a custom architecture), else the shipped one for the architecture its keys show."""
+    arch = single_file_arch(path)  # refuses the kinds lora-dpo cannot train, whatever configs lie beside it
     if (path.parent / "model_index.json").is_file():
         return path.parent
-    return shipped_config_folder(single_file_arch(path))
+    return shipped_config_folder(arch)
 
 
 def tokenizer_source(path: Path, folder: Path) -> str:
@@ -145,7 +208,8 @@ def single_file_pipeline(path: Path, dtype: torch.dtype) -> Any:
     components: dict[str, Any] = {f"tokenizer{n}": CLIPTokenizer.from_pretrained(where, subfolder=f"tokenizer{n}")
                                   for n in names}
     components |= {f"text_encoder{n}": encoder for n, encoder in zip(names, parts["text_encoders"], strict=True)}
-    scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(str(folder), subfolder="scheduler")
+    config = getattr(diffusers, index["scheduler"][1]).load_config(str(folder), subfolder="scheduler")
+    scheduler = inference_scheduler(config, scheduler_overrides(path))
     if not sdxl:  # a training base: no safety checker, as the diffusers folders lora-dpo writes
         components |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     pipeline_class = getattr(diffusers, index["_class_name"])

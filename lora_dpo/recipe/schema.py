@@ -75,7 +75,9 @@ class ModelRecipe:
     rescale_betas_zero_snr: bool = _f(
         False,
         "Rescale the training noise schedule to zero terminal SNR (Lin et al. 2024): the last timestep is pure "
-        "noise. For bases trained that way; the DPO reference scripts do not use it for SDXL-Turbo.",
+        "noise. The DPO reference scripts train SDXL-Turbo so (diffusers' `--is_turbo`, the official code for a "
+        "turbo base: `enforce_zero_terminal_snr`); also for bases trained that way. On by itself for a base whose "
+        "scheduler config sets it, or a single file with ComfyUI's `v_pred` and `ztsnr` keys.",
     )
     quantize: Literal["none", "nf4"] = _f(
         "none",

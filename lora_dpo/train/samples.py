@@ -29,13 +29,14 @@ def default_sample_prompts(prompts: Sequence[str], n: int = DEFAULT_SAMPLE_PROMP
 
 def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None = None) -> Any:
     """A stock pipeline around parts already in memory (no second UNet): the base's VAE, encoders and
-    tokenizers, the given UNet, and a fresh instance of the base's own inference scheduler."""
+    tokenizers, the given UNet, and a fresh instance of the base's own inference scheduler (with what a single-file
+    base's marker keys change in it)."""
     import diffusers
 
     if base.vae is None or not base.text_encoders:
         raise EvalError("[sample].every needs the base's VAE and text encoders in memory")
     config = type(base.noise_scheduler).load_config(base.source, subfolder="scheduler", revision=revision)
-    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    scheduler = models.inference_scheduler(config, base.scheduler_overrides)  # a v_pred file samples as v_pred
     parts = {"vae": base.vae, "unet": unet, "scheduler": scheduler}
     if base.is_sdxl:
         pipe = diffusers.StableDiffusionXLPipeline(

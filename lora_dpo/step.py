@@ -392,11 +392,12 @@ def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch
                stop_requested: bool = False) -> TrainStep:
     """One micro-step as training runs it, and as `lora-dpo bench` times it: the DPO step, backward, and on an
     accumulation boundary clipping, one host sync, and the optimizer step unless the loss or the gradient norm
-    was NaN/Inf on some process. fp16's loss scaler skips overflowing steps itself (so its optimizer.step() is
-    always called: that is where the scale is lowered). DeepSpeed steps inside `backward` (its optimizer.step()
-    does nothing) and skips a step with NaN/Inf gradients itself: its `step_was_skipped` says whether the update
-    reached the weights, and its clip_grad_norm_ returns the pre-clip norm, inf for a skipped step (fp16 under
-    DeepSpeed: its own loss scaler, untested here: the CPU runs no fp16)."""
+    was NaN/Inf on some process: `applied` says whether the update reached the weights. Under fp16's loss scaler
+    only the loss decides: the scaler skips a step with Inf gradients itself (its routine, not a bad step); a step
+    with a NaN/Inf loss (its gradients may be finite) is not stepped, and the scale is lowered as the scaler would.
+    DeepSpeed steps inside `backward` (its optimizer.step() does nothing) and skips a step with NaN/Inf gradients
+    itself: its `step_was_skipped` says whether the update reached the weights, and its clip_grad_norm_ returns the
+    pre-clip norm, inf for a skipped step (fp16 under DeepSpeed: its own loss scaler, untested here)."""
     with accelerator.accumulate(unet):
         out = dpo_step(unet, base, batch, objective, generator)
         accelerator.backward(out.loss)
@@ -410,8 +411,12 @@ def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch
         norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)  # inf: only measure the norm
         healthy = finite if scaled else finite & _finite_norm(norm, out.loss.device)
         ok, stopping = guards.step_flags(accelerator, healthy, stop_requested)
-        if ok or scaled:
+        if ok:
             optimizer.step()
+        elif accelerator.scaler is not None:  # the scale lowered as the scaler lowers it for a step it skips: x the
+            scaler = accelerator.scaler       # backoff factor, its count of good steps towards growing it back to 0
+            scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())  # also clears unscale_'s state
+            scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 0})
         if deepspeed:  # the step happened in backward; only DeepSpeed knows if it was applied
             applied = not optimizer.step_was_skipped
             if applied and not ok:

@@ -77,6 +77,25 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
 
 
+def use_deterministic_kernels(on: bool) -> None:
+    """[train].deterministic: torch's deterministic kernels (an op without one raises, naming itself), cuDNN's with
+    no benchmarking (it may pick another algorithm each run), and what cuBLAS needs, read once, at its first use in the
+    process. Off: torch's defaults (a process may train more than once)."""
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if on and workspace not in (None, ":4096:8", ":16:8"):
+        raise RecipeError(f"[train].deterministic = true: CUBLAS_WORKSPACE_CONFIG={workspace} leaves cuBLAS "
+                          "nondeterministic: unset it (lora-dpo sets :4096:8) or set :4096:8 or :16:8")
+    if on and workspace is None and torch.cuda.is_initialized():
+        raise RecipeError("[train].deterministic = true: this process used CUDA before CUBLAS_WORKSPACE_CONFIG could "
+                          "be set (cuBLAS reads it once): set CUBLAS_WORKSPACE_CONFIG=:4096:8 before it starts, or "
+                          "train in a new process")
+    if on:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace or ":4096:8"
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+
+
 # --------------------------------------------------------------------------------------------------
 # The policy: the frozen UNet made trainable the one way the trainer does it
 

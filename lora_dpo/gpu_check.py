@@ -8,7 +8,9 @@ On the SDXL architecture with random weights (no download), at 1024 px, with the
   c) a checkpoint of the 8-bit optimizer state, loaded into a fresh optimizer: one more step from both must
      leave the adapter bit for bit the same;
   d) one fp16 step with loss scaling (accelerate's GradScaler): the loss is finite, the scaler's scale;
-  e) one step on a 4-bit NF4 base: its peak memory beside the plan's.
+  e) one step on a 4-bit NF4 base: its peak memory beside the plan's;
+  f) resume bit-exactness with [train].deterministic off and on: a step from a checkpoint against the same step
+     uninterrupted, its gradients computed again.
 
 Every item catches its own failure (out of memory, an error) and records it, so one does not hide the others.
 Without CUDA the same code runs on the tiny base at 64 px with the same recipe settings (nothing is swapped
@@ -22,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import os
 import resource
 import tempfile
 import time
@@ -35,6 +38,7 @@ import torch
 
 from lora_dpo import bench, checkpoint, models, plan
 from lora_dpo.recipe import Recipe, RecipeError
+from lora_dpo.seeds import dropout_seed, noise_generators
 from lora_dpo.step import (
     build_policy,
     dpo_step,
@@ -44,6 +48,7 @@ from lora_dpo.step import (
     resolve_precision,
     train_step,
     unwrap,
+    use_deterministic_kernels,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +79,7 @@ class Check:
     reserved_ratio: float | None = None
     loss: float | None = None
     loss_scale: float | None = None  # d) the GradScaler's scale after the step
-    bit_identical: bool | None = None  # c) resumed and uninterrupted adapters equal bit for bit
+    bit_identical: bool | None = None  # c, f) resumed and uninterrupted adapters equal bit for bit
     seconds: float | None = None  # wall time of the whole item, building the model included
     notes: str = ""
 
@@ -161,53 +166,72 @@ def check_step(suite: Suite, item: str, checkpointing: bool) -> Check:
     return _beside_plan(check, recipe)
 
 
+def _trainable(suite: Suite, item: str, recipe: Recipe, accelerator: Any) -> tuple[Any, Any, list[Any], Any]:
+    """The suite's base as the trainer's policy with gradient checkpointing (the smallest step: items c and f test
+    state, not speed), prepared, its LoRA parameters and one random batch: (base, unet, parameters, batch)."""
+    device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
+    bench._set_memory_cap(device, suite.max_memory_gb)
+    base = bench.build_base(suite.arch, bench.Case(item, recipe, suite.resolution), weight_dtype, device)
+    build_policy(base.unet, recipe.lora, recipe.train.seed, precision=accelerator.mixed_precision,
+                 quantize=recipe.model.quantize, device=device, checkpointing=True)
+    unet = accelerator.prepare(base.unet)
+    inner = unwrap(unet)
+    batch = random_batch(inner.config, recipe.train.batch_size, suite.resolution, device, weight_dtype,
+                         torch.Generator().manual_seed(recipe.train.seed))
+    unet.train()
+    return base, unet, models.lora_parameters(inner), batch
+
+
+def _save_and_load(folder: Path, inner: Any, optimizer: Any, recipe: Recipe) -> tuple[dict[str, Any], tuple]:
+    """A checkpoint at step 2 through `lora_dpo.checkpoint`, read back: (the adapter saved, what was read)."""
+    from diffusers.optimization import get_scheduler
+    from peft.utils import get_peft_model_state_dict
+
+    saved = {k: v.detach().clone() for k, v in get_peft_model_state_dict(inner).items()}
+    path = checkpoint.save_checkpoint(folder, 2, saved, optimizer, get_scheduler("constant", optimizer),
+                                      {"micro_steps": 2, "history": [], "fingerprint": recipe.fingerprint()})
+    return saved, (*checkpoint.load_checkpoint(path), path)
+
+
+def _resume(accelerator: Any, recipe: Recipe, inner: Any, params: list[Any], loaded: tuple) -> Any:
+    """What `_save_and_load` read, resumed: its adapter in the UNet, a fresh optimizer restored from its state."""
+    from diffusers.optimization import get_scheduler
+    from peft.utils import set_peft_model_state_dict
+
+    lora, optimizer_state, state, path = loaded
+    set_peft_model_state_dict(inner, lora)
+    fresh = accelerator.prepare(make_optimizer(recipe.train, params, accelerator.device))
+    checkpoint.restore_optimizer(fresh, get_scheduler("constant", fresh), optimizer_state, state, path)
+    return fresh
+
+
 def check_resume(suite: Suite, item: str) -> Check:
     """c): train two steps, save a checkpoint, load it into a fresh optimizer, take one more step from both.
     Both optimizers step on the same gradients, computed once: the comparison then tests the saved state, not
-    whether the GPU's kernels are deterministic (some attention and convolution backward kernels are not)."""
-    from diffusers.optimization import get_scheduler
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-
-    recipe = suite.recipe_with(train__gradient_checkpointing=True)  # the smallest step: the point is the state
+    whether the GPU's kernels are deterministic (some attention and convolution backward kernels are not: item f)."""
+    recipe = suite.recipe_with(train__gradient_checkpointing=True)
     accelerator = _accelerator(recipe)
-    device, weight_dtype = accelerator.device, models.DTYPES[accelerator.mixed_precision]
-    bench._set_memory_cap(device, suite.max_memory_gb)
     base = None
     try:
-        base = bench.build_base(suite.arch, bench.Case(item, recipe, suite.resolution), weight_dtype, device)
-        build_policy(base.unet, recipe.lora, recipe.train.seed, precision=accelerator.mixed_precision,
-                     quantize=recipe.model.quantize, device=device, checkpointing=True)
-        optimizer = make_optimizer(recipe.train, models.lora_parameters(base.unet), device)
-        unet, optimizer = accelerator.prepare(base.unet, optimizer)
-        inner = unwrap(unet)
-        params = models.lora_parameters(inner)
-        scheduler = get_scheduler("constant", optimizer)
-        generator = torch.Generator().manual_seed(recipe.train.seed)
-        batch = random_batch(inner.config, recipe.train.batch_size, suite.resolution, device, weight_dtype,
-                                   generator)
-        noise = torch.Generator(device).manual_seed(recipe.train.seed)
-        unet.train()
+        base, unet, params, batch = _trainable(suite, item, recipe, accelerator)
+        optimizer = accelerator.prepare(make_optimizer(recipe.train, params, accelerator.device))
+        noise = torch.Generator(accelerator.device).manual_seed(recipe.train.seed)
         for _ in range(2):  # the first step creates the state, the second updates it
             out = train_step(accelerator, unet, base, batch, recipe.objective, recipe.train.max_grad_norm, noise,
                              optimizer, params).output
-        saved = {k: v.detach().clone() for k, v in get_peft_model_state_dict(inner).items()}
         with tempfile.TemporaryDirectory() as tmp:
-            path = checkpoint.save_checkpoint(Path(tmp), 2, saved, optimizer, scheduler,
-                                              {"micro_steps": 2, "history": [], "fingerprint": recipe.fingerprint()})
-            lora, optimizer_state, state = checkpoint.load_checkpoint(path)
+            saved, loaded = _save_and_load(Path(tmp), unwrap(unet), optimizer, recipe)
             # the uninterrupted run: one more step on fresh gradients
             accelerator.backward(dpo_step(unet, base, batch, recipe.objective, noise).loss)
             grads = [p.grad.detach().clone() for p in params]
             optimizer.step()
             continued = [p.detach().clone() for p in params]
             # the resumed run: the saved adapter, a fresh optimizer with the saved state, the same gradients
-            set_peft_model_state_dict(inner, lora)
-            fresh = accelerator.prepare(make_optimizer(recipe.train, params, device))
-            checkpoint.restore_optimizer(fresh, get_scheduler("constant", fresh), optimizer_state, state, path)
+            fresh = _resume(accelerator, recipe, unwrap(unet), params, loaded)
             for param, grad in zip(params, grads, strict=True):
                 param.grad = grad
             fresh.step()
+        lora, optimizer_state = loaded[:2]
         adapter_same = saved.keys() == lora.keys() and all(torch.equal(saved[k].cpu(), lora[k]) for k in saved)
         step_same = all(torch.equal(a, p) for a, p in zip(continued, params, strict=True))
         status = ("pass" if adapter_same and step_same else
@@ -220,6 +244,53 @@ def check_resume(suite: Suite, item: str) -> Check:
     finally:
         accelerator.free_memory()
         del base
+
+
+def check_deterministic(suite: Suite, item: str) -> Check:
+    """f): resume bit-exactness with [train].deterministic off, then on. From the seeded adapter: two steps, a
+    checkpoint, a third step; then the checkpoint's adapter and optimizer state back and the third step again, with
+    the trainer's draws for it. Unlike c, the gradients are computed again: only kernels that are not deterministic
+    (or a checkpoint that loses state) can make the two adapters differ. cuBLAS reads its workspace setting once:
+    `run_suite` sets it before the first item."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    recipe = suite.recipe_with(train__gradient_checkpointing=True)
+    accelerator = _accelerator(recipe)
+    train, device = recipe.train, accelerator.device
+    same: dict[bool, bool] = {}
+    try:
+        base, unet, params, batch = _trainable(suite, item, recipe, accelerator)
+        inner = unwrap(unet)
+        initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(inner).items()}
+
+        def step(optimizer: Any, micro_step: int) -> Any:  # as the trainer takes it: its dropout, its noise
+            first = micro_step * train.batch_size  # one process: the micro-batch's first pair in the run's draws
+            torch.manual_seed(dropout_seed(train.seed, first, train.batch_size))
+            noise = noise_generators(train.seed, first, train.batch_size, device)
+            return train_step(accelerator, unet, base, batch, recipe.objective, train.max_grad_norm, noise,
+                              optimizer, params).output
+
+        for on in (False, True):
+            use_deterministic_kernels(on)
+            set_peft_model_state_dict(inner, initial)
+            optimizer = accelerator.prepare(make_optimizer(train, params, device))
+            for micro_step in range(2):
+                step(optimizer, micro_step)
+            with tempfile.TemporaryDirectory() as tmp:
+                _, loaded = _save_and_load(Path(tmp), inner, optimizer, recipe)
+                step(optimizer, 2)
+                continued = [p.detach().clone() for p in params]
+                out = step(_resume(accelerator, recipe, inner, params, loaded), 2)
+            same[on] = all(torch.equal(a, p) for a, p in zip(continued, params, strict=True))
+    finally:
+        use_deterministic_kernels(False)
+        accelerator.free_memory()
+    status = "pass" if same[True] else "fail: with [train].deterministic = true the resumed adapter differs"
+    ran = type(optimizer.optimizer).__name__
+    notes = [_swap_note(recipe, ran)] + [f"deterministic {'on' if on else 'off'}: "
+                                         f"{'bit-identical' if same[on] else 'differs'}" for on in (False, True)]
+    return Check(item, status, ran, accelerator.mixed_precision, True, loss=float(out.metrics["loss"]),
+                 bit_identical=same[True], notes="; ".join(n for n in notes if n))
 
 
 def check_fp16(suite: Suite, item: str) -> Check:
@@ -252,6 +323,7 @@ ITEMS: tuple[tuple[str, Callable[[Suite, str], Check]], ...] = (
     ("c checkpoint + resume of the optimizer state", check_resume),
     ("d fp16 + loss scaling, one step", check_fp16),
     ("e NF4 base, one step", check_nf4),
+    ("f resume bit-exactness, [train].deterministic off and on", check_deterministic),
 )
 
 
@@ -292,6 +364,8 @@ def run_suite(arch: str, recipe: Recipe, resolution: int | None = None, steps: i
     resolution = resolution or bench.NATIVE_RESOLUTIONS[arch][0]
     suite = Suite(arch, suite_recipe(recipe, arch, resolution), resolution, steps, warmup, max_memory_gb)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # cuBLAS reads its workspace setting once, at its first use: set before any item, for item f's deterministic half
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     started = time.perf_counter()
     checks = [_run(suite, item, check, device) for item, check in ITEMS]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux reports KiB

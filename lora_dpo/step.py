@@ -1,7 +1,7 @@
 """One Diffusion-DPO training step: the one piece of code the trainer, the benchmark and the memory planner all
 run, with everything it needs built here once: the accelerator and its precision, the policy (the frozen UNet
 with LoRA, as the trainer builds it, on real or fake weights), the optimizer, the batch structures (and random
-batches of the right shapes), the seeding scheme, the recipe-to-loss mapping, and the micro-step with
+batches of the right shapes), the recipe-to-loss mapping, and the micro-step with
 accumulation, clipping and the NaN/Inf guard.
 
 Shapes: B pairs; latents (B, C, h, w); the policy sees winners and losers stacked as 2B, with the same noise
@@ -29,6 +29,7 @@ from lora_dpo.models import BaseModel, adapters_disabled, encode_images, encode_
 from lora_dpo.objectives import OBJECTIVES, dpo_logits, error_accuracy, implicit_reward_accuracy, mapo_loss, sft_loss
 from lora_dpo.recipe import LoraRecipe, ObjectiveRecipe, RecipeError, TrainRecipe
 from lora_dpo.saved_casts import CompactSavedCasts
+from lora_dpo.seeds import lora_init_seed
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,25 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
 
 
+def use_deterministic_kernels(on: bool) -> None:
+    """[train].deterministic: torch's deterministic kernels (an op without one raises, naming itself), cuDNN's with
+    no benchmarking (it may pick another algorithm each run), and what cuBLAS needs, read once, at its first use in the
+    process. Off: torch's defaults (a process may train more than once)."""
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if on and workspace not in (None, ":4096:8", ":16:8"):
+        raise RecipeError(f"[train].deterministic = true: CUBLAS_WORKSPACE_CONFIG={workspace} leaves cuBLAS "
+                          "nondeterministic: unset it (lora-dpo sets :4096:8) or set :4096:8 or :16:8")
+    if on and workspace is None and torch.cuda.is_initialized():
+        raise RecipeError("[train].deterministic = true: this process used CUDA before CUBLAS_WORKSPACE_CONFIG could "
+                          "be set (cuBLAS reads it once): set CUBLAS_WORKSPACE_CONFIG=:4096:8 before it starts, or "
+                          "train in a new process")
+    if on:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace or ":4096:8"
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+
+
 # --------------------------------------------------------------------------------------------------
 # The policy: the frozen UNet made trainable the one way the trainer does it
 
@@ -114,42 +134,6 @@ def make_optimizer(cfg: TrainRecipe, params: list[torch.nn.Parameter], device: t
     # fused: one kernel for all the adapter tensors (hundreds of small ones) instead of a loop over them;
     # measured 15x faster on the CPU, where it was 6 % of the tiny model's step
     return torch.optim.AdamW(params, **kwargs, fused=True if device.type in ("cpu", "cuda") else None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Seeds: every random draw of a run is keyed by (seed, where it happens), so a resumed run, and P processes
-# against one, draw what an uninterrupted single-process run would, with no RNG state in the checkpoint.
-# (Data draws: crops, flips and caption dropout are keyed by (seed, draw) in `data`.)
-
-
-def lora_init_seed(seed: int) -> int:
-    """torch's global RNG when the adapters are created (lora_A's init)."""
-    return seed
-
-
-def dropout_seed(seed: int, first_pair: int, batch_size: int) -> int:
-    """torch's global RNG for the micro-batch whose first pair is `first_pair` (LoRA dropout), a stream of its own.
-    Keyed by the micro-batch's place in the run's stream of batches, so a resume draws what the run would have."""
-    return 2**63 + seed * 1_000_003 + first_pair // batch_size
-
-
-def first_pair(pairs_before: int, micro_step: int, processes: int, rank: int, batch_size: int) -> int:
-    """The place, in the run's stream of draws, of the first pair of micro-batch `micro_step` (counted from where
-    this process started) on process `rank`: accelerate deals process r the batches r, r + P, r + 2P, ... of the
-    stream, each of `batch_size` pairs; `pairs_before` were consumed before this process started (a resume)."""
-    return pairs_before + (micro_step * processes + rank) * batch_size
-
-
-def noise_generators(seed: int, first: int, pairs: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per pair, seeded by (seed, the pair's place in the run's stream of draws: `first` + i). The
-    place does not depend on the launch: a resumed run, a resume on another number of processes, and P processes
-    x batch B against one process x batch P * B all draw the same noise and timestep for the same pair."""
-    return [torch.Generator(device).manual_seed((seed << 32) + first + i) for i in range(pairs)]
-
-
-def validation_generator(seed: int, batch_index: int, device: torch.device) -> torch.Generator:
-    """The same noise for held-out batch i at every evaluation, so the curve moves with the weights only."""
-    return torch.Generator(device).manual_seed(seed + 7919 * batch_index)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,11 +385,12 @@ def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch
                stop_requested: bool = False) -> TrainStep:
     """One micro-step as training runs it, and as `lora-dpo bench` times it: the DPO step, backward, and on an
     accumulation boundary clipping, one host sync, and the optimizer step unless the loss or the gradient norm
-    was NaN/Inf on some process. fp16's loss scaler skips overflowing steps itself (so its optimizer.step() is
-    always called: that is where the scale is lowered). DeepSpeed steps inside `backward` (its optimizer.step()
-    does nothing) and skips a step with NaN/Inf gradients itself: its `step_was_skipped` says whether the update
-    reached the weights, and its clip_grad_norm_ returns the pre-clip norm, inf for a skipped step (fp16 under
-    DeepSpeed: its own loss scaler, untested here: the CPU runs no fp16)."""
+    was NaN/Inf on some process: `applied` says whether the update reached the weights. Under fp16's loss scaler
+    only the loss decides: the scaler skips a step with Inf gradients itself (its routine, not a bad step); a step
+    with a NaN/Inf loss (its gradients may be finite) is not stepped, and the scale is lowered as the scaler would.
+    DeepSpeed steps inside `backward` (its optimizer.step() does nothing) and skips a step with NaN/Inf gradients
+    itself: its `step_was_skipped` says whether the update reached the weights, and its clip_grad_norm_ returns the
+    pre-clip norm, inf for a skipped step (fp16 under DeepSpeed: its own loss scaler, untested here)."""
     with accelerator.accumulate(unet):
         out = dpo_step(unet, base, batch, objective, generator)
         accelerator.backward(out.loss)
@@ -419,8 +404,12 @@ def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch
         norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)  # inf: only measure the norm
         healthy = finite if scaled else finite & _finite_norm(norm, out.loss.device)
         ok, stopping = guards.step_flags(accelerator, healthy, stop_requested)
-        if ok or scaled:
+        if ok:
             optimizer.step()
+        elif accelerator.scaler is not None:  # the scale lowered as the scaler lowers it for a step it skips: x the
+            scaler = accelerator.scaler       # backoff factor, its count of good steps towards growing it back to 0
+            scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())  # also clears unscale_'s state
+            scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 0})
         if deepspeed:  # the step happened in backward; only DeepSpeed knows if it was applied
             applied = not optimizer.step_was_skipped
             if applied and not ok:

@@ -121,7 +121,7 @@ def test_gpu_suite_runs_its_plumbing_on_the_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     items = {item["item"].split(" ")[0]: item for item in report["items"]}
-    assert list(items) == ["a1", "a2", "c", "d", "e"] and report["suite"] == "gpu"
+    assert list(items) == ["a1", "a2", "c", "d", "e", "f"] and report["suite"] == "gpu"
     assert all(STATUS.match(item["status"]) for item in items.values()), [i["status"] for i in items.values()]
     assert report["settings"]["arch"] == "tiny" and report["settings"]["resolution"] == 64
     for name, checkpointing in (("a1", False), ("a2", True)):
@@ -130,11 +130,12 @@ def test_gpu_suite_runs_its_plumbing_on_the_cpu(tmp_path: Path) -> None:
         assert step["optimizer"] and step["seconds_per_step"] > 0 and 0 < step["overhead"] < 50
         assert step["planned_allocated_gib"] > 0 and step["peak_allocated_gib"] is None  # the CPU has no stats
     assert items["a2"]["planned_allocated_gib"] < items["a1"]["planned_allocated_gib"]  # checkpointing saves memory
-    assert all(items[name]["optimizer"] == "AdamW8bit" for name in ("a1", "a2", "c", "e"))  # never swapped
-    assert items["c"]["status"] == "pass" and items["e"]["status"] == "ok"
+    assert all(items[name]["optimizer"] == "AdamW8bit" for name in ("a1", "a2", "c", "e", "f"))  # never swapped
+    assert items["c"]["status"] == "pass" and items["e"]["status"] == "ok" and items["f"]["status"] == "pass"
+    assert "deterministic off: bit-identical; deterministic on: bit-identical" in items["f"]["notes"]
     assert '[train].mixed_precision = "fp16"' in items["d"]["status"]  # refused by name on the CPU, not faked
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| item | status |") and len(rows) == 6, result.stdout
+    assert rows[0].startswith("| item | status |") and len(rows) == 7, result.stdout
     assert "n/a (CPU)" in rows[1]
     assert all(item["status"] in row for item, row in zip(report["items"], rows[1:], strict=True))
     assert f"wrote {out}" in result.stdout

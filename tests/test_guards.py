@@ -69,6 +69,40 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(tiny_recipe, tmp_path:
     assert [line.get("skipped_steps", 0) for line in lines] == [0, 1, 1]
 
 
+def test_under_the_loss_scaler_a_step_with_an_inf_loss_is_skipped_and_counted(tiny_recipe, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 with accelerate's GradScaler and autocast, as accelerate sets them up on a GPU (on the CPU it makes
+    neither): step 2's reference overflows on one loser image, so its loss is inf while its gradients are finite
+    (the scaler alone would apply it). The run skips it as any bad step: the adapter unchanged, one skipped step
+    counted, the LR schedule held back, the scale lowered once."""
+    from lora_dpo import step
+
+    make_accelerator = step.make_accelerator
+
+    def fp16_with_scaler(precision: str, **kwargs):
+        accelerator = make_accelerator("fp16", **kwargs)
+        accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        return accelerator
+
+    monkeypatch.setattr(step, "make_accelerator", fp16_with_scaler)
+    run = setup(tiny_recipe(data={"val_pairs": 0}, train={"max_steps": 3, "log_every": 1}), tmp_path)
+    seen = {}  # the adapter as each step's reference pass (its first) found it
+
+    def reference_overflows(module, args, output) -> None:
+        if torch.is_inference_mode_enabled():
+            seen[len(seen) + 1] = _lora(run)
+            if len(seen) == 2:
+                output.sample[-1] = float("inf")  # the last loser image's prediction
+
+    run.accelerator.unwrap_model(run.unet).register_forward_hook(reference_overflows)
+    summary = fit(run)
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 3
+    assert all(torch.equal(seen[3][k], seen[2][k]) for k in seen[2])  # step 2 was skipped: nothing changed
+    assert not all(torch.equal(seen[2][k], seen[1][k]) for k in seen[1])  # step 1 was taken
+    assert {int(s["step"]) for s in run.optimizer.state.values()} == {2}  # AdamW stepped on steps 1 and 3 only
+    assert run.lr_scheduler.last_epoch == 2
+    assert run.accelerator.scaler.get_scale() == 2.0**9
+
 def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_recipe, tmp_path: Path) -> None:
     recipe_ = tiny_recipe(data={"val_pairs": 0}, train={"max_steps": 8, "checkpoint_every": 1, "max_bad_steps": 3})
     run = setup(recipe_, tmp_path)

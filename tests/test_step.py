@@ -187,3 +187,57 @@ def test_a_distilled_base_draws_only_its_own_timesteps() -> None:
     base.train_timesteps = ()
     _, anywhere = sample_noise(base, latents, torch.Generator().manual_seed(0))
     assert not set(anywhere.tolist()) <= set(turbo) and int(anywhere.max()) < 1000
+
+
+def test_a_step_the_trainer_skips_is_not_applied_under_the_loss_scaler(tiny_base_dir: Path) -> None:
+    """fp16: the reference overflows on one loser image (its error inf, so the loss is inf) while the policy's
+    gradients stay finite. The loss scaler sees finite gradients and would apply the step; the trainer counts it as
+    bad (healthy and applied False: the loop holds the LR schedule back and counts one bad step), so the adapter
+    must not move, and the scale goes down as for an overflow, its count towards growing back restarted. accelerate's
+    real fp16 path on the CPU: the GradScaler and native autocast it sets up for fp16 on a GPU, given before
+    `prepare`, so backward scales, clip_grad_norm_ unscales and the AcceleratedOptimizer steps through it."""
+    from lora_dpo import models
+    from lora_dpo.recipe import LoraRecipe, ModelRecipe, TrainRecipe
+    from lora_dpo.step import build_policy, make_accelerator, make_optimizer, random_batch, train_step, unwrap
+
+    accelerator = make_accelerator("fp16")  # on the CPU accelerate makes no scaler and no fp16 autocast: given here
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    accelerator.native_amp, accelerator.scaler = True, scaler
+    base = models.load_base(ModelRecipe(base=str(tiny_base_dir)), with_encoders=False, weight_dtype=torch.float16)
+    build_policy(base.unet, LoraRecipe(), seed=0, precision="fp16")
+    optimizer = make_optimizer(TrainRecipe(optimizer="adamw", learning_rate=1e-3),
+                               models.lora_parameters(base.unet), accelerator.device)
+    unet, optimizer = accelerator.prepare(base.unet, optimizer)
+    params = models.lora_parameters(unwrap(unet))
+    pairs = 2
+    batch = random_batch(unwrap(unet).config, pairs, 64, "cpu", torch.float16, torch.Generator().manual_seed(0))
+    overflow, grads_finite = [False], []
+
+    def reference_overflows(module: torch.nn.Module, args: tuple, output) -> None:
+        if overflow[0] and torch.is_inference_mode_enabled():  # the reference pass: winners, then losers
+            output.sample[pairs] = float("inf")  # the first loser image's prediction, (C, h, w)
+
+    unwrap(unet).register_forward_hook(reference_overflows)
+    for param in params:  # the scaled gradients as backward leaves them, before the step clears them
+        param.register_post_accumulate_grad_hook(lambda p: grads_finite.append(bool(torch.isfinite(p.grad).all())))
+
+    def step() -> tuple:
+        grads_finite.clear()
+        before = [p.detach().clone() for p in params]
+        result = train_step(accelerator, unet, base, batch, ObjectiveRecipe(), 1.0, torch.Generator().manual_seed(0),
+                            optimizer, params)
+        moved = not all(torch.equal(b, p) for b, p in zip(before, params, strict=True))
+        return result, moved, scaler.get_scale()
+
+    first, moved, scale = step()
+    assert (first.healthy, first.applied, moved, scale) == (True, True, True, 2.0**10)
+    overflow[0] = True
+    bad, moved, scale = step()
+    assert torch.isinf(bad.output.metrics["loss"]) and torch.isinf(bad.output.metrics["ref_l"])
+    assert len(grads_finite) == len(params) and all(grads_finite)  # the scaler alone would have applied it
+    assert (bad.healthy, bad.applied, moved) == (False, False, False)  # the adapter bit for bit as it was
+    assert scale == 2.0**10 * scaler.get_backoff_factor()
+    overflow[0] = False
+    after, moved, scale = step()  # unscale_ again: the scaler's per-optimizer state was cleared
+    assert (after.healthy, after.applied, moved) == (True, True, True)
+    assert scale == 2.0**9  # one good step since the back-off: growth_interval 2 not reached, no growth yet

@@ -255,3 +255,29 @@ def test_the_held_out_set_is_recorded_in_the_run_folder_metrics_card_and_summary
     assert f"| held-out set | {heldout.describe()} |" in (path.parent / "README.md").read_text()
     closing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lora-dpo: done")]
     assert len(closing) == 1 and "; held-out reward accuracy " in closing[0], closing
+
+
+def test_deterministic_kernels_train_on_the_cpu_and_off_is_torchs_default(tiny_recipe, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """[train].deterministic = true with the recipes' own settings (bf16 autocast, 8-bit AdamW, gradient
+    checkpointing, validation): torch raises at any op that has no deterministic kernel, and none does here. A cuBLAS
+    workspace setting that is not deterministic is refused by name, and so is setting it too late; the next run with
+    it off is back to torch's defaults."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # put back as it was after the test
+    settings = {"optimizer": "adamw8bit", "mixed_precision": "bf16", "gradient_checkpointing": True}
+    try:
+        run = setup(tiny_recipe(train={**settings, "deterministic": True}), tmp_path / "on")
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert math.isfinite(fit(run)["loss"])
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+        with pytest.raises(RecipeError, match=r"\[train\].deterministic = true: CUBLAS_WORKSPACE_CONFIG=:0:0"):
+            setup(tiny_recipe(train={"deterministic": True}), tmp_path / "refused")
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as in a process that used CUDA already
+        with pytest.raises(RecipeError, match=r"\[train\].deterministic = true: this process used CUDA before"):
+            setup(tiny_recipe(train={"deterministic": True}), tmp_path / "too late")
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    finally:
+        setup(tiny_recipe(), tmp_path / "off")
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic

@@ -242,6 +242,13 @@ class TrainRecipe:
         5, "Optimizer steps in a row whose loss or gradients are NaN/Inf (each is skipped, the adapter unchanged) "
         "before the run stops.", min=1, resume="free")
     num_threads: int | None = _f(None, "CPU threads for torch (None: torch's default).", min=1, resume="free")
+    deterministic: bool = _f(
+        False,
+        "Deterministic kernels: `torch.use_deterministic_algorithms(True)` (an op without one then raises, naming "
+        "itself), `torch.backends.cudnn.deterministic = True`, `torch.backends.cudnn.benchmark = False`, and "
+        "`CUBLAS_WORKSPACE_CONFIG=:4096:8` for cuBLAS, set at start (already set, it must be `:4096:8` or `:16:8`; "
+        "unset in a process that used CUDA before, the run stops: cuBLAS reads it once). On a GPU some kernels are "
+        "slower. Off: torch's defaults. See docs/reliability.md.", resume="free")
     device_fallback: bool = _f(
         False,
         "Where this machine cannot run a setting as written (today only `mixed_precision = \"fp16\"` on a CPU, "

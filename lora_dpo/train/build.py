@@ -75,6 +75,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         checkpoint.remove_checkpoints(run_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    step.use_deterministic_kernels(cfg.deterministic)
     precision = step.resolve_precision(cfg)
     trackers.check_installed(recipe.output.report_to)
     log_with, init_kwargs = trackers.accelerate_trackers(recipe.output.report_to, run_dir)

@@ -15,17 +15,8 @@ import torch
 
 from lora_dpo import checkpoint, data, guards, models, trackers
 from lora_dpo.objectives import OBJECTIVES
-from lora_dpo.step import (
-    EncodedBatch,
-    dpo_step,
-    dropout_seed,
-    encode_batch,
-    first_pair,
-    noise_generators,
-    train_step,
-    unwrap,
-    validation_generator,
-)
+from lora_dpo.seeds import dropout_seed, first_pair, noise_generators, validation_generator
+from lora_dpo.step import EncodedBatch, dpo_step, encode_batch, train_step, unwrap
 from lora_dpo.train.build import Run, launch_layout
 
 

@@ -7,6 +7,7 @@
 
 from lora_dpo.recipe.parse import describe, from_dict, load, parse_override
 from lora_dpo.recipe.schema import (
+    ALL_TRACKERS,
     BUILTIN_BASES,
     COLUMN_NAMES,
     SECTIONS,
@@ -26,7 +27,7 @@ from lora_dpo.recipe.schema import (
     resume_rule,
 )
 
-__all__ = ["BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe", "LoraRecipe",
-           "ModelRecipe",
-           "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe",
-           "TrainRecipe", "describe", "from_dict", "load", "parse_override", "resume_rule"]
+__all__ = ["ALL_TRACKERS", "BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe",
+           "LoraRecipe", "ModelRecipe", "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe",
+           "RecipeError", "SampleRecipe", "TrainRecipe", "describe", "from_dict", "load", "parse_override",
+           "resume_rule"]

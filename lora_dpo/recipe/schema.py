@@ -16,9 +16,11 @@ from lora_dpo.errors import LoraDpoError
 
 Precision = Literal["no", "fp16", "bf16"]
 ObjectiveKind = Literal["dpo", "ipo", "hinge", "mapo", "sft"]
-# The experiment trackers accelerate speaks (`log_with`) -> the package `pip install` brings
+# The experiment trackers accelerate speaks (`log_with`; its `LoggerType`, checked by tests/test_trackers.py) -> the
+# package `pip install` brings. `all`, as in accelerate, is every one of them that is installed.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
-            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+ALL_TRACKERS = "all"
 ColumnMap = tuple[tuple[str, str], ...]  # a TOML table {name = "column in the data"}, kept ordered and frozen
 
 # The column names lora-dpo reads, in the Pick-a-Pic layout (parquet, hub) and the path layout (JSONL, CSV)
@@ -268,10 +270,17 @@ class OutputRecipe:
     report_to: tuple[str, ...] = _f(
         ("tensorboard",),
         "Experiment trackers that receive the run's config, its metrics, the sample grids and the training plot "
-        "(through accelerate): any of " + ", ".join(TRACKERS) + "; `[]`: none. tensorboard writes to "
-        "`<run>/tensorboard`; the others read their usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...); see "
-        "docs/trackers.md.",
-        choices=tuple(TRACKERS),
+        "(through accelerate): any of " + ", ".join(TRACKERS) + ", or `all` (every one of them installed, as "
+        "accelerate means it); `[]`: none. tensorboard writes to `<run>/tensorboard`; the others read their usual "
+        "environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...); see docs/trackers.md.",
+        choices=(*TRACKERS, ALL_TRACKERS),
+    )
+    project: str = _f(
+        "lora-dpo",
+        "The trackers' project the run is logged under (its run is named after `name`): the wandb, trackio, "
+        "comet_ml and swanlab project, the mlflow experiment, the clearml project, the aim experiment. What "
+        "diffusers' scripts call `--tracker_name` and sd-scripts `--log_tracker_name`. It wins over WANDB_PROJECT; "
+        "MLFLOW_EXPERIMENT_NAME and CLEARML_PROJECT, when set, win over it (accelerate reads them first).",
     )
     license: str | None = _f(
         None, "License in the model card (hub license id); None: the base's (SDXL `openrail++`, SD 1.5 "

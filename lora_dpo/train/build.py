@@ -77,10 +77,10 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         torch.set_num_threads(cfg.num_threads)
     precision = step.resolve_precision(cfg)
     trackers.check_installed(recipe.output.report_to)
-    log_with, init_kwargs = trackers.accelerate_trackers(recipe.output.report_to, run_dir)
+    log_with, init_kwargs = trackers.accelerate_trackers(trackers.resolve(recipe.output.report_to), run_dir)
     accelerator = step.make_accelerator(precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                                         log_with=log_with or None, project_dir=run_dir)
-    accelerator.init_trackers(trackers.PROJECT, config=trackers.run_config(recipe), init_kwargs=init_kwargs)
+    accelerator.init_trackers(recipe.output.project, config=trackers.run_config(recipe), init_kwargs=init_kwargs)
     device = accelerator.device
     _check_parallelism(accelerator, cfg)
     start_pairs = 0 if resuming is None else _resume_position(resuming, recipe, accelerator.num_processes)

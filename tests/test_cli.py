@@ -64,6 +64,18 @@ def test_dash_h_as_a_user_types_it() -> None:
         assert result.returncode == 0 and "Usage:" in result.stdout and "-h, --help" in result.stdout, result.stderr
 
 
+def test_a_flag_of_another_tool_in_a_recipe_is_answered_with_its_recipe_key(tmp_path: Path) -> None:
+    """As a user coming from diffusers' Diffusion-DPO script meets it: one line, exit code 2, the key to write."""
+    path = tmp_path / "r.toml"
+    path.write_text("[train]\nmax_train_steps = 10\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "lora_dpo", "train", str(path)], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        f"lora-dpo: error: {path}: unknown key [train].max_train_steps; `max_train_steps` is `[train].max_steps` "
+        "here\n")
+
+
 def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"lora-dpo {__version__}"

@@ -16,7 +16,7 @@ import torch
 
 from lora_dpo import cache, checkpoint, data, files, guards, models, plan, step, trackers
 from lora_dpo.export import ADAPTER_FILE
-from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe
+from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe, warmup_problem
 from lora_dpo.train import samples
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     from diffusers.optimization import get_scheduler
 
     cfg = recipe.train
+    problem = warmup_problem(cfg)  # a schedule's meaning changed: refused before anything is written or loaded
+    if problem:
+        raise RecipeError(problem)
     files.make_folder(run_dir)
     files.remove_temporaries(run_dir)  # what a killed write left behind
     if (run_dir / ADAPTER_FILE).exists() and not (recipe.output.overwrite or resume):
@@ -104,10 +107,8 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     lora_config = step.build_policy(base.unet, recipe.lora, cfg.seed, precision=precision,
                                     quantize=recipe.model.quantize, device=device, checkpointing=checkpointing)
     optimizer = step.make_optimizer(cfg, models.lora_parameters(base.unet), device)
-    schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
-    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps,  # diffusers' `constant`
-
-                                 num_training_steps=cfg.max_steps)                  # ignores any warmup
+    lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                 num_training_steps=cfg.max_steps)
 
     pin = device.type == "cuda"
     train_loader = _loader(parts.train, parts.sampler, cfg.batch_size, parts.num_workers, pin, parts.collate,

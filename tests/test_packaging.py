@@ -1,6 +1,9 @@
-"""pyproject.toml as setuptools reads it: the license as an SPDX string (PEP 639), no deprecation warnings, and a
-build floor that understands that form."""
+"""Setting up as a new user does: pyproject.toml as setuptools reads it (the license as an SPDX string, PEP 639, no
+deprecation warnings, a build floor that understands that form), and `make demo` ending with how to run the next
+steps (the venv activated), as the README's "What next" says."""
 
+import shutil
+import subprocess
 import tomllib
 import warnings
 from pathlib import Path
@@ -32,3 +35,17 @@ def test_setuptools_applies_the_project_table_without_a_warning() -> None:
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert [str(w.message).splitlines()[0] for w in caught] == []
     assert dist.metadata.license_expression == "Apache-2.0"
+
+
+def test_make_demo_ends_by_saying_how_to_run_the_next_steps() -> None:
+    """`make -n` prints what `make demo` would run, in order, without running it: after the training, how to put
+    `lora-dpo` on the PATH (activate the venv) and a next command; the README's "What next" opens with the same."""
+    assert shutil.which("make"), "make runs the README's two commands; install it"
+    planned = subprocess.run(["make", "-n", "demo", "VENV=/nonexistent/venv"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.splitlines()
+    trained = next(i for i, line in enumerate(planned) if "lora-dpo train recipes/tiny.toml" in line)
+    after = "\n".join(planned[trained + 1:])
+    assert ". /nonexistent/venv/bin/activate" in after and "lora-dpo inspect adapters/tiny" in after
+    readme = (ROOT / "README.md").read_text()
+    what_next = readme.split("## What next")[1].split("\n## ")[0]
+    assert ". .venv/bin/activate" in what_next.split("1. ")[0]  # before the first command it lists

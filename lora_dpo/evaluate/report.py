@@ -97,8 +97,12 @@ def build_report(meta: dict[str, Any], prompts: Sequence[str], seeds: Sequence[i
             "summary": summary, "per_prompt": per_prompt}
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _prompts(n: int) -> str:
-    return f"{n} prompt" + ("" if n == 1 else "s")
+    return _count(n, "prompt")
 
 
 def _flat(low: float, high: float) -> bool:
@@ -132,9 +136,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if units.get(name):
             lines.append(f"{name}: {units[name]}")
         for scale, r in by_scale.items():
-            lines.append(f"{name}, {label(float(scale))}: wins {r['rate']:.1%} of {r['n']} comparisons "
-                         f"({_prompts(n_prompts)} x {n_seeds} seeds); {_rate_interval(r, n_prompts)}; mean difference "
-                         f"{r['mean_diff']:+.4g}")
+            lines.append(f"{name}, {label(float(scale))}: wins {r['rate']:.1%} of {_count(r['n'], 'comparison')} "
+                         f"({_prompts(n_prompts)} x {_count(n_seeds, 'seed')}); {_rate_interval(r, n_prompts)}; "
+                         f"mean difference {r['mean_diff']:+.4g}")
     return lines
 
 

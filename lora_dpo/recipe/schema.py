@@ -301,7 +301,8 @@ class OutputRecipe:
     project: str = _f(
         "lora-dpo",
         "The trackers' project the run is logged under (its run is named after `name`): the wandb, trackio, "
-        "comet_ml and swanlab project, the mlflow experiment, the clearml project, the aim experiment. What "
+        "comet_ml and swanlab project, the mlflow experiment, the clearml project (aim: the run's name, as accelerate "
+        "sets it). What "
         "diffusers' scripts call `--tracker_name` and sd-scripts `--log_tracker_name`. It wins over WANDB_PROJECT; "
         "MLFLOW_EXPERIMENT_NAME and CLEARML_PROJECT, when set, win over it (accelerate reads them first).",
     )

@@ -22,8 +22,14 @@ $(BIN)/lora-dpo: pyproject.toml
 
 setup: $(BIN)/lora-dpo
 
+# `lora-dpo` lives in the venv: a new shell finds it only once the venv is activated (README, "What next")
 demo: setup
 	$(BIN)/lora-dpo train recipes/tiny.toml --overwrite
+	@echo
+	@echo "Next (README, What next): put lora-dpo on your PATH by activating the venv in your shell, then try"
+	@echo "  . $(VENV)/bin/activate"
+	@echo "  lora-dpo inspect adapters/tiny"
+	@echo "  lora-dpo eval adapters/tiny --prompts recipes/tiny_prompts.txt --scorer shapes --steps 20"
 
 test: setup
 	$(BIN)/ruff check .

@@ -192,6 +192,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
     header = _header(folder / ADAPTER_FILE)
     architecture = header.get("modelspec.architecture", "")
     sdxl = "-xl-" in architecture if architecture else ("xl" in base.lower() or base == "tiny")
+    gallery = widget(folder, recipe)
     data = ModelCardData(
         base_model=base if is_hub_id(base) else None,
         license=recipe.output.license or BASE_LICENSES.get(base, "other"),
@@ -199,7 +200,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         tags=["lora", "diffusers", "text-to-image", "dpo", "diffusion-dpo", "lora-dpo",
               "stable-diffusion-xl" if sdxl else "stable-diffusion", "template:sd-lora"],
         datasets=[recipe.data.source] if is_hub_id(recipe.data.source) else None,
-        widget=widget(folder, recipe) or None)
+        widget=gallery or None)
     name = folder.resolve().name
     ref = adapter_ref or str(folder.resolve())
     cfg, lora, obj = recipe.train, recipe.lora, recipe.objective
@@ -209,6 +210,9 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
     lines = [
         "---", data.to_yaml(), "---", MARK, "",
         f"# {name}", "",
+        # the hub draws the front matter's `widget:` images where the body says `<Gallery />` (as the cards of
+        # diffusers' training scripts do, right under the title); without it the page shows none of them
+        *(["<Gallery />", ""] if gallery else []),
         f"A LoRA adapter for `{base}`{base_note}, aligned to human preferences with "
         f"{METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
         "", "## Use it", "", _snippet(models.base_location(base), ref, sdxl), "",
@@ -268,15 +272,19 @@ def hub_problems(folder: Path) -> list[str]:
     if not (folder / CARD_FILE).is_file():
         return [*problems, f"no {CARD_FILE} (model card)"]
     try:
-        data = ModelCard.load(folder / CARD_FILE).data
+        card = ModelCard.load(folder / CARD_FILE)
     except Exception as err:
         return [*problems, f"{CARD_FILE} does not parse as a model card ({err})"]
+    data = card.data
     for key in ("license", "library_name", "tags"):
         if not getattr(data, key, None):
             problems.append(f"{CARD_FILE} front matter has no {key}")
     uploaded = set(hub_files(folder))
-    for entry in getattr(data, "widget", None) or []:  # a gallery image the upload leaves out shows broken
+    gallery = getattr(data, "widget", None) or []
+    for entry in gallery:  # a gallery image the upload leaves out shows broken
         url = (entry.get("output") or {}).get("url") if isinstance(entry, dict) else None
         if url not in uploaded:
             problems.append(f"{CARD_FILE} widget image {url} is not among the uploaded files")
+    if gallery and "<Gallery />" not in card.text:  # a hand-edited card that lost it: the page shows no image
+        problems.append(f"{CARD_FILE} lists widget images but its text has no <Gallery />: put it under the title")
     return problems

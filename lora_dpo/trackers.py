@@ -1,6 +1,6 @@
-"""Experiment trackers (`[output].report_to`), through accelerate: which are installed, how accelerate is told
-(`log_with`, per-tracker run names), the run's config as flat `section.key` scalars, and images (sample grids,
-the training plot) sent to every tracker that takes them.
+"""Experiment trackers (`[output].report_to`), through accelerate: which are installed (and what `all` means), how
+accelerate is told (`log_with`, the project, per-tracker run names), the run's config as flat `section.key`
+scalars, and images (sample grids, the training plot) sent to every tracker that takes them.
 
 tensorboard writes to `<run>/tensorboard`; every other tracker reads its usual environment (`WANDB_MODE=offline`,
 `MLFLOW_TRACKING_URI`, `COMET_API_KEY`, ...): nothing here talks to a network by itself.
@@ -11,22 +11,34 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_dpo.recipe import TRACKERS, Recipe, RecipeError
+from lora_dpo.recipe import ALL_TRACKERS, TRACKERS, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
-PROJECT = "lora-dpo"  # wandb/trackio/comet project, mlflow experiment, clearml project; the run is named after <run>
 # The module each tracker's package installs (tensorboard also runs on tensorboardX, as accelerate allows)
 MODULES = {name: (name,) for name in TRACKERS} | {"tensorboard": ("tensorboard", "tensorboardX")}
 
 
+def _installed(name: str) -> bool:
+    return any(importlib.util.find_spec(module) for module in MODULES[name])
+
+
+def resolve(report_to: tuple[str, ...]) -> tuple[str, ...]:
+    """The trackers a run reports to: `all` becomes every tracker installed here (in `TRACKERS` order), beside the
+    ones named. Resolved here rather than by accelerate, whose `all` would add a second tensorboard writing outside
+    `<run>/tensorboard`."""
+    names = [n for n in TRACKERS if _installed(n)] if ALL_TRACKERS in report_to else []
+    return tuple(dict.fromkeys([*(n for n in report_to if n != ALL_TRACKERS), *names]))
+
+
 def check_installed(report_to: tuple[str, ...]) -> None:
     """Every tracker named in `[output].report_to` can be imported, or one error names each missing package."""
-    missing = [name for name in report_to if not any(importlib.util.find_spec(m) for m in MODULES[name])]
+    missing = [name for name in report_to if name != ALL_TRACKERS and not _installed(name)]
     if missing:
         raise RecipeError(f"[output].report_to = {list(report_to)!r}: " + "; ".join(
             f"{name} is not installed (pip install {TRACKERS[name]})" for name in missing)
@@ -34,13 +46,17 @@ def check_installed(report_to: tuple[str, ...]) -> None:
 
 
 def accelerate_trackers(report_to: tuple[str, ...], run_dir: Path) -> tuple[list[Any], dict[str, dict[str, Any]]]:
-    """(`log_with`, `init_kwargs`) for accelerate: tensorboard as its own tracker writing to `<run>/tensorboard`,
-    the others by name, each run named after the run folder."""
+    """(`log_with`, `init_kwargs`) for accelerate, from resolved names (`resolve`): tensorboard as its own tracker
+    writing to `<run>/tensorboard`, the others by name, each run named after the run folder. The project goes to
+    `init_trackers` (accelerate hands it to every tracker as its project or experiment)."""
     from accelerate.tracking import TensorBoardTracker
 
     name = run_dir.name
     log_with = [TensorBoardTracker("tensorboard", str(run_dir)) if t == "tensorboard" else t for t in report_to]
     init_kwargs = {"wandb": {"name": name}, "mlflow": {"run_name": name}, "trackio": {"name": name},
+                   "swanlab": {"experiment_name": name},
+                   # accelerate names the clearml task after the project unless told; CLEARML_TASK still wins
+                   "clearml": {"task_name": os.environ.get("CLEARML_TASK", name)},
                    "dvclive": {"dir": str(run_dir / "dvclive")}}
     return log_with, {k: v for k, v in init_kwargs.items() if k in report_to}
 
@@ -91,6 +107,10 @@ def _dvclive(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
     tracker.tracker.log_image(f"{tag}/{path.name}", image)
 
 
+def _swanlab(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
+    tracker.log_images({tag: [image]}, step=step)
+
+
 def _trackio(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
     import trackio
 
@@ -99,7 +119,7 @@ def _trackio(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
 
 IMAGE_LOGGERS: dict[str, Callable[[Any, str, Any, Path, int], None]] = {
     "tensorboard": _tensorboard, "wandb": _wandb, "aim": _aim, "clearml": _clearml, "mlflow": _mlflow,
-    "comet_ml": _comet, "dvclive": _dvclive, "trackio": _trackio}
+    "comet_ml": _comet, "dvclive": _dvclive, "swanlab": _swanlab, "trackio": _trackio}
 
 
 def log_image(accelerator: Any, tag: str, path: Path, step: int) -> None:

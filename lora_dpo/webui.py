@@ -108,7 +108,8 @@ def _optimizer_name(train: dict[str, Any]) -> str:
 
 
 def lr_schedule_name(schedule: str, warmup_steps: int) -> str:
-    """The diffusers schedule the trainer builds (`constant` with warmup is `constant_with_warmup`)."""
+    """The diffusers schedule the run trained with: its `lr_schedule`, except that `constant` with a warmup (a run
+    from before `constant_with_warmup` was a choice; today's trainer refuses it) trained as `constant_with_warmup`."""
     return "constant_with_warmup" if schedule == "constant" and warmup_steps else schedule
 
 

@@ -42,6 +42,7 @@ def test_card_parses_with_huggingface_hub_and_has_the_front_matter(run_dir: Path
     assert "beta 2000" in parsed.text and "rank 4, alpha 8" in parsed.text and "| val_reward_accuracy | 0.625 |" in \
         parsed.text
     assert card.hub_problems(run_dir) == []
+    assert "<Gallery />" not in parsed.text  # no sample grids yet: no gallery to show
 
 
 def test_card_snippet_runs_as_pasted(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,6 +138,12 @@ def test_push_prepares_the_kohya_file_and_a_gallery_of_uploaded_samples(run_dir:
     assert all(g["output"]["url"] in uploaded for g in gallery)
     assert f"| `{ADAPTER_FILE}` |" in parsed.text and f"`{kohya_path.name}` (kohya format)" in parsed.text
     assert "pipe.load_lora_weights('me/run')" in parsed.text and card.hub_problems(run_dir) == []
+    # the hub shows the widget images where the body says <Gallery />: under the title, as diffusers' cards do
+    assert "\n# shapes-run\n\n<Gallery />\n\nA LoRA adapter" in parsed.text
+    (run_dir / "README.md").write_text((run_dir / "README.md").read_text().replace("<Gallery />\n", ""))
+    assert card.hub_problems(run_dir) == ["README.md lists widget images but its text has no <Gallery />: put it "
+                                          "under the title"]
+    card.write_model_card(run_dir)
     (samples / "step-000010.png").unlink()  # a gallery image that would not be uploaded is a problem
     assert card.hub_problems(run_dir) == ["README.md widget image samples/step-000010.png is not among the "
                                           "uploaded files"]

@@ -56,7 +56,8 @@ def test_eval_of_the_demo_adapter_with_the_built_in_shapes_scorer_reports_a_win_
     result = CliRunner().invoke(app, args)
 
     assert result.exit_code == 0, result.output[-2000:]
-    assert "shapes x1: adapter wins" in result.stdout and "95 % CI" in result.stdout
+    assert "shapes, adapter x1: wins" in result.stdout and "3 prompts are too few to trust an interval" in result.stdout
+    assert "shapes: the demo's pixel judge" in result.stdout  # what the scorer's scale means
     summary = json.loads((tmp_path / "out" / "report.json").read_text())["summary"]["shapes"]["1"]
     assert summary["n"] == 6 and summary["low"] <= summary["rate"] <= summary["high"]
     assert summary["mean_base"] != summary["mean_adapter"]  # the adapter changed what the base draws

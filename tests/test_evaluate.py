@@ -5,6 +5,7 @@ adapters, a tiny CLIP scorer with random weights (its numbers mean nothing; the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,10 @@ def test_eval_writes_report_and_grids_and_resumes(trained_adapter: Path, tiny_cl
     rescored = scorer.score([PROMPTS[1]], [Image.open(out / "images" / "00001_1_adapter-0.5.png")])
     assert saved["per_prompt"][1]["scores"]["pickscore"]["adapter-0.5"][1] == pytest.approx(rescored.item(), abs=1e-5)
     markdown = (out / "report.md").read_text()
-    assert "| pickscore | 0.5 |" in markdown and "](grids/grid-000.png)" in markdown and "a green triangle" in markdown
+    assert "| pickscore | adapter x0.5 |" in markdown and "](grids/grid-000.png)" in markdown and "a green triangle" \
+        in markdown
+    assert "| # | prompt | scorer | base | adapter x0.5 | adapter x1 |" in markdown  # one label per strength
+    _assert_reads_as_too_few_prompts(report, markdown, 3)
 
     assert saved["grids"] == ["grids/grid-000.png", "grids/grid-001.png"]  # 6 rows, 4 per grid
     with Image.open(out / "grids" / "grid-000.png") as grid:
@@ -183,6 +187,45 @@ def test_eval_writes_report_and_grids_and_resumes(trained_adapter: Path, tiny_cl
     assert fewer_steps["images_generated"] == 4  # other settings: nothing is reused
 
 
+ZERO_WIDTH = re.compile(r"([+-]?\d[\d.e+-]*%?) - \1(?![\d.])")  # "75.0% - 75.0%", "+0.1 - +0.1"
+
+
+def _assert_reads_as_too_few_prompts(report: dict, markdown: str, n_prompts: int) -> None:
+    """Below 20 prompts, the report and the terminal say the intervals are over N prompts and too few to trust;
+    a zero-width interval is never printed; what the scorer's scale means is said once."""
+    lines = evaluate.summary_lines(report)
+    assert lines[0].startswith("pickscore: PickScore: the model's logit scale x the cosine of image and prompt")
+    assert f"**Only {n_prompts} prompt{'s' if n_prompts > 1 else ''}: too few to trust the intervals below.**" in \
+        markdown
+    assert "- **pickscore**: PickScore: the model's logit scale" in markdown
+    for line in lines[1:]:
+        assert line.startswith("pickscore, adapter x") and "too few" in line, line
+    for r in report["summary"]["pickscore"].values():
+        assert "too few" in r["interval_note"]
+    assert not ZERO_WIDTH.search(markdown) and not any(ZERO_WIDTH.search(line) for line in lines)
+
+
+def test_a_one_prompt_eval_never_prints_a_zero_width_interval(trained_adapter: Path, tiny_clip_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """One prompt: every bootstrap draw is that prompt, so the interval has zero width whatever the scores. The
+    report says there is none and why, instead of "62.5% - 62.5%"."""
+    from lora_dpo.rewards import build_scorer
+
+    out = tmp_path / "eval"
+    report = evaluate.evaluate_adapter(trained_adapter, PROMPTS[:1], "one.txt", [build_scorer("pickscore", str(
+        tiny_clip_dir))], out, scales=(1.0,), seeds=(0, 1, 2, 3), steps=2)
+    r = report["summary"]["pickscore"]["1"]
+    assert r["low"] == r["high"]  # the raw bootstrap, kept in report.json as data
+    assert r["interval_note"] == ("no interval: resampling the 1 prompt never moves the rate; 1 prompt is too few "
+                                  "for an interval (evaluate 20 or more)")
+    markdown = (out / "report.md").read_text()
+    assert f"| pickscore | adapter x1 | **{r['rate']:.1%}** (no interval) | {r['mean_diff']:+.4g} (no interval) |" \
+        in markdown
+    [line] = evaluate.summary_lines(report)[1:]
+    assert "95 % CI" not in line and "no interval: resampling the 1 prompt never moves the rate" in line
+    _assert_reads_as_too_few_prompts(report, markdown, 1)
+
+
 def test_cli_eval_prints_win_rates_and_rejects_bad_input(trained_adapter: Path, tiny_clip_dir: Path,
                                                          tmp_path: Path) -> None:
     """In process (typer's runner): the command's parsing, delegation and error handling, without paying a
@@ -197,7 +240,8 @@ def test_cli_eval_prints_win_rates_and_rejects_bad_input(trained_adapter: Path, 
             "--scale", "0.5,1", "--steps", "2", "--threads", "1", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output[-2000:]
-    assert "pickscore x0.5: adapter wins" in result.stdout and "95 % CI" in result.stdout
+    assert "pickscore, adapter x0.5: wins" in result.stdout and "2 prompts are too few to trust an interval" in \
+        result.stdout and "pickscore: PickScore:" in result.stdout
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "grids" / "grid-000.png").is_file()
     for bad, message in (([*args[:3], str(tmp_path / "absent.txt")], "absent.txt': no such file"),
                          ([*args, "--scorer", "pickscore@/no/such/dir"], "--scorer 'pickscore@/no/such/dir'"),

@@ -235,3 +235,63 @@ def test_an_optional_key_is_unset_with_none_and_an_empty_name_is_an_error(tmp_pa
             recipe.from_dict({section: {key: ""}})
     assert "`none` unsets it (`--set model.variant=none`)" in dict((k, h) for k, _, _, h in recipe.describe())[
         "model.variant"]
+
+
+def test_constant_means_diffusers_constant_and_an_old_warmed_up_constant_resumes_under_its_new_name() -> None:
+    """`constant` with a warmup is refused by the trainer (diffusers' `constant` has none; test_train runs it);
+    a checkpoint from before `constant_with_warmup` existed (`constant` + warmup, which warmed up) resumes with
+    `constant_with_warmup` as no change, and with plain `constant` as a change."""
+    old = recipe.from_dict({"train": {"lr_schedule": "constant", "warmup_steps": 500}})
+    assert recipe.warmup_problem(old.train).startswith('[train].warmup_steps = 500 with lr_schedule = "constant"')
+    renamed = recipe.from_dict({"train": {"lr_schedule": "constant_with_warmup", "warmup_steps": 500}})
+    assert recipe.warmup_problem(renamed.train) is None and recipe.warmup_problem(recipe.from_dict({}).train) is None
+    assert renamed.resume_conflicts(old.to_dict()) == []
+    assert recipe.from_dict({"train": {"warmup_steps": 0}}).resume_conflicts(old.to_dict()) == [
+        '[train].lr_schedule ("constant_with_warmup" -> "constant")', "[train].warmup_steps (500 -> 0)"]
+
+
+def _generated(marker: str) -> list[str]:
+    page = (Path(__file__).parent.parent / "docs" / "recipe.md").read_text()
+    return page.split(f"<!-- {marker}:start -->\n")[1].split(f"\n<!-- {marker}:end -->")[0].splitlines()[2:]
+
+
+def test_other_tools_names_point_at_real_keys_and_values_and_the_docs_table_is_generated() -> None:
+    from lora_dpo.recipe import aliases
+
+    for name, (here, _, _) in aliases.OTHER_TOOLS.items():
+        if here.startswith("lora-dpo "):
+            continue  # a command, not a key
+        dotted, _, value = here.partition(" = ")
+        section, key = dotted.strip("[").split("].")
+        assert key in {f.name for f in dataclasses.fields(recipe.SECTIONS[section])}, name
+        if value:  # the value it names is one the recipe takes
+            assert getattr(recipe.from_dict({section: {key: tomllib.loads(f"v = {value}")["v"]}}), section)
+    assert _generated("other-tools") == [f"| `{n}` | {t} | `{h}` | {note} |" for n, t, h, note in aliases.rows()], \
+        "docs/recipe.md's other-tools table is stale: regenerate it with `lora-dpo recipe-doc --other-tools`"
+
+
+def test_another_tools_name_is_answered_with_its_recipe_key_in_any_section_or_none(tmp_path: Path) -> None:
+    """What a diffusers or sd-scripts user writes: the recipe key that does the job, not a spelling guess
+    (`max_train_steps` was once "did you mean `max_bad_steps`?"); a plain typo still gets the guess."""
+    path = tmp_path / "r.toml"
+    path.write_text('pretrained_model_name_or_path = "x"\n[train]\nmax_train_steps = 10\nlearning_rte = 1\n'
+                    "[lora]\nnetwork_dim = 4\n[model]\nuse_8bit_adam = true\nseed = 1\n"
+                    "[training_arguments]\nlr_warmup_steps = 5\nmystery = 1\n")
+    with pytest.raises(RecipeError) as err:
+        recipe.load(path)
+    assert str(err.value) == (
+        f"{path}: `pretrained_model_name_or_path` is outside any [section] table; `pretrained_model_name_or_path` "
+        "is `[model].base` here; "
+        "unknown key [train].max_train_steps; `max_train_steps` is `[train].max_steps` here; "
+        "unknown key [train].learning_rte; did you mean `learning_rate`?; "
+        "unknown key [lora].network_dim; `network_dim` is `[lora].rank` here; "
+        'unknown key [model].use_8bit_adam; `use_8bit_adam` is `[train].optimizer = "adamw8bit"` here; '
+        "unknown key [model].seed; `seed` is `[train].seed` here; "
+        "unknown section [training_arguments]; valid: model, lora, data, objective, train, sample, output; "
+        "`lr_warmup_steps` is `[train].warmup_steps` here")
+    with pytest.raises(RecipeError, match=r"^--set 'max_train_steps=10': expected section.key=value, e.g. train."
+                                          r"learning_rate=2e-5; `max_train_steps` is `\[train\].max_steps` here$"):
+        recipe.from_dict({}, overrides=("max_train_steps=10",))
+    with pytest.raises(RecipeError, match=r"^--set: unknown key \[train\].name; `name` belongs in \[output\] "
+                                          r"\(`\[output\].name`\)$"):
+        recipe.from_dict({}, overrides=("train.name=x",))

@@ -97,8 +97,9 @@ def test_the_paper_recipe_differs_from_the_overnight_one_only_in_length() -> Non
     overnight = recipe.load(RECIPES / "sdxl_pickapic.toml").to_dict()
     paper = recipe.load(RECIPES / "sdxl_pickapic_paper.toml").to_dict()
     differs = {f"{s}.{k}" for s in paper for k in paper[s] if paper[s][k] != overnight[s][k]}
-    assert differs == {"train.gradient_accumulation", "train.warmup_steps", "train.log_every", "train.val_every",
-                       "train.checkpoint_every", "sample.every"}
+    assert differs == {"train.gradient_accumulation", "train.warmup_steps", "train.lr_schedule", "train.log_every",
+                       "train.val_every", "train.checkpoint_every", "sample.every"}
+    assert paper["train"]["lr_schedule"] == "constant_with_warmup"  # the warmup it had when `constant` warmed up
     assert paper["train"]["gradient_accumulation"] * paper["train"]["batch_size"] == 2048
 
 

@@ -174,12 +174,20 @@ def test_a_pairs_noise_does_not_depend_on_the_batch_it_lands_in() -> None:
     assert not torch.equal(noise[0], noise[1])
 
 
-def test_warmup_applies_to_a_constant_schedule_and_validation_keeps_its_own_interval(tiny_recipe,
-                                                                                       tmp_path: Path) -> None:
-    """diffusers' `constant` schedule ignores warmup: the paper's 25 % warmup must still happen. Validation runs
-    every `val_every` steps even when that is not a logging step."""
-    recipe = tiny_recipe(train={"max_steps": 4, "warmup_steps": 2, "lr_schedule": "constant", "log_every": 4,
-                                "val_every": 1})
+def test_schedules_mean_what_diffusers_means_and_validation_keeps_its_own_interval(tiny_recipe,
+                                                                                    tmp_path: Path) -> None:
+    """`constant_with_warmup` warms up from 0 (the paper's 25 % warmup); `constant` is constant from step 0, and a
+    warmup with it (which diffusers' `constant` would ignore) is refused naming the key before anything is written.
+    Validation runs every `val_every` steps even when that is not a logging step."""
+    with pytest.raises(RecipeError, match=r'^\[train\].warmup_steps = 2 with lr_schedule = "constant": diffusers\' '
+                                          r'constant schedule has no warmup; write lr_schedule = '
+                                          r'"constant_with_warmup"'):
+        setup(tiny_recipe(train={"warmup_steps": 2, "lr_schedule": "constant"}), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    constant = setup(tiny_recipe(train={"lr_schedule": "constant"}), tmp_path / "constant")
+    assert constant.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # no warmup
+    recipe = tiny_recipe(train={"max_steps": 4, "warmup_steps": 2, "lr_schedule": "constant_with_warmup",
+                                "log_every": 4, "val_every": 1})
     run = setup(recipe, tmp_path)
     assert run.lr_scheduler.get_last_lr()[0] == 0.0  # step 0 of a linear warmup
     fit(run)

@@ -50,7 +50,8 @@ def conv_run(tiny_base_dir: Path, shapes_jsonl: Path, tmp_path_factory: pytest.T
         "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["to_q", "to_v", "conv1"]},
         "data": {"source": str(shapes_jsonl), "resolution": 64, "val_pairs": 0},
         "train": {"learning_rate": 3e-4, "max_steps": 2, "batch_size": 1, "gradient_accumulation": 2,
-                  "mixed_precision": "no", "optimizer": "adamw", "lr_schedule": "constant", "warmup_steps": 1,
+                  "mixed_precision": "no", "optimizer": "adamw", "lr_schedule": "constant_with_warmup",
+                  "warmup_steps": 1,
                   "seed": 7, "checkpoint_every": 0},
         "output": {"dir": str(tmp_path_factory.mktemp("webui")), "name": "conv", "report_to": []}})
     return train(recipe).parent
@@ -116,3 +117,11 @@ def test_v_prediction_is_named_as_sd_scripts_names_it() -> None:
     assert webui.modelspec(False, "t", 512, webui.IMPLEMENTATION_DIFFUSERS)["modelspec.prediction_type"] == "epsilon"
     assert [webui.base_model_version(sdxl, kind) for sdxl in (False, True) for kind in ("epsilon", "v")] == \
         ["sd_v1", "sd_v1_v", "sdxl_base_v1-0", "sdxl_base_v1-0"]
+
+
+def test_a_run_from_before_constant_with_warmup_is_named_as_it_trained() -> None:
+    """Until `constant_with_warmup` was a choice, `constant` with a warmup warmed up: its recipe.toml says
+    `constant`, the kohya key says what ran. Today's recipes name the schedule themselves."""
+    assert webui.lr_schedule_name("constant", 500) == "constant_with_warmup"
+    assert webui.lr_schedule_name("constant", 0) == "constant"
+    assert webui.lr_schedule_name("cosine", 500) == "cosine"

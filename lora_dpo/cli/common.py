@@ -17,8 +17,10 @@ if TYPE_CHECKING:
     pass
 
 # rich_markup_mode=None: help text is shown as written; rich markup would eat every `[word]` (`KIND[@SOURCE]`,
-# `[data].cache`) as a style tag
+# `[data].cache`) as a style tag. `-h` beside `--help`: click's contexts hand `help_option_names` down, so every
+# command takes both.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Align text-to-image diffusion models to human preferences with LoRA + Diffusion-DPO.")
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value; "

@@ -221,10 +221,18 @@ def _bench_threads(loaded: Recipe, threads: int | None) -> Recipe:
 
 
 @app.command("recipe-doc")
-def recipe_doc() -> None:
+def recipe_doc(
+    other_tools: Annotated[bool, typer.Option(help="Print instead which recipe key does the job of each flag of "
+                                                   "diffusers' Diffusion-DPO examples and of sd-scripts.")] = False,
+) -> None:
     """Print the recipe reference (every key, type, default) as a Markdown table."""
-    from lora_dpo.recipe import describe
+    from lora_dpo.recipe import aliases, describe
 
+    if other_tools:
+        typer.echo("| their name | in | here | note |\n|---|---|---|---|")
+        for name, tools, here, note in aliases.rows():
+            typer.echo(f"| `{name}` | {tools} | `{here}` | {note} |")
+        return
     typer.echo("| key | type | default | meaning |\n|---|---|---|---|")
     for key, type_name, default, help_text in describe():
         typer.echo(f"| `{key}` | {type_name} | `{default}` | {help_text} |")

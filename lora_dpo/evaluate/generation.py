@@ -43,8 +43,15 @@ class Generation:
 
 
 def variant_name(scale: float | None) -> str:
-    """`base` for the adapter off, `adapter-<scale>` (e.g. `adapter-0.5`) for the adapter at a strength."""
+    """`base` for the adapter off, `adapter-<scale>` (e.g. `adapter-0.5`) for the adapter at a strength: the file
+    names' and report.json's key, never shown as a label (`label`)."""
     return "base" if scale is None else f"adapter-{scale:g}"
+
+
+def label(scale: float | None) -> str:
+    """The one name reports, grids and the terminal give a column: `base`, or `adapter x0.5` (the adapter's
+    weights times 0.5; `x1` as trained)."""
+    return "base" if scale is None else f"adapter x{scale:g}"
 
 
 def image_path(images_dir: Path, index: int, seed: int, variant: str) -> Path:

@@ -21,6 +21,7 @@ from lora_dpo.evaluate.generation import (
     base_from_recipe,
     generate_images,
     image_path,
+    label,
     open_generation,
     variant_name,
 )
@@ -30,6 +31,9 @@ from lora_dpo.evaluate.winrate import win_rate
 log = logging.getLogger(__name__)
 
 SCORE_CHUNK = 32  # images held in memory at once while scoring
+# Below this many prompts the bootstrap, which can only resample the prompts it has, gives intervals too narrow (and
+# too lumpy) to trust: a report says so next to every interval instead of printing it as a result.
+FEW_PROMPTS = 20
 
 
 def score_images(scorers: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int], variants: Sequence[str],
@@ -82,7 +86,8 @@ def build_report(meta: dict[str, Any], prompts: Sequence[str], seeds: Sequence[i
             adapter = by_variant[variant_name(scale)]
             result = asdict(win_rate(adapter.ravel(), base.ravel(), groups))
             summary[name][f"{scale:g}"] = {**result, "mean_base": float(base.mean()),
-                                           "mean_adapter": float(adapter.mean())}
+                                           "mean_adapter": float(adapter.mean()),
+                                           "interval_note": interval_note(result, len(prompts))}
     per_prompt = [
         {"index": index, "prompt": prompt,
          "scores": {name: {variant: values[index].tolist() for variant, values in by_variant.items()}
@@ -92,11 +97,49 @@ def build_report(meta: dict[str, Any], prompts: Sequence[str], seeds: Sequence[i
             "summary": summary, "per_prompt": per_prompt}
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _prompts(n: int) -> str:
+    return _count(n, "prompt")
+
+
+def _flat(low: float, high: float) -> bool:
+    return high - low < 1e-12  # every resampled prompt set gave the same value: no interval, not certainty
+
+
+def interval_note(result: dict[str, Any], n_prompts: int) -> str:
+    """Why the win rate's interval is not to be read as a result ("" when it may be): a zero-width one (every
+    resampled set of prompts gives the same rate, e.g. 75 % on each of 3 prompts), or too few prompts."""
+    notes = []
+    if _flat(result["low"], result["high"]):
+        notes.append(f"no interval: resampling the {_prompts(n_prompts)} never moves the rate")
+    if n_prompts < FEW_PROMPTS:
+        notes.append(f"{_prompts(n_prompts)} are too few to trust an interval (evaluate {FEW_PROMPTS} or more)"
+                     if n_prompts > 1 else f"1 prompt is too few for an interval (evaluate {FEW_PROMPTS} or more)")
+    return "; ".join(notes)
+
+
+def _rate_interval(r: dict[str, Any], n_prompts: int) -> str:
+    """The win rate's 95 % interval as a phrase, with what it is over, or why there is none."""
+    shown = "" if _flat(r["low"], r["high"]) else f"95 % CI {r['low']:.1%} - {r['high']:.1%} over {_prompts(n_prompts)}"
+    note = r.get("interval_note", "")
+    return "; ".join(part for part in (shown, note) if part)
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """One line per scorer and strength, for the terminal."""
-    return [f"{name} x{scale}: adapter wins {r['rate']:.1%} (95 % CI {r['low']:.1%} - {r['high']:.1%}) of {r['n']}; "
-            f"mean difference {r['mean_diff']:+.4g}"
-            for name, by_scale in report["summary"].items() for scale, r in by_scale.items()]
+    """For the terminal: per scorer, what its scores mean, then one line per strength."""
+    lines, units = [], report.get("scorer_units", {})
+    n_prompts, n_seeds = report["n_prompts"], len(report["seeds"])
+    for name, by_scale in report["summary"].items():
+        if units.get(name):
+            lines.append(f"{name}: {units[name]}")
+        for scale, r in by_scale.items():
+            lines.append(f"{name}, {label(float(scale))}: wins {r['rate']:.1%} of {_count(r['n'], 'comparison')} "
+                         f"({_prompts(n_prompts)} x {_count(n_seeds, 'seed')}); {_rate_interval(r, n_prompts)}; "
+                         f"mean difference {r['mean_diff']:+.4g}")
+    return lines
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -110,20 +153,33 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{len(report['seeds'])} seeds = {n} comparisons per strength); {gen['steps']} steps of "
         f"{gen['scheduler']}, guidance {gen['guidance_scale']:g}, {gen['resolution']} px, {gen['precision']}.", "",
     ]
+    n_prompts = report["n_prompts"]
+    if report["summary"] and n_prompts < FEW_PROMPTS:
+        lines += [f"**Only {_prompts(n_prompts)}: too few to trust the intervals below.** Each resamples these "
+                  f"{_prompts(n_prompts)}, so it is narrower than the truth: read the table as a first look, not a "
+                  f"result, and evaluate {FEW_PROMPTS} or more (e.g. `--prompts parti --limit 100`).", ""]
     if report["summary"]:
-        lines += ["| scorer | strength | win rate (95 % CI) | mean diff (95 % CI) | base mean | adapter mean | "
-                  "wins / ties / losses |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| scorer | images | win rate (95 % CI over {_prompts(n_prompts)}) | mean diff (95 % CI) | "
+                  "base mean | adapter mean | wins / ties / losses |", "|---|---|---|---|---|---|---|"]
         for name, by_scale in report["summary"].items():
             for scale, r in by_scale.items():
+                rate = "no interval" if _flat(r["low"], r["high"]) else f"{r['low']:.1%} - {r['high']:.1%}"
+                diff = ("no interval" if _flat(r["diff_low"], r["diff_high"]) else
+                        f"{r['diff_low']:+.4g} - {r['diff_high']:+.4g}")
                 lines.append(
-                    f"| {name} | {scale} | **{r['rate']:.1%}** ({r['low']:.1%} - {r['high']:.1%}) | "
-                    f"{r['mean_diff']:+.4g} ({r['diff_low']:+.4g} - {r['diff_high']:+.4g}) | {r['mean_base']:.4g} | "
-                    f"{r['mean_adapter']:.4g} | {r['wins']} / {r['ties']} / {r['losses']} |")
+                    f"| {name} | {label(float(scale))} | **{r['rate']:.1%}** ({rate}) | {r['mean_diff']:+.4g} "
+                    f"({diff}) | {r['mean_base']:.4g} | {r['mean_adapter']:.4g} | {r['wins']} / {r['ties']} / "
+                    f"{r['losses']} |")
         lines += ["", "The win rate is the share of (prompt, seed) comparisons in which the scorer rates the adapter's "
                   "image above the base's image from the same seed; a tie counts half. 50 % means no difference. The "
                   "interval resamples whole prompts (bootstrap): when it excludes 50 %, the difference is unlikely to "
-                  "be chance at this number of prompts. Scores of different scorers are on different scales; "
-                  "compare win rates, not raw means, across scorers.", ""]
+                  "be chance at this number of prompts; \"no interval\" means every resampled set of prompts gave the "
+                  "same value, which is not certainty. `adapter x1` is the adapter as trained, `adapter x0.5` its "
+                  "weights halved. Scores of different scorers are on different scales; compare win rates, not raw "
+                  "means, across scorers.", ""]
+        units = report.get("scorer_units", {})
+        lines += ["What the scores mean:", "", *(f"- **{name}**: {units.get(name) or 'in the scorer’s own unit'}"
+                                                for name in report["summary"]), ""]
     else:
         lines += ["No scorer was given (`--scorer pickscore`): images and grids only.", ""]
     lines += ["## Grids", "", "Columns: the base, then the adapter at each strength; same seed in every column.", ""]
@@ -131,7 +187,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     if report["summary"]:
         variants = ["base", *(variant_name(s) for s in report["scales"])]
         lines += ["## Per prompt", "", "Mean score over seeds.", "",
-                  "| # | prompt | scorer | " + " | ".join(variants) + " |",
+                  "| # | prompt | scorer | " + " | ".join(label(s) for s in [None, *report["scales"]]) + " |",
                   "|---|---|---|" + "---|" * len(variants)]
         for row in report["per_prompt"]:
             prompt = row["prompt"].replace("|", "\\|")
@@ -149,7 +205,7 @@ def write_grids(report: dict[str, Any], images_dir: Path, grids_dir: Path, rows_
     for old in grids_dir.glob("grid-*.png"):  # a rerun on fewer prompts must not leave stale grids behind
         old.unlink()
     variants = ["base", *(variant_name(s) for s in report["scales"])]
-    titles = ["base", *(f"adapter x{s:g}" for s in report["scales"])]
+    titles = [label(s) for s in [None, *report["scales"]]]
     keys = [(entry, k, seed) for entry in report["per_prompt"] for k, seed in enumerate(report["seeds"])]
     paths = []
     for number, start in enumerate(range(0, len(keys), rows_per_grid)):
@@ -192,7 +248,8 @@ def evaluate_adapter(adapter: Path, prompts: Sequence[str], prompt_source: str, 
     # the file scored and its sha256 (of its bytes: what training printed and metrics.json records for this file)
     meta = {"adapter": str(adapter), "adapter_file": str(adapter_file(adapter)), "adapter_sha256": gen.adapter_sha256,
             "base": base, "prompts": prompt_source, "generation": asdict(gen), "images_generated": made,
-            "images_reused": total - made}
+            "images_reused": total - made,
+            "scorer_units": {s.name: getattr(s, "unit", "") for s in scorers}}  # a scorer of your own may say none
     report = build_report(meta, prompts, seeds, scales, scores)
     grids = write_grids(report, images_dir, out_dir / "grids", rows_per_grid, cell)
     report["grids"] = [str(p.relative_to(out_dir)) for p in grids]

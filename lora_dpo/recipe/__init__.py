@@ -1,12 +1,14 @@
 """The recipe: one typed, frozen tree of settings loaded from TOML, the single source of truth.
 
 - `schema`: the sections and keys (type, default, help), `Recipe` and its TOML form and fingerprint
+- `aliases`: other tools' names for recipe keys (diffusers' Diffusion-DPO flags, sd-scripts' keys)
 - `parse`: TOML and `--set` overrides checked against the schema, every problem reported at once; `describe()`
   for the generated reference
 """
 
 from lora_dpo.recipe.parse import describe, from_dict, load, parse_override
 from lora_dpo.recipe.schema import (
+    ALL_TRACKERS,
     BUILTIN_BASES,
     COLUMN_NAMES,
     SECTIONS,
@@ -24,9 +26,10 @@ from lora_dpo.recipe.schema import (
     SampleRecipe,
     TrainRecipe,
     resume_rule,
+    warmup_problem,
 )
 
-__all__ = ["BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe", "LoraRecipe",
-           "ModelRecipe",
-           "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe", "RecipeError", "SampleRecipe",
-           "TrainRecipe", "describe", "from_dict", "load", "parse_override", "resume_rule"]
+__all__ = ["ALL_TRACKERS", "BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe",
+           "LoraRecipe", "ModelRecipe", "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe",
+           "RecipeError", "SampleRecipe", "TrainRecipe", "describe", "from_dict", "load", "parse_override",
+           "resume_rule", "warmup_problem"]

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_dpo.recipe.aliases import other_tool_hint
 from lora_dpo.recipe.schema import SECTIONS, ColumnMap, ObjectiveRecipe, Recipe, RecipeError, resume_rule
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,17 @@ RESUME_NOTES = {"same": "", "free": " May change on `--resume`.",
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f"; did you mean `{match[0]}`?" if match else f"; valid: {', '.join(options)}"
+
+
+def _key_hint(key: str, section: str | None = None) -> str | None:
+    """What an unknown `key` (in `section`, or in none) is here: another tool's name for a recipe key (before any
+    spelling guess: `max_train_steps` is not `max_bad_steps`), or a key of another section."""
+    hint = other_tool_hint(key)
+    if hint:
+        return hint
+    homes = [name for name, cls in SECTIONS.items()
+             if name != section and key in {f.name for f in dataclasses.fields(cls)}]
+    return f"`{key}` belongs in " + " or ".join(f"[{home}] (`[{home}].{key}`)" for home in homes) if homes else None
 
 
 def _is_text(value: Any) -> bool:
@@ -123,7 +135,9 @@ def _type_phrase(annotation: Any) -> str:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` -> (section, key, value); the value is read as TOML, else as a plain string."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. train.learning_rate=2e-5")
+        hint = _key_hint(text.split("=", 1)[0]) if "=" in text else None
+        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. train.learning_rate=2e-5"
+                          + (f"; {hint}" if hint else ""))
     dotted, raw = (part.strip() for part in text.split("=", 1))
     section, key = dotted.split(".", 1)
     try:
@@ -139,8 +153,10 @@ def from_dict(raw: dict[str, Any], source: str = "<recipe>", overrides: tuple[st
     merged: dict[str, dict[str, Any]] = {}
     problems: dict[str, list[str]] = {source: [], "--set": []}
     for section, values in raw.items():
-        if not isinstance(values, dict):
-            problems[source].append(f"`{section}` must be a [section] table{_closest(section, list(SECTIONS))}")
+        if not isinstance(values, dict):  # a key outside any section (a flat config of another tool)
+            hint = _key_hint(section)
+            problems[source].append(f"`{section}` is outside any [section] table; {hint}" if hint else
+                                    f"`{section}` must be a [section] table{_closest(section, list(SECTIONS))}")
             continue
         merged[section] = dict(values)
     overridden = set()
@@ -150,9 +166,11 @@ def from_dict(raw: dict[str, Any], source: str = "<recipe>", overrides: tuple[st
         overridden.add((section, key))
     kwargs: dict[str, Any] = {}
     for section, values in merged.items():
-        if section not in SECTIONS:
+        if section not in SECTIONS:  # e.g. sd-scripts' [training_arguments]: say where each key it knows goes
             origin = "--set" if any(s == section for s, _ in overridden) else source
-            problems[origin].append(f"unknown section [{section}]{_closest(section, list(SECTIONS))}")
+            hints = [hint for key in values if (hint := _key_hint(key))]
+            problems[origin].append(f"unknown section [{section}]{_closest(section, list(SECTIONS))}"
+                                    + "".join(f"; {hint}" for hint in hints))
             continue
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
@@ -161,7 +179,9 @@ def from_dict(raw: dict[str, Any], source: str = "<recipe>", overrides: tuple[st
         for key, value in values.items():
             origin = "--set" if (section, key) in overridden else source
             if key not in fields:
-                problems[origin].append(f"unknown key [{section}].{key}{_closest(key, list(fields))}")
+                hint = _key_hint(key, section)
+                problems[origin].append(f"unknown key [{section}].{key}"
+                                        + (f"; {hint}" if hint else _closest(key, list(fields))))
                 continue
             checked, problem = _check_value(f"[{section}].{key}", value, hints[key], dict(fields[key].metadata))
             if problem:

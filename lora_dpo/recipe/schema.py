@@ -16,9 +16,11 @@ from lora_dpo.errors import LoraDpoError
 
 Precision = Literal["no", "fp16", "bf16"]
 ObjectiveKind = Literal["dpo", "ipo", "hinge", "mapo", "sft"]
-# The experiment trackers accelerate speaks (`log_with`) -> the package `pip install` brings
+# The experiment trackers accelerate speaks (`log_with`; its `LoggerType`, checked by tests/test_trackers.py) -> the
+# package `pip install` brings. `all`, as in accelerate, is every one of them that is installed.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
-            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+ALL_TRACKERS = "all"
 ColumnMap = tuple[tuple[str, str], ...]  # a TOML table {name = "column in the data"}, kept ordered and frozen
 
 # The column names lora-dpo reads, in the Pick-a-Pic layout (parquet, hub) and the path layout (JSONL, CSV)
@@ -208,8 +210,12 @@ class ObjectiveRecipe:
 class TrainRecipe:
     seed: int = _f(0, "Seed of every random choice: data order, crops, noise and timesteps.", min=0, max=2**32 - 1)
     learning_rate: float = _f(1e-5, "Peak learning rate of the LoRA weights.", min=0.0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Schedule after warmup.")
-    warmup_steps: int = _f(0, "Linear warmup, in optimizer steps.", min=0)
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
+        "constant", "The learning-rate schedule, each as diffusers' `get_scheduler` means it: `constant` (no warmup: "
+        "`warmup_steps` must be 0), `constant_with_warmup` (linear warmup from 0, then constant), `linear` and "
+        "`cosine` (warmup, then down to 0 at `max_steps`).")
+    warmup_steps: int = _f(0, "Linear warmup from 0 to `learning_rate`, in optimizer steps (with every schedule but "
+                              "`constant`).", min=0)
     max_steps: int = _f(2000, "Optimizer steps to train.", min=1, resume="free")
     batch_size: int = _f(1, "Pairs per micro-batch on each device.", min=1, resume="layout")
     gradient_accumulation: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, resume="layout")
@@ -256,6 +262,25 @@ class TrainRecipe:
         "error naming the key. Nothing is ever replaced without it.")
 
 
+def warmup_problem(cfg: TrainRecipe) -> str | None:
+    """A warmup the schedule would ignore: diffusers' `constant` has none. Until `constant_with_warmup` was a
+    choice, lora-dpo warmed `constant` up; refusing it (never silently dropping the warmup) says what changed."""
+    if cfg.lr_schedule == "constant" and cfg.warmup_steps:
+        return (f"[train].warmup_steps = {cfg.warmup_steps} with lr_schedule = \"constant\": diffusers' constant "
+                "schedule has no warmup; write lr_schedule = \"constant_with_warmup\" to warm up (what lora-dpo did "
+                "with `constant` before), or warmup_steps = 0")
+    return None
+
+
+def _as_trained(saved: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A checkpoint's recipe in today's names: `constant` with a warmup, from before `constant_with_warmup` was a
+    choice, trained as `constant_with_warmup` (so resuming it with that name changes nothing)."""
+    train = saved.get("train", {})
+    if train.get("lr_schedule") == "constant" and train.get("warmup_steps"):
+        return {**saved, "train": {**train, "lr_schedule": "constant_with_warmup"}}
+    return saved
+
+
 @dataclass(frozen=True)
 class SampleRecipe:
     every: int = _f(
@@ -277,10 +302,18 @@ class OutputRecipe:
     report_to: tuple[str, ...] = _f(
         ("tensorboard",),
         "Experiment trackers that receive the run's config, its metrics, the sample grids and the training plot "
-        "(through accelerate): any of " + ", ".join(TRACKERS) + "; `[]`: none. tensorboard writes to "
-        "`<run>/tensorboard`; the others read their usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...); see "
-        "docs/trackers.md.",
-        choices=tuple(TRACKERS),
+        "(through accelerate): any of " + ", ".join(TRACKERS) + ", or `all` (every one of them installed, as "
+        "accelerate means it); `[]`: none. tensorboard writes to `<run>/tensorboard`; the others read their usual "
+        "environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...); see docs/trackers.md.",
+        choices=(*TRACKERS, ALL_TRACKERS),
+    )
+    project: str = _f(
+        "lora-dpo",
+        "The trackers' project the run is logged under (its run is named after `name`): the wandb, trackio, "
+        "comet_ml and swanlab project, the mlflow experiment, the clearml project (aim: the run's name, as accelerate "
+        "sets it). What "
+        "diffusers' scripts call `--tracker_name` and sd-scripts `--log_tracker_name`. It wins over WANDB_PROJECT; "
+        "MLFLOW_EXPERIMENT_NAME and CLEARML_PROJECT, when set, win over it (accelerate reads them first).",
     )
     license: str | None = _f(
         None, "License in the model card (hub license id); None: the base's (SDXL `openrail++`, SD 1.5 "
@@ -325,7 +358,7 @@ class Recipe:
     def resume_conflicts(self, saved: dict[str, dict[str, Any]]) -> list[str]:
         """The run-shaping keys (`resume_rule` "same") whose value differs from `saved` (a checkpoint's
         `to_dict()`), as `[section].key (old -> new)`: what a resume must refuse."""
-        now, changed = self.to_dict(), []
+        now, changed, saved = self.to_dict(), [], _as_trained(saved)
         for section, values in now.items():
             for key, value in values.items():
                 before = saved.get(section, {}).get(key, value)  # a key added since: its default was the run's

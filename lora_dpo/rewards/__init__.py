@@ -28,6 +28,7 @@ from lora_dpo.rewards.relabel import TIES_CHOICES, RelabelSummary, relabel_sourc
 from lora_dpo.rewards.scorers import (
     DEFAULT_SOURCES,
     SCORER_KINDS,
+    UNITS,
     AestheticMLP,
     AestheticScorer,
     ClipScorer,
@@ -44,6 +45,7 @@ __all__ = [
     "SCORER_KINDS",
     "TIES_CHOICES",
     "TIE_LABEL",
+    "UNITS",
     "AestheticMLP",
     "AestheticScorer",
     "ClipScorer",

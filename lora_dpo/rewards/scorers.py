@@ -44,6 +44,18 @@ DEFAULT_SOURCES: dict[str, str | None] = {
     "pickscore": "yuvalkirstain/PickScore_v1", "clip": LAION_VIT_H14, "hps": None, "aesthetic": None,
     "shapes": None,
 }
+# What one score means, for reports (the conventions above, in a reader's words): a win rate compares images of
+# one prompt; a mean difference is in these units, so differences of two scorers are not comparable.
+UNITS: dict[str, str] = {
+    "pickscore": "PickScore: the model's logit scale x the cosine of image and prompt (around 20); higher is the "
+                 "image people would more likely pick, and only differences between images of one prompt mean much",
+    "hps": "HPS v2: 100 x the cosine of image and prompt (around 27, the unit of HPS v2's benchmark tables); higher "
+           "is the image people would more likely prefer",
+    "clip": "CLIP score: 100 x the cosine of image and prompt, not clipped at 0; higher matches the prompt better, "
+            "which is not the same as a better image",
+    "aesthetic": "LAION aesthetic predictor: a rating of the image alone on a 1-10 scale (the prompt is ignored)",
+    "shapes": "the demo's pixel judge, about 0-3: colour match + background brightness + one clear shape - clutter",
+}
 _CLIP_KINDS = ("pickscore", "hps", "clip")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")
 _SPEC_HELP = (f"expected KIND[@SOURCE][:WEIGHT] with KIND one of {', '.join(SCORER_KINDS)} "
@@ -52,7 +64,8 @@ _SPEC_HELP = (f"expected KIND[@SOURCE][:WEIGHT] with KIND one of {', '.join(SCOR
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Anything that scores (prompt, image) pairs; ``name`` becomes the parquet column suffix."""
+    """Anything that scores (prompt, image) pairs; ``name`` becomes the parquet column suffix. The built-in ones
+    also say what a score means (``unit``, from ``UNITS``), which reports print; a scorer of your own may not."""
 
     name: str
 
@@ -129,7 +142,7 @@ class ClipScorer:
             model = model or CLIPModel.from_pretrained(src)
             processor_source = processor_source or _processor_source(kind, src)
             processor = processor or CLIPProcessor.from_pretrained(processor_source)
-        self.kind, self.name, self.batch_size = kind, name or kind, batch_size
+        self.kind, self.name, self.batch_size, self.unit = kind, name or kind, batch_size, UNITS[kind]
         self.device, self.dtype = torch.device(device), dtype
         self.model, self.processor = model.to(device=self.device, dtype=dtype).eval(), processor
         # Pad every caption to the full context so a score never depends on what it was batched with.
@@ -217,6 +230,7 @@ class AestheticScorer:
             raise RewardError(f"aesthetic MLP expects {in_dim}-d embeddings but the CLIP model projects to "
                              f"{model.config.projection_dim}-d (LAION's head needs CLIP ViT-L/14)")
         self.name, self.batch_size, self.device, self.dtype = name, batch_size, torch.device(device), dtype
+        self.unit = UNITS["aesthetic"]
         self.mlp = weights.to(self.device).eval()  # stays float32: it is tiny, so precision is free
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.image_processor = getattr(processor, "image_processor", processor)
@@ -248,7 +262,7 @@ class ShapesScorer:
     SIZE = 64
 
     def __init__(self, name: str = "shapes") -> None:
-        self.name = name
+        self.name, self.unit = name, UNITS["shapes"]
 
     def score(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         if len(prompts) != len(images):

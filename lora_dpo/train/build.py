@@ -16,7 +16,7 @@ import torch
 
 from lora_dpo import cache, checkpoint, data, files, guards, models, plan, step, trackers
 from lora_dpo.export import ADAPTER_FILE
-from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe
+from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe, warmup_problem
 from lora_dpo.train import samples
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     from diffusers.optimization import get_scheduler
 
     cfg = recipe.train
+    problem = warmup_problem(cfg)  # a schedule's meaning changed: refused before anything is written or loaded
+    if problem:
+        raise RecipeError(problem)
     files.make_folder(run_dir)
     files.remove_temporaries(run_dir)  # what a killed write left behind
     if (run_dir / ADAPTER_FILE).exists() and not (recipe.output.overwrite or resume):
@@ -78,10 +81,10 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     step.use_deterministic_kernels(cfg.deterministic)
     precision = step.resolve_precision(cfg)
     trackers.check_installed(recipe.output.report_to)
-    log_with, init_kwargs = trackers.accelerate_trackers(recipe.output.report_to, run_dir)
+    log_with, init_kwargs = trackers.accelerate_trackers(trackers.resolve(recipe.output.report_to), run_dir)
     accelerator = step.make_accelerator(precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                                         log_with=log_with or None, project_dir=run_dir)
-    accelerator.init_trackers(trackers.PROJECT, config=trackers.run_config(recipe), init_kwargs=init_kwargs)
+    accelerator.init_trackers(recipe.output.project, config=trackers.run_config(recipe), init_kwargs=init_kwargs)
     device = accelerator.device
     _check_parallelism(accelerator, cfg)
     start_pairs = 0 if resuming is None else _resume_position(resuming, recipe, accelerator.num_processes)
@@ -105,10 +108,8 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     lora_config = step.build_policy(base.unet, recipe.lora, cfg.seed, precision=precision,
                                     quantize=recipe.model.quantize, device=device, checkpointing=checkpointing)
     optimizer = step.make_optimizer(cfg, models.lora_parameters(base.unet), device)
-    schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
-    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps,  # diffusers' `constant`
-
-                                 num_training_steps=cfg.max_steps)                  # ignores any warmup
+    lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                 num_training_steps=cfg.max_steps)
 
     pin = device.type == "cuda"
     train_loader = _loader(parts.train, parts.sampler, cfg.batch_size, parts.num_workers, pin, parts.collate,

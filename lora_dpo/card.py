@@ -86,7 +86,9 @@ def _eval_section(report: dict[str, Any], hashes: dict[str, str]) -> list[str]:
         lines += ["| scorer | strength | win rate vs base (95 % CI) | wins / ties / losses |", "|---|---|---|---|"]
         for scorer, by_scale in summary.items():
             for scale, r in by_scale.items():
-                interval = f" ({r['low']:.1%} - {r['high']:.1%})" if "low" in r and "high" in r else ""
+                flat = "low" in r and "high" in r and r["high"] - r["low"] < 1e-12  # no interval, not certainty
+                interval = f" ({r['low']:.1%} - {r['high']:.1%})" if "low" in r and "high" in r and not flat else ""
+                interval += f" ({r['interval_note']})" if r.get("interval_note") else ""
                 lines.append(f"| {scorer} | {scale} | **{r['rate']:.1%}**{interval} | "
                              f"{r.get('wins', '?')} / {r.get('ties', '?')} / {r.get('losses', '?')} |")
     else:

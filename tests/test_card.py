@@ -63,6 +63,11 @@ def test_card_shows_evaluation_and_samples_when_present(run_dir: Path) -> None:
     (run_dir / "eval" / "report.json").write_text(json.dumps(report))
     text = card.model_card(run_dir)
     assert "| pickscore | 1 | **62.5%** (50.0% - 75.0%) | 5 / 0 / 3 |" in text
+    flat = {"rate": 0.75, "low": 0.75, "high": 0.75, "wins": 9, "ties": 0, "losses": 3,
+            "interval_note": "no interval: resampling the 3 prompts never moves the rate"}  # as `eval` writes it
+    (run_dir / "eval" / "report.json").write_text(json.dumps({**report, "summary": {"shapes": {"1": flat}}}))
+    assert ("| shapes | 1 | **75.0%** (no interval: resampling the 3 prompts never moves the rate) | 9 / 0 / 3 |"
+            in card.model_card(run_dir))  # never "(75.0% - 75.0%)", which reads as certainty
     assert "![samples](eval/grids/grid-000.png)" in text
     assert "Evaluated:" not in text  # a report that does not say which file it scored names none
     own = hashlib.sha256((run_dir / ADAPTER_FILE).read_bytes()).hexdigest()

@@ -69,6 +69,50 @@ def test_two_processes_train_the_adapter_one_process_trains_with_the_same_global
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-3)
 
 
+def _launch_two(toml: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "lora_dpo", "train", str(toml), *extra]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.distributed
+def test_a_stream_in_two_processes_resumes_where_each_part_stood(tiny_recipe, pickapic_shapes: Path,
+                                                                  tmp_path: Path) -> None:
+    """Two processes stream their own files of the split (the Pick-a-Pic layout: 4 files); a checkpoint gathers
+    both processes' positions and counts. Resumed from it in two processes, the run ends with the uninterrupted
+    run's adapter bit for bit and its closing data line; in one process, it is refused naming the process count."""
+    from lora_dpo import data
+    from lora_dpo.train import setup
+
+    def recipe_(name: str):
+        return tiny_recipe(data={"source": f"hf:{pickapic_shapes}", "streaming": True, "val_pairs": 2,
+                                 "shuffle_buffer": 4},
+                           train={"max_steps": 4, "batch_size": 1, "checkpoint_every": 2, "log_every": 1,
+                                  "num_threads": 1},
+                           output={"dir": str(tmp_path), "name": name})
+
+    for name in ("reference", "resumed"):
+        (tmp_path / f"{name}.toml").write_text(recipe_(name).to_toml())
+    reference = _launch_two(tmp_path / "reference.toml")
+    saved = tmp_path / "reference" / "checkpoint-2"
+    stream = json.loads((saved / "state.json").read_text())["stream"]
+    assert (stream["processes"], sorted(stream["parts"]), stream["batches"]) == (2, ["0", "1"], 2)
+    resumed = _launch_two(tmp_path / "resumed.toml", "--resume", str(saved))
+
+    def closing(result: subprocess.CompletedProcess) -> list[str]:
+        return [line for line in result.stdout.splitlines() if line.startswith("lora-dpo: data:")]
+
+    assert closing(resumed) == closing(reference) and len(closing(reference)) == 1
+    first, second = load_file(tmp_path / "reference" / ADAPTER_FILE), load_file(tmp_path / "resumed" / ADAPTER_FILE)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(data.DataError, match=r"in 2 processes and this launch has 1.*--num_processes 2"):
+        setup(recipe_("one"), tmp_path / "one", resume=str(saved))
+
+
 def _records(run_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

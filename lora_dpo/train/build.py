@@ -45,6 +45,7 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     data_stats: data.PairStats = field(default_factory=data.PairStats)  # what reading the source found
     loader_stats: data.PairStats = field(default_factory=data.PairStats)  # what this process's loaders found
+    stream_positions: dict[int, Any] | None = None  # a stream's: part -> its position after the last batch consumed
 
 
 def _loader(dataset: torch.utils.data.Dataset, sampler: Any, batch_size: int, num_workers: int, pin: bool,
@@ -87,11 +88,12 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     accelerator.print(f"lora-dpo: gradient checkpointing {'on' if checkpointing else 'off'}: {why}")
     weight_dtype = models.DTYPES[precision]
     draws = cfg.max_steps * cfg.gradient_accumulation * cfg.batch_size * accelerator.num_processes
+    streamed = recipe.data.streaming and not recipe.data.cache
     if recipe.data.cache:  # encoded already: the VAE and the text encoders are never loaded
         parts = cache.cached_datasets(recipe, draws, weight_dtype)
-    else:
+    else:  # a resumed stream starts each part where the checkpoint says it stood
         parts = data.build_datasets(recipe.data, cfg.seed, draws, cfg.batch_size, accelerator.process_index,
-                                    accelerator.num_processes)
+                                    accelerator.num_processes, _saved_stream(run_dir, resume) if streamed else None)
 
     base = models.load_base(recipe.model, with_encoders=not recipe.data.cache, weight_dtype=weight_dtype,
                             vae_dtype=models.DTYPES[recipe.model.vae_dtype])
@@ -119,7 +121,8 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         unet, optimizer, train_loader = accelerator.prepare(base.unet, optimizer, train_loader)
 
     run = Run(recipe, run_dir, accelerator, base, unet, lora_config, optimizer, lr_scheduler, train_loader,
-              val_loader, data_summary=parts.summary, heldout=parts.heldout, data_stats=parts.stats)
+              val_loader, data_summary=parts.summary, heldout=parts.heldout, data_stats=parts.stats,
+              stream_positions={} if streamed else None)
     if accelerator.is_main_process and parts.heldout_rows:  # which pairs were never trained on, to measure again
         files.write_text(run_dir / HELDOUT_FILE, "".join(json.dumps(row) + "\n" for row in parts.heldout_rows))
     if recipe.sample.every and recipe.data.cache:
@@ -193,6 +196,19 @@ def _deepspeed_settings(accelerator: Any, cfg: TrainRecipe) -> None:
                           "so the recipe decides; or make them equal")
 
 
+def _saved_stream(run_dir: Path, which: str | None) -> dict[str, Any] | None:
+    """Where a streamed run stood at the checkpoint `--resume` names (its state.json's "stream"), read before the
+    data is built; None when not resuming, or when it has none (`_resume` then replays, or names what is wrong)."""
+    if not which:
+        return None
+    found = checkpoint.list_checkpoints(run_dir)
+    path = (found[-1] if found else None) if which == "latest" else Path(which)
+    if path is None or not (path / checkpoint.STATE).is_file():
+        return None
+    state = files.read_json(path / checkpoint.STATE, "checkpoint")
+    return state.get("stream") if isinstance(state, dict) else None
+
+
 def _resume(run: Run, which: str) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -209,7 +225,11 @@ def _resume(run: Run, which: str) -> None:
     set_peft_model_state_dict(unet, lora)
     checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path,
                                  run.accelerator.scaler)
-    run.train_loader = run.accelerator.skip_first_batches(run.train_loader, state["micro_steps"])
+    if run.stream_positions is not None and "stream" in state:  # the stream starts where it stood (setup)
+        if run.accelerator.is_main_process:  # what the loaders counted before, once (other processes add theirs)
+            run.loader_stats.merge(data.PairStats.from_json(state["stream"]["stats"]))
+    else:  # replay the loader up to the checkpoint (a stream saved without positions re-reads its stream)
+        run.train_loader = run.accelerator.skip_first_batches(run.train_loader, state["micro_steps"])
     run.start_step = state["step"]
     run.skipped_steps = int(state.get("skipped_steps", 0))
     run.history = state["history"]

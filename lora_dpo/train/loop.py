@@ -33,6 +33,8 @@ def _encode(run: Run, batch: data.PreferenceBatch | EncodedBatch) -> EncodedBatc
     if isinstance(batch, EncodedBatch):
         return batch.to(run.accelerator.device)
     run.loader_stats.merge(batch.stats)
+    if run.stream_positions is not None:
+        run.stream_positions.update(batch.stream_positions)
     return encode_batch(run.base, batch, run.accelerator.device)
 
 
@@ -152,6 +154,7 @@ def _record(run: Run, record: dict[str, float]) -> None:
 def _save_checkpoint(run: Run, step: int, micro_step: int, skipped_steps: int) -> Path | None:
     """Write a checkpoint from the main process; returns its path there (None on the others)."""
     run.accelerator.wait_for_everyone()
+    stream = _stream_state(run, micro_step)  # every process takes part: each streams its own parts
     if not run.accelerator.is_main_process:
         return None
     from peft.utils import get_peft_model_state_dict
@@ -160,7 +163,26 @@ def _save_checkpoint(run: Run, step: int, micro_step: int, skipped_steps: int) -
     return checkpoint.save_checkpoint(run.run_dir, step, get_peft_model_state_dict(unet), run.optimizer,
                                       run.lr_scheduler, {"micro_steps": micro_step, "history": run.history,
                                                          "fingerprint": run.recipe.fingerprint(),
-                                                         "skipped_steps": skipped_steps},
+                                                         "skipped_steps": skipped_steps, **stream},
                                       keep=run.recipe.train.keep_checkpoints, scaler=run.accelerator.scaler)
+
+
+def _stream_state(run: Run, micro_step: int) -> dict[str, Any]:
+    """A stream's place in state.json (`{"stream": ...}`; empty for other sources): every part's position after
+    the batches consumed, gathered from all processes, the layout that reads them (a resume with other parts is
+    refused), the batches each process consumed, and what the loaders counted so far (the closing line of a
+    resumed run counts those rows once)."""
+    if run.stream_positions is None:
+        return {}
+    from accelerate.utils import gather_object
+
+    positions: dict[int, Any] = {}
+    counted = data.PairStats()
+    for mine, stats in gather_object([(run.stream_positions, run.loader_stats)]):
+        positions |= mine
+        counted.merge(stats)
+    return {"stream": {"parts": {str(part): at for part, at in sorted(positions.items())},
+                       "processes": run.accelerator.num_processes, "workers": run.train_loader.num_workers,
+                       "batches": micro_step, "stats": counted.to_json()}}
 
 

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder `checkpoint-<step>/` with the LoRA weights, the whole optimizer state (at any nesting
 depth: bitsandbytes' 8-bit state included) as tensors, and `state.json` (where each of those tensors goes, step,
-pairs consumed = the data position, the launch layout, scheduler and fp16 loss-scaler states, the guard's counts,
-the resolved recipe and its fingerprint, history).
+pairs consumed = the data position (for a stream, each part's own position: `stream`), the launch layout,
+scheduler and fp16 loss-scaler states, the guard's counts, the resolved recipe and its fingerprint, history).
 It is written to a temporary folder, flushed and renamed (`files.publish_folder`), so a crash or a SIGKILL at
 any moment leaves either the whole checkpoint or none; the newest `keep` are kept.
 

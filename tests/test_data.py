@@ -273,29 +273,6 @@ def test_hub_dataset_downloaded_reads_rows_by_reference(pickapic_hub: Path, tmp_
     assert item["pixels"].shape == (2, 3, 32, 32)
     with pytest.raises(data.DataError, match="cannot load it"):
         list(data.read_records(DataRecipe(source=f"hf:{tmp_path / 'absent'}")))
-
-
-def test_hub_dataset_streamed_holds_out_the_head_shuffles_and_yields_every_draw(pickapic_hub: Path) -> None:
-    folder = pickapic_hub
-    cfg = DataRecipe(source=f"hf:{folder}", resolution=32, streaming=True, val_pairs=2, shuffle_buffer=4)
-    parts = data.build_datasets(cfg, seed=0, draws=16, batch_size=2)
-    assert parts.sampler is None and [p.prompt for p in parts.val.pairs] == ["t0", "t1"]
-
-    def draw(workers: int) -> tuple[list[str], data.PairStats]:
-        loader = torch.utils.data.DataLoader(parts.train, batch_size=2, collate_fn=data.collate, num_workers=workers)
-        prompts, stats = [], data.PairStats()
-        for batch in loader:
-            prompts += batch.prompts
-            stats.merge(batch.stats)
-        return prompts, stats
-
-    prompts, stats = draw(workers=0)
-    usable = {f"t{i}" for i in range(2, 12)} - {"t5", "t7"}  # held out, a tie, an undecodable image
-    assert len(prompts) == 16 and set(prompts) == usable  # more draws than pairs: a second pass
-    assert prompts != sorted(prompts) and draw(workers=0)[0] == prompts  # shuffled, and reproducibly
-    assert stats.dropped["ties"] >= 1 and "undecodable image" in stats.skipped.values()
-    in_workers, _ = draw(workers=2)  # each worker streams its own file of the split
-    assert len(in_workers) == 16 and set(in_workers) == usable
     with pytest.raises(data.DataError, match="synthetic:shapes"):
         data.synthetic_source("synthetic:shapes:many", 64)
 
@@ -484,26 +461,6 @@ def _hub_with_repeats(folder: Path, rows: int = 16, prompts: int = 4, validation
     if validation:
         pq.write_table(table(list(validation), 7), folder / "data" / "validation-00000-of-00001.parquet")
     return folder
-
-
-def test_a_stream_holds_out_prompts_and_drops_their_later_pairs_from_training(tmp_path: Path) -> None:
-    """Captions p0..p3 repeat every 4 rows: holding out the first 3 usable pairs holds out p0, p1 and p2, and the
-    training stream, which meets their pairs again later, drops and counts every one of them."""
-    folder = _hub_with_repeats(tmp_path / "repeats")
-    cfg = DataRecipe(source=f"hf:{folder}", resolution=32, streaming=True, val_pairs=3, shuffle_buffer=4)
-    parts = data.build_datasets(cfg, seed=0, draws=8, batch_size=2)
-    assert [p.prompt for p in parts.val.pairs] == ["p0", "p1", "p2"]
-    assert parts.heldout == "3 pairs, 3 prompts never trained on, held out by prompt from the training source"
-    assert [row["prompt"] for row in parts.heldout_rows] == ["p0", "p1", "p2"]
-    assert [row["where"].split(" '")[0] for row in parts.heldout_rows] == [
-        f"hf:{folder}[train] row {i}" for i in range(3)]  # a held-out stream row says where it was
-    loader = torch.utils.data.DataLoader(parts.train, batch_size=2, collate_fn=data.collate)
-    prompts, stats = [], data.PairStats()
-    for batch in loader:
-        prompts += batch.prompts
-        stats.merge(batch.stats)
-    assert len(prompts) == 8 and set(prompts) == {"p3"}
-    assert stats.dropped[data.HELD_OUT_PROMPT] >= 9  # 16 rows: 4 of p3, 3 held out, 9 later ones of p0..p2
 
 
 def test_val_split_holds_out_another_split_and_training_skips_its_prompts(tmp_path: Path) -> None:

@@ -126,6 +126,42 @@ def test_two_processes_train_as_one_and_a_checkpoint_goes_on_with_either(tiny_re
     _assert_same_training(tmp_path / "one-then-two", tmp_path / "two")
 
 
+@pytest.mark.distributed
+def test_a_stream_in_two_processes_resumes_where_each_part_stood(tiny_recipe, pickapic_shapes: Path,
+                                                                  tmp_path: Path) -> None:
+    """Two processes stream their own files of the split (the Pick-a-Pic layout: 4 files); a checkpoint gathers
+    both processes' positions and counts. Resumed from it in two processes, the run ends with the uninterrupted
+    run's adapter bit for bit and its closing data line; in one process, it is refused naming the process count."""
+    from lora_dpo.train import setup
+
+    def recipe_(name: str):
+        return tiny_recipe(data={"source": f"hf:{pickapic_shapes}", "streaming": True, "val_pairs": 2,
+                                 "shuffle_buffer": 4},
+                           train={"max_steps": 4, "batch_size": 1, "checkpoint_every": 2, "log_every": 1,
+                                  "num_threads": 1},
+                           output={"dir": str(tmp_path), "name": name})
+
+    for name in ("reference", "resumed"):
+        (tmp_path / f"{name}.toml").write_text(recipe_(name).to_toml())
+    reference = _ddp_train(tmp_path / "reference.toml")
+    saved = tmp_path / "reference" / "checkpoint-2"
+    stream = json.loads((saved / "state.json").read_text())["stream"]
+    assert (stream["processes"], sorted(stream["parts"]), stream["batches"]) == (2, ["0", "1"], 2)
+    resumed = _ddp_train(tmp_path / "resumed.toml", "--resume", str(saved))
+
+    def closing(result: subprocess.CompletedProcess) -> list[str]:
+        return [line for line in result.stdout.splitlines() if line.startswith("lora-dpo: data:")]
+
+    assert closing(resumed) == closing(reference) and len(closing(reference)) == 1
+    first, second = load_file(tmp_path / "reference" / ADAPTER_FILE), load_file(tmp_path / "resumed" / ADAPTER_FILE)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(RecipeError, match=r"took 2 pairs \(batch 1 x accumulation 1 x 2 processes\), this launch "
+                                          r"takes 1 pair .*launch it as it was saved \(2 processes\)"):
+        setup(recipe_("one"), tmp_path / "one", resume=str(saved))
+
+
+
+
 def poison_loss(micro_step: int, process: int | None = None) -> Callable[..., StepOutput]:
     """`dpo_step` with a NaN loss at training micro-step `micro_step`, on process `process` only (None: every
     process); imported by the launched processes too (`_POISONED_TRAIN`)."""

@@ -133,28 +133,71 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and "absent.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_streamed_hub_set_trains_resumes_and_reports_what_it_skipped(tiny_recipe, pickapic_hub: Path,
-                                                                       capsys: pytest.CaptureFixture) -> None:
-    """Streaming in two loader workers: held-out head, ties dropped as rows arrive, a truncated image skipped in a
-    worker and reported once the run is over (as a user sees it, and in metrics.json); a resume replays the stream
-    to the same adapter."""
-    recipe = tiny_recipe(data={"source": f"hf:{pickapic_hub}", "streaming": True, "val_pairs": 2,
-                               "shuffle_buffer": 4, "num_workers": 2},
-                         train={"max_steps": 4, "batch_size": 3, "checkpoint_every": 2})
-    path = train(recipe)
-    report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lora-dpo: data:")]
-    assert len(report) == 1 and "ties" in report[0] and "1 undecodable image (first:" in report[0], report
-    summary = json.loads((path.parent / "metrics.json").read_text())
-    assert summary["steps"] == 4 and summary["skipped"] == {"undecodable image": 1}
-    assert "streaming" in summary["data"] and "2 held out" in summary["data"]
+def test_a_streamed_hub_set_trains_resumes_where_it_stood_and_reports_what_it_skipped(
+        tiny_recipe, pickapic_hub: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Streaming in two loader workers: the held-out set by prompt, ties dropped as rows arrive, a truncated image
+    skipped in a worker and reported once the run is over (as a user sees it, and in metrics.json). A real
+    SIGTERM in step 2 stops it after step 3 (three batches: the next is due from the second worker) with a
+    checkpoint of each part's position; resumed, the stream starts there (no replay of the loader) and the run
+    ends with the uninterrupted run's adapter, bit for bit, and its closing data line: every row counted once. A
+    resume with another number of loader workers is refused, naming the key."""
+    import signal
 
-    from peft.utils import get_peft_model_state_dict
+    from accelerate.data_loader import SkipDataLoader
 
-    run = setup(recipe, path.parent.with_name("resumed"), resume=str(path.parent / "checkpoint-2"))
-    fit(run)
-    resumed = get_peft_model_state_dict(run.unet)
-    for key, value in load_file(path).items():
-        torch.testing.assert_close(resumed[key.removeprefix("unet.")], value, rtol=0, atol=0)
+    from lora_dpo import data
+    from lora_dpo.errors import Interrupted
+
+    def recipe_(name: str, workers: int = 2):
+        return tiny_recipe(data={"source": f"hf:{pickapic_hub}", "streaming": True, "val_pairs": 2,
+                                 "shuffle_buffer": 4, "num_workers": workers},
+                           train={"max_steps": 5, "batch_size": 3, "checkpoint_every": 0, "num_threads": 1},
+                           output={"dir": str(tmp_path), "name": name})
+
+    def closing_line() -> str:
+        report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lora-dpo: data:")]
+        assert len(report) == 1, report
+        return report[0]
+
+    reference = train(recipe_("reference"))
+    report = closing_line()
+    assert "1 ties" in report and "1 undecodable image (first:" in report and "(2 measured" in report, report
+    summary = json.loads((reference.parent / "metrics.json").read_text())
+    assert summary["steps"] == 5 and summary["skipped"] == {"undecodable image": 1}
+    assert summary["data"].startswith("streaming") and "2 pairs held out and measured" in summary["data"]
+
+    run_dir = tmp_path / "stopped"
+    run = setup(recipe_("stopped"), run_dir)
+    calls = [0]
+
+    def sigterm_in_step_two(module, args, output) -> None:  # seen as step 3 starts, so step 3 is the last
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run.accelerator.unwrap_model(run.unet).register_forward_hook(sigterm_in_step_two)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # pytest's, should fit's not take it
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            fit(run)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.step == 3
+    saved = json.loads((stopped.value.checkpoint / "state.json").read_text())["stream"]
+    assert (saved["processes"], saved["workers"], saved["batches"], sorted(saved["parts"])) == (1, 2, 3, ["0", "1"])
+    capsys.readouterr()
+
+    with pytest.raises(data.DataError, match=r"resume it with \[data\].num_workers = 2"):
+        setup(recipe_("stopped", workers=1), run_dir, resume="latest")
+    resumed_run = setup(recipe_("stopped"), run_dir, resume="latest")
+    assert resumed_run.start_step == 3 and not isinstance(resumed_run.train_loader, SkipDataLoader)
+    del resumed_run
+    resumed = load_file(train(recipe_("stopped"), resume="latest"))
+    assert closing_line() == report
+    uninterrupted = load_file(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), "the resumed adapter differs"
 
 
 def test_a_pairs_noise_does_not_depend_on_the_batch_it_lands_in() -> None:

@@ -12,7 +12,8 @@ At Pick-a-Pic scale (~850K pairs, ~335 GB) no list of pairs holds image bytes. A
 keeps a few in an LRU, and the sampler shuffles whole row groups and then the pairs within a window of
 `shuffle_buffer` pairs, so one pass reads each row group about once instead of once per pair. A downloaded hub
 split is memory-mapped Arrow, read by row (`HubCell`). A streamed hub split is an IterableDataset
-(`StreamingPreferenceDataset`) with a shuffle buffer.
+(`StreamingPreferenceDataset`): each part (process x loader worker) reads its own files and shuffles windows of
+pairs with seeded RNGs, so its place is a small JSON position that its items carry and a resume starts from.
 
 Unusable rows never end a run unless `[data].strict`: what the metadata shows (a missing file, an empty caption,
 a bad label, a malformed line) is dropped by `prepare_pairs`; what only decoding shows (a truncated or
@@ -28,7 +29,7 @@ Modules, each importing only those above it (and never `models`, `step` or the t
   pairs      the ties policy and orientation (orient), the held-out split by prompt, parquet row-group blocks
   images     ImageReader (fetches a reference), decode_image, to_rgb, decode_pair, open_image
   dataset    the pair transform, caption dropout, PreferenceDataset, PreferenceBatch, collate, StreamSampler
-  streaming  a streamed hub split: its held-out head and StreamingPreferenceDataset
+  streaming  a streamed hub split: held-out prompts by hash (stream_holdout), StreamingPreferenceDataset
   build      split_live, Datasets and build_datasets, what the trainer (and the cache) build from
 This package re-exports the names the rest of lora-dpo uses, so `from lora_dpo import data; data.X` works.
 """

@@ -62,23 +62,13 @@ def split_live(cfg: DataRecipe, seed: int) -> tuple[list[Pair], HeldOut, PairSta
 
 
 def build_datasets(cfg: DataRecipe, seed: int, draws: int, batch_size: int, process_index: int = 0,
-                   num_processes: int = 1, start: int = 0) -> Datasets:
+                   num_processes: int = 1, start: int = 0, stream: dict[str, Any] | None = None) -> Datasets:
     """Live sources: read and filter the records (or, for a stream, the held-out head), split, and wrap them.
     `draws` counts the whole run's pairs over all processes; the training stream goes on from draw `start` (a
-    resume; a streamed source is replayed by the trainer instead)."""
+    resume). `stream`: where a streamed run stood (a checkpoint's "stream": each part's position, the layout, the
+    batches consumed), so each part reads on from its own position."""
     if cfg.streaming:
-        if not is_hub(cfg.source):
-            raise DataError(f"[data].streaming = true needs a hub dataset; {cfg.source!r} is read lazily anyway")
-        heldout, leave_out, stats = stream_holdout(cfg)
-        train = StreamingPreferenceDataset(cfg, seed, draws // num_processes, batch_size, leave_out, process_index,
-                                           num_processes)
-        workers = min(cfg.num_workers, train.num_shards())
-        summary = (f"streaming {cfg.source} [{cfg.split}]: {len(heldout.pairs)} held out ({heldout.describe()}; "
-                   f"{stats.summary()})")
-        held = heldout.pairs
-        val = PreferenceDataset(held, cfg, seed, train=False) if held else None
-        return Datasets(train, val, None, collate, stats, summary, workers, tuple(p.prompt for p in held),
-                        heldout.describe(), heldout.rows())
+        return _stream_datasets(cfg, seed, draws, batch_size, process_index, num_processes, stream)
     train_pairs, heldout, stats = split_live(cfg, seed)
     val_pairs = heldout.pairs
     if len(train_pairs) < batch_size:  # a batch larger than the data would only repeat pairs (and fill memory)
@@ -97,3 +87,50 @@ def build_datasets(cfg: DataRecipe, seed: int, draws: int, batch_size: int, proc
     prompts = tuple(p.prompt for p in (val_pairs or train_pairs[:256]))
     return Datasets(train, val, sampler, collate, stats, summary, cfg.num_workers, prompts, heldout.describe(),
                     heldout.rows())
+
+
+def _stream_datasets(cfg: DataRecipe, seed: int, draws: int, batch_size: int, process_index: int,
+                     num_processes: int, resume: dict[str, Any] | None) -> Datasets:
+    if not is_hub(cfg.source):
+        raise DataError(f"[data].streaming = true needs a hub dataset; {cfg.source!r} is read lazily anyway")
+    head = stream_holdout(cfg, seed)
+    train = StreamingPreferenceDataset(cfg, seed, draws // num_processes, batch_size, head.leave_out, process_index,
+                                       num_processes)
+    files = train.num_files()
+    if files < num_processes:
+        raise DataError(f"[data].source = {cfg.source!r} [{cfg.split}] has {files} files, fewer than the "
+                        f"{num_processes} processes, each of which streams its own: launch at most {files}")
+    workers = min(cfg.num_workers, files // num_processes)
+    if resume is not None:
+        check_stream_layout(resume, num_processes, workers)
+        train.positions = {int(part): at for part, at in resume["parts"].items()}
+        train.consumed = int(resume["batches"])
+    held = head.heldout.pairs
+    where = f"streaming {cfg.source} [{cfg.split}]"
+    rest = "counts the rest as it reads them (the closing data line)"
+    if cfg.val_split:
+        summary = (f"{where}: {len(held)} pairs held out and measured ({head.heldout.describe()}; the first "
+                   f"{head.rows} rows of {cfg.val_split!r}: {head.head.summary()}); training leaves out every pair of "
+                   f"their {head.heldout.prompts()} prompts (held out, not measured) and {rest}")
+    elif held:
+        summary = (f"{where}: {len(held)} pairs held out and measured ({head.heldout.describe()}); {head.how}; the "
+                   f"stream's first {head.rows} rows, read to find them: {head.head.summary()}; training leaves out "
+                   f"every other pair of a held-out prompt (held out, not measured) and {rest}")
+    else:
+        summary = f"{where}: nothing held out ([data].val_pairs = 0); training counts pairs as it reads them"
+    val = PreferenceDataset(held, cfg, seed, train=False) if held else None
+    return Datasets(train, val, None, collate, head.stats, summary, workers, tuple(p.prompt for p in held),
+                    head.heldout.describe(), head.heldout.rows())
+
+
+def check_stream_layout(saved: dict[str, Any], num_processes: int, workers: int) -> None:
+    """A stream's positions are per part (process x loader worker, each reading its own files): refuse a resume
+    with other parts, naming what changed. 0 and 1 workers are the same single part per process."""
+    if int(saved["processes"]) != num_processes:
+        raise DataError(f"--resume: the checkpoint streamed its data in {saved['processes']} processes and this "
+                        f"launch has {num_processes}; each process streams its own files, so resume it with "
+                        f"{saved['processes']} processes (accelerate launch --num_processes {saved['processes']})")
+    if max(1, int(saved["workers"])) != max(1, workers):
+        raise DataError(f"--resume: the checkpoint streamed its data with {saved['workers']} loader workers per "
+                        f"process and this run has {workers} ([data].num_workers); each worker streams its own files, "
+                        f"so resume it with [data].num_workers = {saved['workers']}")

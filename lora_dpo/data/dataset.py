@@ -75,7 +75,8 @@ def make_item(pair: Pair, reader: ImageReader, cfg: DataRecipe, seed: int, key: 
 @dataclass
 class PreferenceBatch:
     """B pairs. pixels_* (B, 3, R, R) in [-1, 1]; time_ids_* (B, 6); labels (B,) = P(w preferred); stats: the
-    rows the loader read, dropped or skipped while making this batch (counted in the main process)."""
+    rows the loader read, dropped or skipped while making this batch (counted in the main process);
+    stream_positions: for a stream, part -> where that part stands after this batch (JSON; a resume starts there)."""
 
     prompts: list[str]
     pixels_w: Tensor
@@ -84,6 +85,7 @@ class PreferenceBatch:
     time_ids_l: Tensor
     labels: Tensor
     stats: PairStats = field(default_factory=PairStats)
+    stream_positions: dict[int, Any] = field(default_factory=dict)
 
     def pin_memory(self) -> PreferenceBatch:
         """Called by DataLoader(pin_memory=True): page-locked pixels copy to the GPU asynchronously."""
@@ -142,7 +144,8 @@ def collate(items: list[dict[str, Any]]) -> PreferenceBatch:
     return PreferenceBatch(
         prompts=[item["prompt"] for item in items], pixels_w=pixels[:, 0], pixels_l=pixels[:, 1],
         time_ids_w=time_ids[:, 0], time_ids_l=time_ids[:, 1],
-        labels=torch.tensor([item["label"] for item in items], dtype=torch.float32), stats=stats)
+        labels=torch.tensor([item["label"] for item in items], dtype=torch.float32), stats=stats,
+        stream_positions=dict(item["position"] for item in items if "position" in item))  # the last item's wins
 
 
 class StreamSampler(torch.utils.data.Sampler[int]):

@@ -81,10 +81,12 @@ class PairStats:
     share to the main process) and merged across processes for the end-of-run summary."""
 
     read: int = 0
-    kept: int = 0
+    kept: int = 0  # usable pairs: trained on, or held out
     dropped: Counter = field(default_factory=Counter)  # left out by the policy (POLICY_DROPS)
     skipped: dict[str, str] = field(default_factory=dict)  # unusable rows: where -> why, each row once
     converted: dict[str, str] = field(default_factory=dict)  # images made RGB: "where (w|l)" -> their mode, once
+    held: int = 0  # of `kept`, pairs of held-out prompts (a stream's): never trained on
+    measured: int = 0  # of `held`, those in the held-out set, measured during training
 
     def skip(self, where: str, why: str, strict: bool) -> None:
         if strict:
@@ -94,13 +96,27 @@ class PairStats:
 
     def drain(self) -> PairStats:
         """A copy of the counts so far, leaving this one empty (a stream hands its counts out with each item)."""
-        copy = PairStats(self.read, self.kept, self.dropped.copy(), dict(self.skipped), dict(self.converted))
+        copy = PairStats(self.read, self.kept, self.dropped.copy(), dict(self.skipped), dict(self.converted),
+                         self.held, self.measured)
         self.read, self.kept, self.dropped, self.skipped, self.converted = 0, 0, Counter(), {}, {}
+        self.held = self.measured = 0
         return copy
+
+    def to_json(self) -> dict[str, Any]:
+        """For a checkpoint's state.json: a resumed run's closing line then counts the rows read before it too."""
+        return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped), "skipped": self.skipped,
+                "converted": self.converted, "held": self.held, "measured": self.measured}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> PairStats:
+        return cls(int(saved["read"]), int(saved["kept"]), Counter(saved["dropped"]), dict(saved["skipped"]),
+                   dict(saved["converted"]), int(saved.get("held", 0)), int(saved.get("measured", 0)))
 
     def merge(self, other: PairStats) -> None:
         self.read += other.read
         self.kept += other.kept
+        self.held += other.held
+        self.measured += other.measured
         self.dropped.update(other.dropped)
         for where, why in other.skipped.items():
             self.skipped.setdefault(where, why)
@@ -110,6 +126,10 @@ class PairStats:
     def summary(self) -> str:
         drops = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
         text = f"{self.read} pairs read, {self.kept} kept; dropped: {drops}"
+        if self.held:  # a stream's held-out prompts: their pairs are held out, not dropped
+            unmeasured = f", {self.held - self.measured} not measured" if self.held > self.measured else ""
+            text = (f"{self.read} pairs read: {self.kept - self.held} train, {self.held} held out ({self.measured} "
+                    f"measured{unmeasured}); dropped: {drops}")
         if self.converted:
             modes = Counter(self.converted.values())
             text += (f"; converted {len(self.converted)} images to RGB ("

@@ -122,12 +122,13 @@ class DataRecipe:
     streaming: bool = _f(
         False,
         "Hub datasets: stream the rows instead of downloading the whole split first (Pick-a-Pic v2 is ~335 GB). "
-        "Held-out pairs are those of the first usable prompts of the stream (or of `val_split`), up to `val_pairs`; "
-        "`max_pairs` keeps the first usable pairs in source order.",
+        "Each process and loader worker reads its own files, and a resume starts each where the checkpoint says "
+        "it stood (same process count and `num_workers`). Prompts are held out by a hash of the prompt and the "
+        "seed (see `val_pairs`); `max_pairs` keeps the first usable pairs in source order.",
     )
     shuffle_buffer: int = _f(
-        1000, "Streaming: usable pairs each loader worker holds and draws from at random (memory ~ 2 images each).",
-        min=1)
+        1000, "Streaming: usable pairs each loader worker collects and shuffles as one window (memory ~ 2 images "
+        "each); a resume reads at most the window it stopped in again.", min=1)
     columns: ColumnMap = _f(
         (),
         "Column names of your data where they differ from lora-dpo's, as a table "
@@ -157,7 +158,10 @@ class DataRecipe:
         0,
         "Pairs held out to measure reward accuracy during training: whole prompts are held out, drawn from the "
         "seed, until they give this many pairs, and no training pair shares their prompt (0: none). With "
-        "`val_split`: at most this many pairs of that split (0: all of it).",
+        "`val_split`: at most this many pairs of that split (0: all of it). A stream without `val_split` holds out "
+        "every pair of the prompts whose hash with the seed falls in a share of about this many pairs in its "
+        "first 100 x val_pairs rows (1 % of prompts on a large split) and measures the first `val_pairs` of them "
+        "(docs/data.md).",
         min=0)
     caption_dropout: float = _f(
         0.0, "Probability of training a pair on the empty prompt (the official code uses 0.2).", min=0.0, max=1.0

@@ -46,6 +46,7 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     data_stats: data.PairStats = field(default_factory=data.PairStats)  # what reading the source found
     loader_stats: data.PairStats = field(default_factory=data.PairStats)  # what this process's loaders found
+    stream_positions: dict[int, Any] | None = None  # a stream's: part -> its position after the last batch consumed
 
 
 def _loader(dataset: torch.utils.data.Dataset, sampler: Any, batch_size: int, num_workers: int, pin: bool,
@@ -94,11 +95,13 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     accelerator.print(f"lora-dpo: gradient checkpointing {'on' if checkpointing else 'off'}: {why}")
     weight_dtype = models.DTYPES[precision]
     draws = cfg.max_steps * cfg.gradient_accumulation * cfg.batch_size * accelerator.num_processes
+    streamed = recipe.data.streaming and not recipe.data.cache
     if recipe.data.cache:  # encoded already: the VAE and the text encoders are never loaded
         parts = cache.cached_datasets(recipe, draws, weight_dtype, start_pairs)
-    else:
+    else:  # a resumed stream starts each part where the checkpoint says it stood
+        stream = resuming.state.get("stream") if resuming is not None and streamed else None
         parts = data.build_datasets(recipe.data, cfg.seed, draws, cfg.batch_size, accelerator.process_index,
-                                    accelerator.num_processes, start_pairs)
+                                    accelerator.num_processes, start_pairs, stream)
 
     base = models.load_base(recipe.model, with_encoders=not recipe.data.cache, weight_dtype=weight_dtype,
                             vae_dtype=models.DTYPES[recipe.model.vae_dtype])
@@ -124,7 +127,8 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         unet, optimizer, train_loader = accelerator.prepare(base.unet, optimizer, train_loader)
 
     run = Run(recipe, run_dir, accelerator, base, unet, lora_config, optimizer, lr_scheduler, train_loader,
-              val_loader, data_summary=parts.summary, heldout=parts.heldout, data_stats=parts.stats)
+              val_loader, data_summary=parts.summary, heldout=parts.heldout, data_stats=parts.stats,
+              stream_positions={} if streamed else None)
     if accelerator.is_main_process and parts.heldout_rows:  # which pairs were never trained on, to measure again
         files.write_text(run_dir / HELDOUT_FILE, "".join(json.dumps(row) + "\n" for row in parts.heldout_rows))
     if recipe.sample.every and recipe.data.cache:
@@ -259,8 +263,8 @@ def _pairs_per_step(layout: dict[str, int]) -> int:
 
 
 def _describe_layout(layout: dict[str, int]) -> str:
-    processes = layout["processes"]
-    return (f"{_pairs_per_step(layout)} pairs (batch {layout['batch_size']} x accumulation "
+    processes, pairs = layout["processes"], _pairs_per_step(layout)
+    return (f"{pairs} pair{'s' if pairs > 1 else ''} (batch {layout['batch_size']} x accumulation "
             f"{layout['gradient_accumulation']} x {processes} process{'es' if processes > 1 else ''})")
 
 
@@ -277,7 +281,7 @@ def _resume_position(resuming: Resume, recipe: Recipe, processes: int) -> int:
         return state["pairs"]
     wanted, have = _pairs_per_step(saved), _pairs_per_step(now)
     if recipe.data.streaming:
-        fix = "launch it as it was saved"
+        fix = f"launch it as it was saved ({saved['processes']} process{'es' if saved['processes'] > 1 else ''})"
     elif wanted % (recipe.train.batch_size * processes) == 0:
         fix = (f"set [train].gradient_accumulation = {wanted // (recipe.train.batch_size * processes)} to keep "
                f"{wanted} pairs per step")
@@ -304,8 +308,11 @@ def _restore(run: Run, resuming: Resume, start_pairs: int) -> None:
     set_peft_model_state_dict(unet, lora)
     checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path,
                                  run.accelerator.scaler)
-    if isinstance(run.train_loader.dataset, torch.utils.data.IterableDataset):
-        # a stream orders itself, with no sampler to start later: replay it up to the checkpoint's batch
+    if run.stream_positions is not None and "stream" in state:  # the stream starts where it stood (setup)
+        if run.accelerator.is_main_process:  # what the loaders counted before, once (other processes add theirs)
+            run.loader_stats.merge(data.PairStats.from_json(state["stream"]["stats"]))
+    elif isinstance(run.train_loader.dataset, torch.utils.data.IterableDataset):
+        # a stream saved without positions (an older checkpoint) has no place to start from: replay it
         micro_steps = start_pairs // (run.recipe.train.batch_size * run.accelerator.num_processes)
         run.train_loader = run.accelerator.skip_first_batches(run.train_loader, micro_steps)
     run.start_step, run.start_pairs = state["step"], start_pairs

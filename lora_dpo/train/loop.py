@@ -26,6 +26,8 @@ def _encode(run: Run, batch: data.PreferenceBatch | EncodedBatch) -> EncodedBatc
     if isinstance(batch, EncodedBatch):
         return batch.to(run.accelerator.device)
     run.loader_stats.merge(batch.stats)
+    if run.stream_positions is not None:
+        run.stream_positions.update(batch.stream_positions)
     return encode_batch(run.base, batch, run.accelerator.device)
 
 
@@ -149,6 +151,7 @@ def _save_checkpoint(run: Run, step: int, pairs: int, bad: guards.BadSteps) -> P
     """Write a checkpoint from the main process; returns its path there (None on the others). `pairs`: the draws
     every process consumed so far, the data's position on any launch layout."""
     run.accelerator.wait_for_everyone()
+    stream = _stream_state(run, pairs)  # every process takes part: each streams its own parts
     if not run.accelerator.is_main_process:
         return None
     from peft.utils import get_peft_model_state_dict
@@ -158,7 +161,27 @@ def _save_checkpoint(run: Run, step: int, pairs: int, bad: guards.BadSteps) -> P
              "history": run.history, "recipe": run.recipe.to_dict(), "fingerprint": run.recipe.fingerprint(),
              "skipped_steps": bad.total, "bad_steps_in_a_row": bad.in_a_row}
     return checkpoint.save_checkpoint(run.run_dir, step, get_peft_model_state_dict(unet), run.optimizer,
-                                      run.lr_scheduler, extra, keep=run.recipe.train.keep_checkpoints,
+                                      run.lr_scheduler, {**extra, **stream}, keep=run.recipe.train.keep_checkpoints,
                                       scaler=run.accelerator.scaler)
+
+
+def _stream_state(run: Run, pairs: int) -> dict[str, Any]:
+    """A stream's place in state.json (`{"stream": ...}`; empty for other sources): every part's position after
+    the batches consumed, gathered from all processes, the layout that reads them (a resume with other parts is
+    refused), the batches each process consumed in the whole run (`pairs` / (processes x batch)), and what the
+    loaders counted so far (the closing line of a resumed run counts those rows once)."""
+    if run.stream_positions is None:
+        return {}
+    from accelerate.utils import gather_object
+
+    positions: dict[int, Any] = {}
+    counted = data.PairStats()
+    for mine, stats in gather_object([(run.stream_positions, run.loader_stats)]):
+        positions |= mine
+        counted.merge(stats)
+    return {"stream": {"parts": {str(part): at for part, at in sorted(positions.items())},
+                       "processes": run.accelerator.num_processes, "workers": run.train_loader.num_workers,
+                       "batches": pairs // (run.accelerator.num_processes * run.recipe.train.batch_size),
+                       "stats": counted.to_json()}}
 
 

@@ -189,7 +189,7 @@ def _save_and_load(folder: Path, inner: Any, optimizer: Any, recipe: Recipe) -> 
 
     saved = {k: v.detach().clone() for k, v in get_peft_model_state_dict(inner).items()}
     path = checkpoint.save_checkpoint(folder, 2, saved, optimizer, get_scheduler("constant", optimizer),
-                                      {"micro_steps": 2, "history": [], "fingerprint": recipe.fingerprint()})
+                                      {"pairs": 2, "history": [], "fingerprint": recipe.fingerprint()})
     return saved, (*checkpoint.load_checkpoint(path), path)
 
 

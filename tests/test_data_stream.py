@@ -58,7 +58,7 @@ def _folder(folder: Path, captions: list[str], files: int, group: int = 4, undec
 
 def _batches(cfg: DataRecipe, draws: int, resume: dict[str, Any] | None = None,
              seed: int = 0) -> list[data.PreferenceBatch]:
-    parts = data.build_datasets(cfg, seed=seed, draws=draws, batch_size=2, resume=resume)
+    parts = data.build_datasets(cfg, seed=seed, draws=draws, batch_size=2, stream=resume)
     loader = torch.utils.data.DataLoader(parts.train, batch_size=2, collate_fn=data.collate,
                                          num_workers=parts.num_workers)
     return list(loader)
@@ -140,12 +140,12 @@ def test_a_resume_with_other_parts_is_refused_naming_what_changed(tmp_path: Path
     cfg = DataRecipe(source=f"hf:{folder}", resolution=8, streaming=True, num_workers=2)
     saved = {"parts": {}, "processes": 1, "workers": 2, "batches": 3}
     with pytest.raises(data.DataError, match=r"in 1 processes and this launch has 2.*--num_processes 1"):
-        data.build_datasets(cfg, seed=0, draws=8, batch_size=2, num_processes=2, resume=saved)
+        data.build_datasets(cfg, seed=0, draws=8, batch_size=2, num_processes=2, stream=saved)
     with pytest.raises(data.DataError, match=r"2 loader workers per process and this run has 1 .*"
                                              r"\[data\].num_workers = 2"):
         data.build_datasets(DataRecipe(source=cfg.source, streaming=True, num_workers=1), seed=0, draws=8,
-                            batch_size=2, resume=saved)
-    assert data.build_datasets(cfg, seed=0, draws=8, batch_size=2, resume=saved).train.consumed == 3
+                            batch_size=2, stream=saved)
+    assert data.build_datasets(cfg, seed=0, draws=8, batch_size=2, stream=saved).train.consumed == 3
 
 
 def _held_prompts(captions: list[str], seed: int, limit: int) -> set[str]:

@@ -126,6 +126,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     if not resume and accelerator.is_main_process:  # one process resets the run's files: the one that writes them
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()  # and every process sets off after the reset, never while it happens
+    if not gc.isenabled():  # the CLI held collection back through start-up: setup's objects are not scanned again
+        gc.freeze()
+        gc.enable()
     summary = fit(run)
     accelerator.wait_for_everyone()
     accelerator.print(f"lora-dpo: data: {_data_report(run)}")

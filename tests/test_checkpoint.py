@@ -294,10 +294,10 @@ def test_resume_of_a_finished_run_trains_longer_only_when_asked(tiny_recipe, tmp
     assert (f"{adapter.parent} is a finished run (2 steps, [train].max_steps = 2): nothing to resume. To train "
             "longer, raise [train].max_steps (e.g. --set train.max_steps=4)") in cli.stderr
     before = adapter.read_bytes()
-    with pytest.raises(RecipeError, match=r"changed \[lora\].rank \(8 -> 4\), \[train\].learning_rate \(0.001 -> "
-                                          r"0.0001\) since this checkpoint was saved"):
+    with pytest.raises(RecipeError, match=r"changed \[lora\].rank \(8 -> 4\), \[train\].adam_beta2 \(0.999 -> "
+                                          r"0.99\) since this checkpoint was saved"):
         train(tiny_recipe(lora={"rank": 4}, data={"val_pairs": 0}, output={"dir": str(tmp_path), "name": "test"},
-                          train={"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-4}), resume="latest")
+                          train={"max_steps": 4, "checkpoint_every": 2, "adam_beta2": 0.99}), resume="latest")
     assert adapter.read_bytes() == before  # refused before anything was written
 
     longer = load_file(train(recipe_(max_steps=4, log_every=1), resume="latest"))

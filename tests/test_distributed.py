@@ -156,7 +156,8 @@ def test_a_stream_in_two_processes_resumes_where_each_part_stood(tiny_recipe, pi
     first, second = load_file(tmp_path / "reference" / ADAPTER_FILE), load_file(tmp_path / "resumed" / ADAPTER_FILE)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     with pytest.raises(RecipeError, match=r"took 2 pairs \(batch 1 x accumulation 1 x 2 processes\), this launch "
-                                          r"takes 1 pair .*launch it as it was saved \(2 processes\)"):
+                                          r"takes 1 pair .*launch it as it was saved "
+                                          r"\(2 pairs \(batch 1 x accumulation 1 x 2 processes\)\)"):
         setup(recipe_("one"), tmp_path / "one", resume=str(saved))
 
 

@@ -245,9 +245,25 @@ def test_constant_means_diffusers_constant_and_an_old_warmed_up_constant_resumes
     assert recipe.warmup_problem(old.train).startswith('[train].warmup_steps = 500 with lr_schedule = "constant"')
     renamed = recipe.from_dict({"train": {"lr_schedule": "constant_with_warmup", "warmup_steps": 500}})
     assert recipe.warmup_problem(renamed.train) is None and recipe.warmup_problem(recipe.from_dict({}).train) is None
-    assert renamed.resume_conflicts(old.to_dict()) == []
-    assert recipe.from_dict({"train": {"warmup_steps": 0}}).resume_conflicts(old.to_dict()) == [
+    assert renamed.resume_changes(old.to_dict()) == []
+    assert recipe.from_dict({"train": {"warmup_steps": 0}}).resume_changes(old.to_dict()) == [
         '[train].lr_schedule ("constant_with_warmup" -> "constant")', "[train].warmup_steps (500 -> 0)"]
+
+
+def test_a_resume_may_change_what_the_nan_and_memory_advice_says_to_fix() -> None:
+    """The guards say: fix the learning rate, beta, clipping, precisions, the VAE, NF4 or the cache, or turn
+    gradient checkpointing on, then --resume. Those changes are said at start ("warn") or free, never refused; the
+    adapter, the optimizer, the data and the objective's kind are refused."""
+    saved = recipe.from_dict({}).to_dict()
+    fixed = recipe.from_dict({"train": {"learning_rate": 1e-6, "gradient_checkpointing": True},
+                              "objective": {"beta": 2500.0}, "model": {"quantize": "nf4"}})
+    assert fixed.resume_changes(saved) == []
+    assert fixed.resume_changes(saved, "warn") == ['[model].quantize ("none" -> "nf4")',
+                                                   "[objective].beta (5000.0 -> 2500.0)",
+                                                   "[train].learning_rate (1e-05 -> 1e-06)"]
+    refused = recipe.from_dict({"lora": {"rank": 4}, "train": {"optimizer": "adamw"}, "objective": {"kind": "ipo"}})
+    assert refused.resume_changes(saved) == ["[lora].rank (8 -> 4)", '[objective].kind ("dpo" -> "ipo")',
+                                             '[train].optimizer ("adamw8bit" -> "adamw")']
 
 
 def _generated(marker: str) -> list[str]:

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 # what the recipe reference says of each resume rule (schema.RESUME_RULES); "same" keys say nothing: most are
 RESUME_NOTES = {"same": "", "free": " May change on `--resume`.",
                 "layout": " May change on `--resume` if the pairs per optimizer step (batch x accumulation x "
-                          "processes) stay the same."}
+                          "processes) stay the same.",
+                "warn": " May change on `--resume` (to recover from NaN or out-of-memory; said at start)."}
 
 
 def _closest(name: str, options: list[str]) -> str:

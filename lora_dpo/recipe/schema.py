@@ -31,9 +31,11 @@ COLUMN_NAMES = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", 
 
 # What `lora-dpo train --resume` allows a key to do between the checkpoint's recipe and the one resuming it:
 # "same": it shapes the run (base, data, objective, adapter, optimizer), so a change is refused; "free": it does
-# not (run length, logging, intervals, threads, workers); "layout": it may change if the pairs per optimizer step
-# (batch x accumulation x processes) stay the same. [sample] and [output] are free as a whole.
-RESUME_RULES = ("same", "free", "layout")
+# not (run length, logging, intervals, threads, workers, checkpointing); "layout": it may change if the pairs per
+# optimizer step (batch x accumulation x processes) stay the same; "warn": it changes the run, but it is what the
+# NaN and out-of-memory advice says to fix before going on (learning rate, beta, clipping, precisions, the VAE,
+# NF4, the latent cache): allowed, and said at start. [sample] and [output] are free as a whole.
+RESUME_RULES = ("same", "free", "layout", "warn")
 FREE_SECTIONS = ("sample", "output")
 
 
@@ -65,8 +67,9 @@ class ModelRecipe:
         None,
         "Hub id or folder of a replacement VAE, e.g. `madebyollin/sdxl-vae-fp16-fix` (SDXL's own VAE "
         "overflows in fp16).",
-    )
-    vae_dtype: Precision = _f("no", "Precision of the frozen VAE: `no` keeps it in fp32 (safe for SDXL's VAE).")
+        resume="warn")
+    vae_dtype: Precision = _f("no", "Precision of the frozen VAE: `no` keeps it in fp32 (safe for SDXL's VAE).",
+                              resume="warn")
     timesteps: tuple[int, ...] = _f(
         (),
         "Training timesteps, drawn uniformly (the same one for both images of a pair); empty: all of "
@@ -86,7 +89,7 @@ class ModelRecipe:
         "`nf4`: store the frozen UNet's linear layers in 4-bit NormalFloat (bitsandbytes, QLoRA-style) and train "
         "the LoRA on top: SDXL's UNet weights shrink from 4.8 to 1.7 GiB (SD 1.5's, mostly convolutions, from 1.6 "
         "to 1.2); the adapter still loads on the full-precision base.",
-    )
+        resume="warn")
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ class DataRecipe:
         None,
         "Folder of a latent cache written by `lora-dpo cache`: train from it, never loading the VAE or the text "
         "encoders. Refused if it was made for another model, resolution or data.",
-    )
+        resume="warn")
     resolution: int = _f(1024, "Training resolution in pixels (square); a multiple of 8, the VAE's downsampling.",
                          min=8, multiple=8)
     crop: Literal["random", "center"] = _f("random", "How the resized pair is cropped (the same for both images).")
@@ -186,7 +189,7 @@ class ObjectiveRecipe:
         "for SDXL). Larger beta keeps the adapter closer to the base. ipo targets a logit of 1/2, hinge of 1.",
         min=0.0,
         kinds=("dpo", "ipo", "hinge"),
-    )
+        resume="warn")
     label_smoothing: float = _f(
         0.0,
         "Conservative DPO (Mitchell 2023): the probability that a label is flipped (0 = trust the labels); "
@@ -213,7 +216,7 @@ class ObjectiveRecipe:
 @dataclass(frozen=True)
 class TrainRecipe:
     seed: int = _f(0, "Seed of every random choice: data order, crops, noise and timesteps.", min=0, max=2**32 - 1)
-    learning_rate: float = _f(1e-5, "Peak learning rate of the LoRA weights.", min=0.0)
+    learning_rate: float = _f(1e-5, "Peak learning rate of the LoRA weights.", min=0.0, resume="warn")
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
         "constant", "The learning-rate schedule, each as diffusers' `get_scheduler` means it: `constant` (no warmup: "
         "`warmup_steps` must be 0), `constant_with_warmup` (linear warmup from 0, then constant), `linear` and "
@@ -223,15 +226,15 @@ class TrainRecipe:
     max_steps: int = _f(2000, "Optimizer steps to train.", min=1, resume="free")
     batch_size: int = _f(1, "Pairs per micro-batch on each device.", min=1, resume="layout")
     gradient_accumulation: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, resume="layout")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).", min=0.0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).", min=0.0, resume="warn")
     mixed_precision: Precision = _f(
         "bf16", "Compute precision (autocast) and the frozen base's weight dtype, on every device; `fp16` adds "
-        "loss scaling and needs a GPU (see `device_fallback`).")
+        "loss scaling and needs a GPU (see `device_fallback`).", resume="warn")
     gradient_checkpointing: bool | Literal["auto"] = _f(
         "auto",
         "Recompute UNet activations in backward: less memory, ~24 % more compute. `auto`: on only when "
         "`lora-dpo plan` predicts the step does not fit the GPU's free memory (off on CPU).",
-    )
+        resume="free")
     optimizer: Literal["adamw8bit", "adamw"] = _f(
         "adamw8bit", "`adamw8bit` (bitsandbytes' 8-bit AdamW, on GPU and CPU alike) or `adamw` (torch's, fused)."
     )
@@ -359,14 +362,14 @@ class Recipe:
         settings = {k: v for k, v in self.to_dict().items() if k not in ("sample", "output")}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
-    def resume_conflicts(self, saved: dict[str, dict[str, Any]]) -> list[str]:
-        """The run-shaping keys (`resume_rule` "same") whose value differs from `saved` (a checkpoint's
-        `to_dict()`), as `[section].key (old -> new)`: what a resume must refuse."""
+    def resume_changes(self, saved: dict[str, dict[str, Any]], rule: str = "same") -> list[str]:
+        """The keys of `resume_rule` `rule` whose value differs from `saved` (a checkpoint's `to_dict()`), as
+        `[section].key (old -> new)`: with "same", what a resume must refuse; with "warn", what it says."""
         now, changed, saved = self.to_dict(), [], _as_trained(saved)
         for section, values in now.items():
             for key, value in values.items():
                 before = saved.get(section, {}).get(key, value)  # a key added since: its default was the run's
-                if before != value and resume_rule(section, key) == "same":
+                if before != value and resume_rule(section, key) == rule:
                     changed.append(f"[{section}].{key} ({_toml_value(before)} -> {_toml_value(value)})")
         return changed
 

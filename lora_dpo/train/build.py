@@ -72,11 +72,13 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
                           "or pass --overwrite to replace it")
     resuming = _checkpoint_to_resume(recipe, run_dir, resume) if resume else None  # checked before anything loads
     earlier = checkpoint.list_checkpoints(run_dir)
-    if earlier and not resume:
-        if not recipe.output.overwrite:
-            raise RecipeError(f"{run_dir} holds checkpoints of an unfinished run (latest: {earlier[-1].name}); "
-                              "continue it with --resume latest, or pass --overwrite to start over")
-        checkpoint.remove_checkpoints(run_dir)
+    if earlier and not resume and not recipe.output.overwrite:
+        raise RecipeError(f"{run_dir} holds checkpoints of an unfinished run (latest: {earlier[-1].name}); "
+                          "continue it with --resume latest, or pass --overwrite to start over")
+    if not resume:  # a new run here: the earlier one's checkpoints and finished adapter go (a later --resume of
+        checkpoint.remove_checkpoints(run_dir)  # this run must not find that run finished)
+        for finished in (ADAPTER_FILE, "metrics.json"):
+            (run_dir / finished).unlink(missing_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     step.use_deterministic_kernels(cfg.deterministic)
@@ -235,11 +237,18 @@ def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, which: str) -> Resume:
             log.warning("resuming %s, saved with a different recipe (fingerprint %s, now %s)", path,
                         state["fingerprint"], recipe.fingerprint())
         return Resume(path, state)
-    changed = recipe.resume_conflicts(saved)
+    changed = recipe.resume_changes(saved)
     if changed:
         raise RecipeError(f"--resume {path}: the recipe changed {', '.join(changed)} since this checkpoint was "
                           "saved, and that changes the run it would go on with; set it back to resume, or start a "
                           "new run (another [output].name, or --overwrite)")
+    fixed = recipe.resume_changes(saved, "warn")
+    if fixed:
+        log.warning("resuming %s with %s: the run goes on changed from here", path, ", ".join(fixed))
+    if state["step"] < max_steps != saved["train"]["max_steps"] and recipe.train.lr_schedule in ("linear", "cosine"):
+        log.warning("resuming %s with [train].max_steps %d -> %d: the %s schedule is rebuilt for the new length, so "
+                    "the learning rate goes on from where that schedule is at step %d, not where it was", path,
+                    saved["train"]["max_steps"], max_steps, recipe.train.lr_schedule, state["step"])
     return Resume(path, state)
 
 
@@ -274,23 +283,28 @@ def _resume_position(resuming: Resume, recipe: Recipe, processes: int) -> int:
     a mean over them, so only float rounding differs); otherwise the step count, the schedule and the data would
     part ways, and it is refused. A streamed source deals its shards by process and batch: same layout only."""
     state, now = resuming.state, launch_layout(recipe.train, processes)
+    streamed = recipe.data.streaming and not recipe.data.cache
+    if streamed and "stream" not in state:
+        raise RecipeError(f"--resume {resuming.path}: this checkpoint of a streamed source was saved before streams "
+                          "kept their place, and the stream now reads in another order (and holds out other "
+                          "prompts): it cannot go on from it; start a new run (--overwrite)")
     saved = state.get("layout")
     if not isinstance(saved, dict):  # written before checkpoints kept their layout: assume this one (as then)
         return state.get("pairs", state.get("micro_steps", 0) * recipe.train.batch_size * processes)
     if saved == now:
         return state["pairs"]
     wanted, have = _pairs_per_step(saved), _pairs_per_step(now)
-    if recipe.data.streaming:
-        fix = f"launch it as it was saved ({saved['processes']} process{'es' if saved['processes'] > 1 else ''})"
+    if streamed:
+        fix = f"launch it as it was saved ({_describe_layout(saved)})"
     elif wanted % (recipe.train.batch_size * processes) == 0:
         fix = (f"set [train].gradient_accumulation = {wanted // (recipe.train.batch_size * processes)} to keep "
                f"{wanted} pairs per step")
     else:
         fix = f"choose [train].batch_size and gradient_accumulation that make {wanted} pairs per step here"
-    if recipe.data.streaming or wanted != have:
+    if streamed or wanted != have:
         raise RecipeError(f"--resume {resuming.path}: its optimizer steps took {_describe_layout(saved)}, this launch "
                           f"takes {_describe_layout(now)}" + (" and a streamed source [data].streaming = true deals "
-                          "its shards by launch layout" if recipe.data.streaming and wanted == have else "")
+                          "its shards by launch layout" if streamed and wanted == have else "")
                           + f": {fix}, or start a new run")
     log.info("resuming %s on another launch layout: %s per step as before", resuming.path, _describe_layout(now))
     return state["pairs"]
@@ -308,13 +322,11 @@ def _restore(run: Run, resuming: Resume, start_pairs: int) -> None:
     set_peft_model_state_dict(unet, lora)
     checkpoint.restore_optimizer(run.optimizer, run.lr_scheduler, optimizer_state, state, path,
                                  run.accelerator.scaler)
-    if run.stream_positions is not None and "stream" in state:  # the stream starts where it stood (setup)
+    if run.stream_positions is not None:  # the stream starts where it stood (setup); a part that gives no batch
+        # before the next checkpoint keeps the position it had
+        run.stream_positions = {int(part): at for part, at in state["stream"]["parts"].items()}
         if run.accelerator.is_main_process:  # what the loaders counted before, once (other processes add theirs)
             run.loader_stats.merge(data.PairStats.from_json(state["stream"]["stats"]))
-    elif isinstance(run.train_loader.dataset, torch.utils.data.IterableDataset):
-        # a stream saved without positions (an older checkpoint) has no place to start from: replay it
-        micro_steps = start_pairs // (run.recipe.train.batch_size * run.accelerator.num_processes)
-        run.train_loader = run.accelerator.skip_first_batches(run.train_loader, micro_steps)
     run.start_step, run.start_pairs = state["step"], start_pairs
     run.bad_steps = (int(state.get("skipped_steps", 0)), int(state.get("bad_steps_in_a_row", 0)))
     run.history = state["history"]

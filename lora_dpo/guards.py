@@ -178,4 +178,5 @@ def out_of_memory_advice(recipe: Recipe) -> Iterator[None]:
         advice = memory_advice(recipe) or ["a smaller [data].resolution, or a GPU with more memory"]
         raise TrainingError(f"out of GPU memory: {first}{_memory_numbers()}. Settings that lower the memory a step "
                             "needs: " + "; ".join(advice) + ". Continue with --resume latest if a checkpoint "
-                            "exists") from None
+                            "exists (a new [train].optimizer, [lora].rank or [data].resolution needs a new run: a "
+                            "checkpoint's state does not fit them)") from None

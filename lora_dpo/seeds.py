@@ -1,7 +1,7 @@
 """The seeding scheme: every random draw of a run is keyed by (seed, where it happens), so a resumed run, a resume
-on another launch layout, and P processes against one draw what an uninterrupted single-process run would, with no
-RNG state in the checkpoint. Pure torch. (Data draws: crops, flips and caption dropout are keyed by (seed, draw) in
-`data`.)
+on another launch layout (LoRA dropout aside, `dropout_seed`), and P processes against one draw what an
+uninterrupted single-process run would, with no RNG state in the checkpoint. Pure torch. (Data draws: crops,
+flips and caption dropout are keyed by (seed, draw) in `data`.)
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ def lora_init_seed(seed: int) -> int:
 
 def dropout_seed(seed: int, first_pair: int, batch_size: int) -> int:
     """torch's global RNG for the micro-batch whose first pair is `first_pair` (LoRA dropout), a stream of its own.
+    A dropout mask covers a whole micro-batch, so a resume with another batch size draws other masks (the noise,
+    per pair, stays the same).
     Keyed by the micro-batch's place in the run's stream of batches, so a resume draws what the run would have."""
     return 2**63 + seed * 1_000_003 + first_pair // batch_size
 

@@ -415,9 +415,10 @@ def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch
             if applied and not ok:
                 raise guards.TrainingError(
                     "DeepSpeed applied an optimizer step whose loss or gradients were NaN/Inf, so the adapter's "
-                    "weights are lost. DeepSpeed 0.19.8 skips such steps in fp32 and bf16 (unless its config sets "
-                    "bf16.check_grad_overflow = false; older versions may not skip them): upgrade deepspeed, or "
-                    "launch with recipes/accelerate/ddp.yaml, where lora-dpo skips them itself")
+                    "weights are lost: launch with recipes/accelerate/ddp.yaml, where lora-dpo skips such steps "
+                    "itself. (DeepSpeed 0.19.8 skips those with NaN/Inf gradients in fp32 and bf16, unless its "
+                    "config sets bf16.check_grad_overflow = false; its fp16 loss scaler applies one whose loss alone "
+                    "is not finite)")
         else:
             applied = ok and not optimizer.step_was_skipped
         optimizer.zero_grad(set_to_none=True)

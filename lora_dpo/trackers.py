@@ -107,10 +107,6 @@ def _dvclive(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
     tracker.tracker.log_image(f"{tag}/{path.name}", image)
 
 
-def _swanlab(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
-    tracker.log_images({tag: [image]}, step=step)
-
-
 def _trackio(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
     import trackio
 
@@ -119,7 +115,7 @@ def _trackio(tracker: Any, tag: str, image: Any, path: Path, step: int) -> None:
 
 IMAGE_LOGGERS: dict[str, Callable[[Any, str, Any, Path, int], None]] = {
     "tensorboard": _tensorboard, "wandb": _wandb, "aim": _aim, "clearml": _clearml, "mlflow": _mlflow,
-    "comet_ml": _comet, "dvclive": _dvclive, "swanlab": _swanlab, "trackio": _trackio}
+    "comet_ml": _comet, "dvclive": _dvclive, "swanlab": _wandb, "trackio": _trackio}
 
 
 def log_image(accelerator: Any, tag: str, path: Path, step: int) -> None:

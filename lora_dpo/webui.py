@@ -154,8 +154,10 @@ def kohya_metadata(carried: dict[str, str], sdxl: bool, name: str, base: str, we
     recipe = json.loads(carried.get("lora_dpo.recipe") or "{}")
     resolution = recipe["data"]["resolution"] if recipe else (1024 if sdxl else 512)
     meta = {**modelspec(sdxl, name, resolution, IMPLEMENTATION_DIFFUSERS), **carried}
-    # the names of this file's keys: SGM for SDXL, diffusers for SD 1.x (kohya.py), whatever the source file said
+    # the names of this file's keys: SGM for SDXL, diffusers for SD 1.x (kohya.py), whatever the source file said;
+    # and the spec version this header follows (an adapter written before may carry an older one)
     meta["modelspec.implementation"] = IMPLEMENTATION_SGM if sdxl else IMPLEMENTATION_DIFFUSERS
+    meta["modelspec.sai_model_spec"] = MODELSPEC_VERSION
     ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in weights.items()
              if k.endswith(".lora_A.weight")}
     # sd-scripts' minimum keys (`train_util.SS_METADATA_MINIMUM_KEYS`) first: ss_v2 is False for SD 1.x and SDXL

@@ -280,8 +280,10 @@ def test_other_tools_names_point_at_real_keys_and_values_and_the_docs_table_is_g
         dotted, _, value = here.partition(" = ")
         section, key = dotted.strip("[").split("].")
         assert key in {f.name for f in dataclasses.fields(recipe.SECTIONS[section])}, name
-        if value:  # the value it names is one the recipe takes
-            assert getattr(recipe.from_dict({section: {key: tomllib.loads(f"v = {value}")["v"]}}), section)
+        if value:  # the value it names is one the recipe takes, and is what the parsed recipe holds
+            given = tomllib.loads(f"v = {value}")["v"]
+            parsed = getattr(getattr(recipe.from_dict({section: {key: given}}), section), key)
+            assert parsed == (tuple(given) if isinstance(given, list) else given), name
     assert _generated("other-tools") == [f"| `{n}` | {t} | `{h}` | {note} |" for n, t, h, note in aliases.rows()], \
         "docs/recipe.md's other-tools table is stale: regenerate it with `lora-dpo recipe-doc --other-tools`"
 

@@ -219,10 +219,6 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
     def num_files(self) -> int:
         return hub_dataset(self.cfg, streaming=True)[0].num_shards
 
-    def num_shards(self) -> int:
-        """Files (shards) this process reads: more loader workers than this would sit idle."""
-        return max(1, self.num_files() // self.num_processes)
-
     def file_order(self, part: int, epoch: int, files: int) -> list[int]:
         """The order in which `part` reads its `files` files (its i-th is file part + i x parts of the split) in
         pass `epoch`: a new one every pass, the windows do the rest; fixed with `max_pairs` (its first pairs)."""

@@ -169,7 +169,8 @@ class DataRecipe:
     caption_dropout: float = _f(
         0.0, "Probability of training a pair on the empty prompt (the official code uses 0.2).", min=0.0, max=1.0
     )
-    num_workers: int = _f(0, "DataLoader worker processes decoding images.", min=0, resume="free")
+    num_workers: int = _f(0, "DataLoader worker processes decoding images (a streamed source resumes only with the "
+                               "number it was saved with: each worker streams its own files).", min=0, resume="free")
     prefetch_factor: int = _f(2, "Batches each worker prepares ahead (when num_workers > 0).", min=1,
                               resume="free")
 
@@ -247,7 +248,8 @@ class TrainRecipe:
     val_every: int = _f(100, "Optimizer steps between validation passes (when data.val_pairs > 0).", min=1,
                         resume="free")
     checkpoint_every: int = _f(500, "Optimizer steps between resumable checkpoints (0 disables); the last step is "
-                               "always checkpointed too (unless 0), so a finished run can train longer.", min=0,
+                               "checkpointed too (unless 0, or it is one of a run of NaN steps), so a finished run "
+                               "can train longer.", min=0,
                                resume="free")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk: the newest K; older ones are deleted.", min=1,
                                resume="free")

@@ -192,7 +192,28 @@ def test_a_streamed_hub_set_trains_resumes_where_it_stood_and_reports_what_it_sk
         setup(recipe_("stopped", workers=1), run_dir, resume="latest")
     resumed_run = setup(recipe_("stopped"), run_dir, resume="latest")
     assert resumed_run.start_step == 3 and not isinstance(resumed_run.train_loader, SkipDataLoader)
+    # stopped again one step after the resume (a SIGTERM while step 4's batch is encoded): one part has given a
+    # batch since, the other keeps the position the first checkpoint gave it
+    sent = [False]
+
+    def sigterm_once(module, args, output) -> None:
+        if not sent[0]:
+            sent[0] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    resumed_run.base.vae.encoder.register_forward_hook(sigterm_once)  # `vae.encode` calls it
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            fit(resumed_run)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.step == 4
+    again = json.loads((stopped.value.checkpoint / "state.json").read_text())["stream"]
+    assert sorted(again["parts"]) == ["0", "1"] and again["batches"] == 4
+    assert [again["parts"][p] == saved["parts"][p] for p in ("0", "1")].count(True) == 1  # one part moved
     del resumed_run
+    capsys.readouterr()
     resumed = load_file(train(recipe_("stopped"), resume="latest"))
     assert closing_line() == report
     uninterrupted = load_file(reference)

@@ -52,10 +52,10 @@ NATIVE_RESOLUTIONS = {"tiny": (64,), "sd15": (512,), "sdxl": (1024, 512)}
 KNOBS: dict[str, tuple[Any, ...]] = {  # bench-only settings and their choices (the first is the default)
     "encode": ("cache", "live"),
     "sdpa": ("auto", "math", "flash", "efficient", "cudnn"),
-    "compile": (False, True),
+    "fullgraph": (False, True),  # the whole UNet compiled, not [train].compile's blocks: measured here, no recipe value
 }
 ALIASES = {"checkpointing": "train.gradient_checkpointing", "optimizer": "train.optimizer", "rank": "lora.rank",
-           "quantize": "model.quantize", "batch_size": "train.batch_size"}
+           "quantize": "model.quantize", "batch_size": "train.batch_size", "compile": "train.compile"}
 GIB = 2**30
 
 
@@ -64,14 +64,14 @@ class Case:
     """One setting to measure: the recipe the trainer would run, plus the bench-only knobs. `encode`: `cache`
     feeds ready latents and embeddings (VAE and text encoders never on the device), `live` encodes random
     images and prompts every step with them on the device; `sdpa` picks the attention kernel (`auto`: torch
-    chooses); `max_memory_gb` caps CUDA memory as a smaller card would."""
+    chooses); `fullgraph` compiles the whole UNet; `max_memory_gb` caps CUDA memory as a smaller card would."""
 
     label: str
     recipe: Recipe
     resolution: int
     encode: str = "cache"
     sdpa: str = "auto"
-    compile: bool = False
+    fullgraph: bool = False
     max_memory_gb: float | None = None
 
 
@@ -89,6 +89,9 @@ class Result:
     trainable_params: int | None = None
     loss: float | None = None
     optimizer: str | None = None  # the class that stepped: shows it if the recipe's optimizer was swapped
+    first_step_seconds: float | None = None  # the first train step, where [train].compile pays its compile
+    graphs: int | None = None  # graphs torch.compile made in the first train step (0: eager)
+    recompiles: int | None = None  # graphs it made after the first train step (the bare pass's too): must be 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,8 +112,8 @@ def _show(value: Any) -> str:
 
 def parse_compare(specs: list[str]) -> list[tuple[str, list[Any]]]:
     """`KEY=V1,V2` -> (key, [v1, v2]). KEY is a recipe key (`train.gradient_checkpointing`), a short name
-    (`checkpointing`, `optimizer`, `rank`, `quantize`, `batch_size`) or a bench knob (`encode`, `sdpa`,
-    `compile`, `max_memory_gb`)."""
+    (`checkpointing`, `optimizer`, `rank`, `quantize`, `batch_size`, `compile`) or a bench knob (`encode`, `sdpa`,
+    `fullgraph`, `max_memory_gb`)."""
     axes = []
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -155,6 +158,9 @@ def make_cases(recipe: Recipe, resolutions: list[int], compare: list[tuple[str, 
                 if not any(type(value) is type(v) and value == v for v in KNOBS[key]):  # 1 is not True
                     raise RecipeError(f"--compare {key}={_show(value)}: choose from "
                                       f"{', '.join(_show(v) for v in KNOBS[key])}")
+                if key == "fullgraph" and value and recipe.train.compile:
+                    raise RecipeError("--compare fullgraph=true compiles the whole UNet instead of [train].compile's "
+                                      "blocks: set train.compile=false")
                 if value != KNOBS[key][0]:
                     variants.append((f"{key}={_show(value)}", {key: value}))
     return [Case(label, **{"recipe": recipe, "max_memory_gb": max_memory_gb, **changes}, resolution=resolution)
@@ -244,23 +250,34 @@ def _timed(device: torch.device, fn: Any, *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
-def bare_step(unet: Any, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]) -> None:
+BareInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]  # noisy, timesteps, embeddings, added
+
+
+def bare_step(unet: Any, inputs: tuple[BareInputs, BareInputs]) -> None:
     """The floor the step is measured against: policy forward and backward on the pair (2B images), the
     reference forward with adapters off in inference mode. No noise sampling, loss, metrics or optimizer."""
-    noisy, timesteps, embeds, added = inputs
+    (noisy, timesteps, embeds, added), reference = inputs
     prediction = unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
     prediction.float().square().mean().backward()
+    noisy, timesteps, embeds, added = reference
     with models.adapters_disabled(unwrap(unet)), torch.inference_mode():
         unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added)
 
 
-def _bare_inputs(batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
-    noisy = torch.cat([batch.latents_w, batch.latents_l])  # (2B, C, h, w): values do not change the time
+def _bare_inputs(batch: EncodedBatch, dtype: torch.dtype) -> tuple[BareInputs, BareInputs]:
+    """The policy's inputs, and the same made in inference mode for the reference, as the trainer's are (`dtype`: the
+    UNet's weights', to which `step._errors` casts latents and embeddings): a compiled UNet or block guards on such
+    differences, and would compile graphs of the bare pass's own."""
+    noisy = torch.cat([batch.latents_w, batch.latents_l]).to(dtype)  # (2B, C, h, w): values do not change the time
     timesteps = torch.full((noisy.shape[0],), 500, device=noisy.device)
     added = None
     if batch.pooled is not None:
-        added = {"text_embeds": batch.pooled.repeat(2, 1), "time_ids": torch.cat([batch.time_ids_w, batch.time_ids_l])}
-    return noisy, timesteps, batch.prompt_embeds.repeat(2, 1, 1), added
+        added = {"text_embeds": batch.pooled.repeat(2, 1).to(dtype),
+                 "time_ids": torch.cat([batch.time_ids_w, batch.time_ids_l])}
+    policy = (noisy, timesteps, batch.prompt_embeds.repeat(2, 1, 1).to(dtype), added)
+    with torch.inference_mode():
+        reference = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, policy)
+    return policy, reference
 
 
 def _sdpa(name: str) -> AbstractContextManager[Any]:
@@ -301,23 +318,25 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         checkpointing, _ = resolve_checkpointing(recipe, free)
         build_policy(base.unet, recipe.lora, recipe.train.seed, precision=accelerator.mixed_precision,
-                     quantize=recipe.model.quantize, device=device, checkpointing=checkpointing)
+                     quantize=recipe.model.quantize, device=device, checkpointing=checkpointing,
+                     compile=recipe.train.compile)
         optimizer = make_optimizer(recipe.train, models.lora_parameters(base.unet), device)
         optimizer_name = type(optimizer).__name__
         unet, optimizer = accelerator.prepare(base.unet, optimizer)
         params = models.lora_parameters(unwrap(unet))
-        if case.compile:
-            unet = torch.compile(unet)
+        if case.fullgraph:  # in place, inside accelerate's wrapping; graph breaks allowed (diffusers has a few)
+            torch.compiler.reset()
+            unwrap(unet).compile()
         unet.train()
         pairs = recipe.train.batch_size
         cached = random_batch(unwrap(unet).config, pairs, case.resolution, device, weight_dtype, generator)
         if case.encode == "live":
             pixels = random_pixels(pairs, case.resolution, generator)
             cached = encode_batch(base, pixels, device)  # for the bare baseline: the UNet's inputs, once
-        inputs = _bare_inputs(cached)
+        inputs = _bare_inputs(cached, next(unwrap(unet).parameters()).dtype)
         noise = torch.Generator(device).manual_seed(recipe.train.seed)
         _release(device)  # the peak counts from here: weights, adapters, optimizer state, activations
-        step_times, bare_times, out = [], [], None
+        step_times, bare_times, out, before = [], [], None, models.compiled_graphs()
         with _sdpa(case.sdpa):
             for index in range(warmup + steps):
                 batch = cached
@@ -328,6 +347,8 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
                 out = step.output
                 if case.encode == "live":
                     seconds += encode_time
+                if index == 0:  # [train].compile: the compile is paid here, and every graph made
+                    first, graphs = seconds, models.compiled_graphs() - before
                 bare, _ = _timed(device, bare_step, unet, inputs)
                 optimizer.zero_grad(set_to_none=True)
                 if index >= warmup:
@@ -336,7 +357,8 @@ def measure(arch: str, case: Case, accelerator: Any, steps: int, warmup: int) ->
         step_s, bare_s = statistics.median(step_times), statistics.median(bare_times)
         result = Result(case.label, case.resolution, "ok", step_s, pairs / step_s, bare_s, step_s / bare_s,
                         trainable_params=sum(p.numel() for p in params), loss=float(out.metrics["loss"]),
-                        optimizer=optimizer_name)
+                        optimizer=optimizer_name, first_step_seconds=first, graphs=graphs,
+                        recompiles=models.compiled_graphs() - before - graphs)
         if device.type == "cuda":
             result.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
             result.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
@@ -395,16 +417,18 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"lora-dpo bench: {s['model']} on {where}; precision {s['precision']}; "
              f"{s['pairs_per_micro_batch']} pair(s) per micro-batch; {s['warmup']} warm-up + {s['steps']} timed "
              f"steps (medians)" + (f"; CUDA memory capped at {caps} GiB" if caps else "")]
-    header = ("case", "res", "s/step", "pairs/s", "peak alloc GiB", "peak reserved GiB", "bare s", "overhead")
+    header = ("case", "res", "s/step", "pairs/s", "peak alloc GiB", "peak reserved GiB", "bare s", "overhead",
+              "1st step s", "graphs", "recompiles")
     rows = [header]
     for r in report["results"]:
         if r["status"] != "ok":
-            rows.append((r["case"], str(r["resolution"]), r["status"], "", "", "", "", ""))
+            rows.append((r["case"], str(r["resolution"]), r["status"], *[""] * (len(header) - 3)))
             continue
         gib = ("n/a", "n/a") if r["peak_allocated_gib"] is None else (
             f"{r['peak_allocated_gib']:.2f}", f"{r['peak_reserved_gib']:.2f}")
         rows.append((r["case"], str(r["resolution"]), f"{r['seconds_per_step']:.4f}", f"{r['pairs_per_second']:.2f}",
-                     *gib, f"{r['bare_seconds']:.4f}", f"{r['overhead']:.3f}"))
+                     *gib, f"{r['bare_seconds']:.4f}", f"{r['overhead']:.3f}", f"{r['first_step_seconds']:.2f}",
+                     str(r["graphs"]), str(r["recompiles"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in

@@ -5,12 +5,11 @@ On the SDXL architecture with random weights (no download), at 1024 px, with the
   a) the DPO step with and without gradient checkpointing: measured peak allocated / reserved memory beside
      `lora-dpo plan`'s prediction for the same setting, and their ratio;
   b) for the same runs, seconds per step and the overhead against the bare passes (what `bench` measures);
-  c) a checkpoint of the 8-bit optimizer state, loaded into a fresh optimizer: one more step from both must
-     leave the adapter bit for bit the same;
+  c) the 8-bit optimizer state checkpointed, loaded into a fresh optimizer: one more step from both, the same adapter;
   d) one fp16 step with loss scaling (accelerate's GradScaler): the loss is finite, the scaler's scale;
   e) one step on a 4-bit NF4 base: its peak memory beside the plan's;
-  f) resume bit-exactness with [train].deterministic off and on: a step from a checkpoint against the same step
-     uninterrupted, its gradients computed again.
+  f) resume bit-exactness, [train].deterministic off and on: a step from a checkpoint against it uninterrupted;
+  g) [train].compile off and on: seconds per step, the compile's cost, graphs made after the first step (none).
 
 Every item catches its own failure (out of memory, an error) and records it, so one does not hide the others.
 Without CUDA the same code runs on the tiny base at 64 px with the same recipe settings (nothing is swapped
@@ -80,6 +79,7 @@ class Check:
     loss: float | None = None
     loss_scale: float | None = None  # d) the GradScaler's scale after the step
     bit_identical: bool | None = None  # c, f) resumed and uninterrupted adapters equal bit for bit
+    recompiles: int | None = None  # graphs torch.compile made after the first step (g: must be 0)
     seconds: float | None = None  # wall time of the whole item, building the model included
     notes: str = ""
 
@@ -108,8 +108,8 @@ class Suite:
 
 
 def _accelerator(recipe: Recipe) -> Any:
-    """A fresh Accelerator in the recipe's precision, whatever an earlier item's was (the fp16 item needs another
-    than the bf16 ones). A precision this device cannot run is refused by name, as the trainer refuses it."""
+    """A fresh Accelerator in the recipe's precision, whatever an earlier item's was (d's is fp16), refused by name
+    where this device cannot run it, as the trainer refuses it."""
     return make_accelerator(resolve_precision(recipe.train))
 
 
@@ -143,16 +143,16 @@ def _swap_note(recipe: Recipe, ran: str | None) -> str:
     return "" if ran in (None, OPTIMIZER_CLASSES[asked]) else f"asked for {asked}, {ran} ran"
 
 
-def _measured(suite: Suite, item: str, recipe: Recipe, steps: int, warmup: int) -> tuple[Check, Any]:
-    """bench's own measurement (train_step vs the bare passes) of one recipe, as a Check; and the accelerator."""
+def _measured(suite: Suite, item: str, recipe: Recipe, steps: int, warmup: int) -> tuple[Check, Any, bench.Result]:
+    """bench's measurement (train_step vs the bare passes) of one recipe: a Check, the accelerator, bench's row."""
     accelerator = _accelerator(recipe)
     case = bench.Case(item, recipe, suite.resolution, max_memory_gb=suite.max_memory_gb)
     r = bench.measure(suite.arch, case, accelerator, steps, warmup)
     status = r.status if r.status != "ok" or math.isfinite(r.loss) else "fail: the loss is not finite"
     check = Check(item, status, r.optimizer, accelerator.mixed_precision, recipe.train.gradient_checkpointing,
                   r.seconds_per_step, r.bare_seconds, r.overhead, r.peak_allocated_gib, r.peak_reserved_gib,
-                  loss=r.loss, notes=_swap_note(recipe, r.optimizer))
-    return check, accelerator
+                  loss=r.loss, notes=_swap_note(recipe, r.optimizer), recompiles=r.recompiles)
+    return check, accelerator, r
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _measured(suite: Suite, item: str, recipe: Recipe, steps: int, warmup: int) 
 def check_step(suite: Suite, item: str, checkpointing: bool) -> Check:
     """a) + b): the users' step (bf16, 8-bit AdamW) timed and measured by bench, beside the plan."""
     recipe = suite.recipe_with(train__gradient_checkpointing=checkpointing)
-    check, _ = _measured(suite, item, recipe, suite.steps, suite.warmup)
+    check = _measured(suite, item, recipe, suite.steps, suite.warmup)[0]
     return _beside_plan(check, recipe)
 
 
@@ -234,9 +234,8 @@ def check_resume(suite: Suite, item: str) -> Check:
         lora, optimizer_state = loaded[:2]
         adapter_same = saved.keys() == lora.keys() and all(torch.equal(saved[k].cpu(), lora[k]) for k in saved)
         step_same = all(torch.equal(a, p) for a, p in zip(continued, params, strict=True))
-        status = ("pass" if adapter_same and step_same else
-                  "fail: " + ("the saved adapter reads back different" if not adapter_same else
-                              "the adapters differ after one more step"))
+        status = "pass" if adapter_same and step_same else "fail: " + (
+            "the adapters differ after one more step" if adapter_same else "the saved adapter reads back different")
         ran = type(optimizer.optimizer).__name__
         notes = [_swap_note(recipe, ran), f"{len(optimizer_state['state'])} parameters' state saved and restored"]
         return Check(item, status, ran, accelerator.mixed_precision, True, loss=float(out.metrics["loss"]),
@@ -287,8 +286,8 @@ def check_deterministic(suite: Suite, item: str) -> Check:
         accelerator.free_memory()
     status = "pass" if same[True] else "fail: with [train].deterministic = true the resumed adapter differs"
     ran = type(optimizer.optimizer).__name__
-    notes = [_swap_note(recipe, ran)] + [f"deterministic {'on' if on else 'off'}: "
-                                         f"{'bit-identical' if same[on] else 'differs'}" for on in (False, True)]
+    notes = [_swap_note(recipe, ran), *(f"deterministic {o}: {'bit-identical' if same[o == 'on'] else 'differs'}"
+                                        for o in ("off", "on"))]
     return Check(item, status, ran, accelerator.mixed_precision, True, loss=float(out.metrics["loss"]),
                  bit_identical=same[True], notes="; ".join(n for n in notes if n))
 
@@ -296,21 +295,35 @@ def check_deterministic(suite: Suite, item: str) -> Check:
 def check_fp16(suite: Suite, item: str) -> Check:
     """d): one fp16 step; accelerate scales the loss with a GradScaler (on CUDA; it makes none on the CPU)."""
     recipe = suite.recipe_with(train__mixed_precision="fp16", train__gradient_checkpointing=True)
-    check, accelerator = _measured(suite, item, recipe, steps=1, warmup=0)
-    if check.status == "ok":
-        scaler = accelerator.scaler
-        if scaler is None:
-            check.status = "fail: no GradScaler ran (accelerate makes one for fp16 only on CUDA)"
-        else:
-            check.loss_scale = float(scaler.get_scale())
+    check, accelerator, _ = _measured(suite, item, recipe, steps=1, warmup=0)
+    if check.status == "ok" and accelerator.scaler is None:
+        check.status = "fail: no GradScaler ran (accelerate makes one for fp16 only on CUDA)"
+    elif check.status == "ok":
+        check.loss_scale = float(accelerator.scaler.get_scale())
     return check
 
 
 def check_nf4(suite: Suite, item: str) -> Check:
     """e): one step on the 4-bit NF4 base (QLoRA) with checkpointing, beside the plan's 4-bit estimate."""
     recipe = suite.recipe_with(model__quantize="nf4", train__gradient_checkpointing=True)
-    check, _ = _measured(suite, item, recipe, steps=1, warmup=0)
-    return _beside_plan(check, recipe)
+    return _beside_plan(_measured(suite, item, recipe, steps=1, warmup=0)[0], recipe)
+
+
+def check_compile(suite: Suite, item: str) -> Check:
+    """g): [train].compile off, then on, timed by bench in one process (the same machine and load): the compiled
+    step's row; in its notes the eager step, the compile's cost (the first step above eager's first step) and the
+    steps a run needs before compiling pays. Fails if a graph is made after the first step."""
+    (_, _, off), (on, _, r) = (_measured(suite, item, suite.recipe_with(train__compile=c), suite.steps, suite.warmup)
+                               for c in (False, True))
+    if off.status != "ok" or on.status != "ok":
+        return on if on.status != "ok" else dataclasses.replace(on, status=off.status)
+    cost, saved = r.first_step_seconds - off.first_step_seconds, off.seconds_per_step - r.seconds_per_step
+    pays = f"pays after {math.ceil(cost / saved)} steps" if saved > 0 else "never pays (no faster)"
+    on.notes = "; ".join([*filter(None, [on.notes]), f"eager {off.seconds_per_step:.4f} s/step, overhead "
+                          f"{off.overhead:.3f}; x{off.seconds_per_step / r.seconds_per_step:.2f} compiled; compile "
+                          f"{cost:.1f} s, {pays}; {r.graphs} graphs"])
+    on.status = f"fail: {r.recompiles} graph(s) made after the first step" if r.recompiles else on.status
+    return on
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +337,7 @@ ITEMS: tuple[tuple[str, Callable[[Suite, str], Check]], ...] = (
     ("d fp16 + loss scaling, one step", check_fp16),
     ("e NF4 base, one step", check_nf4),
     ("f resume bit-exactness, [train].deterministic off and on", check_deterministic),
+    ("g [train].compile off and on", check_compile),
 )
 
 
@@ -345,11 +359,11 @@ def _run(suite: Suite, item: str, check: Callable[[Suite, str], Check], device: 
 
 def suite_recipe(recipe: Recipe, arch: str, resolution: int) -> Recipe:
     """The user's recipe (rank, batch, threads...) with what the suite checks: the architecture's base (for the
-    plan), the resolution, bf16 and 8-bit AdamW, asked for through the recipe on every device."""
+    plan), the resolution, bf16 and 8-bit AdamW, asked for through the recipe on every device, eager (g compiles)."""
     base = "tiny" if arch == "tiny" else next(hub for hub, name in plan.KNOWN_BASES.items() if name == arch)
     suite = Suite(arch, recipe, resolution, 1, 0)
     return suite.recipe_with(model__base=base, model__quantize="none", data__resolution=resolution,
-                             train__mixed_precision="bf16", train__optimizer="adamw8bit")
+                             train__mixed_precision="bf16", train__optimizer="adamw8bit", train__compile=False)
 
 
 def run_suite(arch: str, recipe: Recipe, resolution: int | None = None, steps: int = 5, warmup: int = 2,
@@ -382,8 +396,7 @@ def run_suite(arch: str, recipe: Recipe, resolution: int | None = None, steps: i
 
 def run_command(suite: str, recipe: Recipe, arch: str | None, resolution: list[int] | None, steps: int, warmup: int,
                 max_memory_gb: float | None, compare: list[str] | None, out: Path) -> str:
-    """`lora-dpo bench --suite NAME`: check the options, run the suite, write its JSON to `out`; returns the text
-    to print."""
+    """`lora-dpo bench --suite NAME`: check the options, run the suite, write its JSON to `out`; the text to print."""
     if suite != "gpu":
         raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
     if compare:
@@ -395,13 +408,9 @@ def run_command(suite: str, recipe: Recipe, arch: str | None, resolution: list[i
 
 
 def _cell(value: Any, spec: str = ".3g") -> str:
-    if value is None:
-        return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value).replace("|", "\\|")
+    return "" if value is None else format(value, spec) if isinstance(value, float) else str(value).replace("|", "\\|")
 
 
 def _row(c: dict[str, Any], cpu: bool) -> str:
@@ -429,7 +438,7 @@ def format_suite(report: dict[str, Any]) -> str:
                                              f", {m['torch_threads']} torch threads)")
     lines = [f"lora-dpo bench --suite gpu: {s['model']} at {s['resolution']} px, {s['pairs_per_micro_batch']} "
              f"pair(s), LoRA rank {s['lora_rank']}, on {where}; {s['warmup']} warm-up + {s['steps']} timed steps "
-             f"(medians) for a1/a2, one step for d/e; {report['seconds']:.0f} s", ""]
+             f"(medians) for a1/a2 and g, one step for d/e; {report['seconds']:.0f} s", ""]
     header = ["item", "status", "optimizer", "precision", "s/step", "overhead", "peak alloc GiB", "plan alloc GiB",
               "alloc meas/plan", "peak reserved GiB", "plan reserved GiB", "reserved meas/plan", "notes"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

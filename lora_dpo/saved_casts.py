@@ -88,6 +88,19 @@ class CompactSavedCasts:
         self._casts.clear()
 
 
+def saves_upcasts(weights: torch.dtype, device: torch.device) -> bool:
+    """Whether a forward run here (under the autocast on now, if any) saves fp32 upcasts of bf16/fp16 tensors: what
+    `CompactSavedCasts` keeps in fewer bytes. Without autocast, on low-precision `weights`: peft's fp32 cast of every
+    LoRA input. Under autocast: where it runs norms in fp32 (CUDA's policy, and the planner's emulation of it); CPU
+    autocast keeps them in bf16, and LoRA inputs stay as they come (`models.lora`): nothing is upcast. Asked of autocast
+    itself, on a (2,) tensor: no device is assumed, and fake tensors answer the same."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return weights != torch.float32
+    probe = torch.ones(2, device=device, dtype=torch.get_autocast_dtype(kind))
+    return torch.nn.functional.layer_norm(probe, (2,)).dtype == torch.float32
+
+
 def _version_counter(tensor: Tensor) -> Tensor:
     """A tensor of no bytes whose `_version` is `tensor`'s: an in-place change of `tensor` or of any view of it shows
     there, while `tensor`'s memory can be freed. A detached alias shares the version counter and not the autograd

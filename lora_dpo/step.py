@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from lora_dpo.data import PreferenceBatch
 from lora_dpo.models import BaseModel, adapters_disabled, encode_images, encode_prompts, unet_forward
 from lora_dpo.objectives import OBJECTIVES, dpo_logits, error_accuracy, implicit_reward_accuracy, mapo_loss, sft_loss
 from lora_dpo.recipe import LoraRecipe, ObjectiveRecipe, RecipeError, TrainRecipe
-from lora_dpo.saved_casts import CompactSavedCasts
+from lora_dpo.saved_casts import CompactSavedCasts, saves_upcasts
 from lora_dpo.seeds import lora_init_seed
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,13 @@ def use_deterministic_kernels(on: bool) -> None:
 
 def build_policy(unet: Any, lora: LoraRecipe, seed: int, *, precision: str, quantize: str = "none",
                  device: torch.device | str | None = None, checkpointing: bool = False,
-                 lora_fp32: bool = True) -> Any:
+                 lora_fp32: bool = True, compile: bool = False) -> Any:
     """The frozen UNet as the policy: NF4 first, if asked (its matmuls in `precision`), on `device` (None: where it
     is, e.g. `meta` for the planner's fake weights), LoRA with its seeded init (fp32 adapters on any base;
-    `lora_fp32=False` keeps the base's dtype, the planner's comparison), gradient checkpointing. Returns the
-    peft LoraConfig; `models.lora_parameters(unet)` are what trains."""
+    `lora_fp32=False` keeps the base's dtype, the planner's comparison), gradient checkpointing, and last (on the
+    blocks as they train: LoRA in them) [train].compile's compiled blocks. Returns the peft LoraConfig;
+    `models.lora_parameters(unet)` are what trains."""
+    models.check_compiler(compile, torch.device(device or "cpu"))
     if quantize == "nf4":
         models.quantize_nf4(unet, models.DTYPES[precision], torch.device(device or "cpu"))
     if device is not None:
@@ -120,6 +122,8 @@ def build_policy(unet: Any, lora: LoraRecipe, seed: int, *, precision: str, quan
         unet.add_adapter(config)
     if checkpointing:
         unet.enable_gradient_checkpointing()
+    if compile:
+        models.compile_blocks(unet)
     return config
 
 
@@ -308,12 +312,14 @@ def objective_loss(cfg: ObjectiveRecipe, model_w: Tensor, model_l: Tensor | None
 
 
 def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: ObjectiveRecipe,
-             generator: torch.Generator | Sequence[torch.Generator]) -> StepOutput:
+             generator: torch.Generator | Sequence[torch.Generator],
+             forward_autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> StepOutput:
     """Sample one noise and timestep per pair, run the reference with adapters off, in inference mode (only if
     the objective needs it), then the policy (on the other image only if the objective needs it), and return the
     objective's mean loss and metrics: `reward_accuracy` and `reward_margin` (the logit x) need the reference;
     `error_accuracy` (e_w < e_l, no reference) needs the other image. `unet` may be wrapped (DDP, DeepSpeed,
-    torch.compile): both passes run through the wrapper, the adapters are switched on the model inside it."""
+    torch.compile): both passes run through the wrapper, the adapters are switched on the model inside it.
+    `forward_autocast`: the autocast the wrapper runs the UNet's forward under (accelerate's), if not on here."""
     objective = OBJECTIVES[cfg.kind]
     inner = unwrap(unet)
     dtype = next(inner.parameters()).dtype  # conv_in's: never quantised
@@ -326,11 +332,12 @@ def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: O
         with adapters_disabled(inner), torch.inference_mode():
             ref = _errors(unet, base, batch, noise, timesteps, True, dtype)
         ref_w, ref_l = ref.clone().chunk(2)  # (2B,) constants: cloned out of inference mode so autograd can read them
-    # the saved-cast hooks only where a cast can be saved: low-precision weights, or an autocast already on. In an
-    # fp32 run nothing is compacted, and their Python call for each saved tensor (~960 a tiny step) cost ~3 % of
-    # its CPU step; either way the values autograd reads are the same
-    casts = dtype != torch.float32 or any(torch.is_autocast_enabled(kind) for kind in ("cuda", "cpu"))
-    with CompactSavedCasts() if casts else nullcontext():
+    # the saved-cast hooks only where the policy saves casts they can keep in fewer bytes; elsewhere they compact
+    # nothing, and their Python calls for each saved tensor (~960 a tiny step) cost 7-14 % of its CPU step. Either
+    # way the values autograd reads are the same
+    with forward_autocast():
+        compact = saves_upcasts(dtype, batch.latents_w.device)
+    with CompactSavedCasts() if compact else nullcontext():
         model = _errors(unet, base, batch, noise, timesteps, objective.needs_loser, dtype)
     model_w, model_l = model.chunk(2) if objective.needs_loser else (model, None)
     num_timesteps = base.noise_scheduler.config.num_train_timesteps
@@ -392,7 +399,7 @@ def train_step(accelerator: Any, unet: Any, base: BaseModel, batch: EncodedBatch
     itself: its `step_was_skipped` says whether the update reached the weights, and its clip_grad_norm_ returns the
     pre-clip norm, inf for a skipped step (fp16 under DeepSpeed: its own loss scaler, untested here)."""
     with accelerator.accumulate(unet):
-        out = dpo_step(unet, base, batch, objective, generator)
+        out = dpo_step(unet, base, batch, objective, generator, accelerator.autocast)
         accelerator.backward(out.loss)
         finite = torch.isfinite(out.metrics["loss"]) & finite
         if not accelerator.sync_gradients:

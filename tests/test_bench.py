@@ -47,6 +47,25 @@ def test_nf4_base_runs_the_same_step() -> None:
     assert results[1]["trainable_params"] == results[0]["trainable_params"] and math.isfinite(results[1]["loss"])
 
 
+def test_a_compiled_nf4_base_with_checkpointing_makes_its_graphs_in_the_first_step() -> None:
+    """[train].compile with what the GPU recipes set on top (8-bit AdamW, bf16) and the 4-bit NF4 base (bitsandbytes'
+    Linear4bit inside the compiled blocks) with gradient checkpointing (the blocks run inside torch.utils.checkpoint):
+    it trains, in three graphs made by the first step (the reference's, the policy's, its first block's) and none
+    after."""
+    recipe = _recipe(compile=True, gradient_checkpointing=True, optimizer="adamw8bit")
+    cases = bench.make_cases(_with_nf4(recipe), [64], [])
+    (result,) = bench.run_bench("tiny", cases, steps=2, warmup=1)["results"]
+    assert result["status"] == "ok" and math.isfinite(result["loss"]) and result["optimizer"] == "AdamW8bit"
+    assert (result["graphs"], result["recompiles"]) == (3, 0)
+    assert result["first_step_seconds"] > result["seconds_per_step"]  # the compile is paid in the first step
+
+
+def _with_nf4(recipe):
+    raw = recipe.to_dict()
+    raw["model"]["quantize"] = "nf4"
+    return from_dict(raw)
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("speed=1", "neither a recipe key"),
     ("rank=0", "[lora].rank = 0 must be >= 1"),
@@ -121,7 +140,7 @@ def test_gpu_suite_runs_its_plumbing_on_the_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     items = {item["item"].split(" ")[0]: item for item in report["items"]}
-    assert list(items) == ["a1", "a2", "c", "d", "e", "f"] and report["suite"] == "gpu"
+    assert list(items) == ["a1", "a2", "c", "d", "e", "f", "g"] and report["suite"] == "gpu"
     assert all(STATUS.match(item["status"]) for item in items.values()), [i["status"] for i in items.values()]
     assert report["settings"]["arch"] == "tiny" and report["settings"]["resolution"] == 64
     for name, checkpointing in (("a1", False), ("a2", True)):
@@ -130,12 +149,16 @@ def test_gpu_suite_runs_its_plumbing_on_the_cpu(tmp_path: Path) -> None:
         assert step["optimizer"] and step["seconds_per_step"] > 0 and 0 < step["overhead"] < 50
         assert step["planned_allocated_gib"] > 0 and step["peak_allocated_gib"] is None  # the CPU has no stats
     assert items["a2"]["planned_allocated_gib"] < items["a1"]["planned_allocated_gib"]  # checkpointing saves memory
-    assert all(items[name]["optimizer"] == "AdamW8bit" for name in ("a1", "a2", "c", "e", "f"))  # never swapped
+    assert all(items[name]["optimizer"] == "AdamW8bit" for name in ("a1", "a2", "c", "e", "f", "g"))  # never swapped
     assert items["c"]["status"] == "pass" and items["e"]["status"] == "ok" and items["f"]["status"] == "pass"
     assert "deterministic off: bit-identical; deterministic on: bit-identical" in items["f"]["notes"]
     assert '[train].mixed_precision = "fp16"' in items["d"]["status"]  # refused by name on the CPU, not faked
+    # g: [train].compile off and on, timed in one process; no graph after the first step
+    compiled = items["g"]
+    assert compiled["status"] == "ok" and compiled["recompiles"] == 0 and compiled["seconds_per_step"] > 0
+    assert "3 graphs" in compiled["notes"] and "eager " in compiled["notes"] and "compile " in compiled["notes"]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| item | status |") and len(rows) == 7, result.stdout
+    assert rows[0].startswith("| item | status |") and len(rows) == 8, result.stdout
     assert "n/a (CPU)" in rows[1]
     assert all(item["status"] in row for item, row in zip(report["items"], rows[1:], strict=True))
     assert f"wrote {out}" in result.stdout

@@ -109,6 +109,48 @@ def test_resume_from_a_checkpoint_ends_with_the_same_adapter(tiny_recipe, tmp_pa
         torch.testing.assert_close(again[key.removeprefix("unet.")], value, rtol=0, atol=0)
 
 
+def test_a_compiled_run_resumes_bit_identical_to_the_uninterrupted_compiled_run(tiny_recipe, tmp_path: Path) -> None:
+    """[train].compile = true: a real checkpoint at step 2 of 4, resumed in a fresh process's way (a new base, policy
+    and compiled blocks, `setup(resume=...)`), ends with the adapter the uninterrupted compiled run ended with, bit
+    for bit; validation runs compiled too. The compiled run itself trains (its loss is finite and not a fresh
+    adapter's) and makes no graph after its first steps: the reference, the policy (twice: its first block's input
+    needs no gradient) and validation's two, 5 in all; sample grids are drawn eagerly, in shapes of their own."""
+    from lora_dpo.models import compiled_graphs
+
+    recipe = tiny_recipe(train={"compile": True, "checkpoint_every": 2}, output={"dir": str(tmp_path), "name": "full"},
+                         sample={"every": 2, "prompts": ["a red circle"], "steps": 1})
+    before = compiled_graphs()
+    train(recipe)
+    summary = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert compiled_graphs() - before == 5, compiled_graphs() - before
+    assert summary["steps"] == 4 and math.isfinite(summary["loss"]) and summary["loss"] != pytest.approx(math.log(2))
+    run = setup(recipe, tmp_path / "again", resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert run.start_step == 2
+    fit(run)
+    from peft.utils import get_peft_model_state_dict
+
+    again = get_peft_model_state_dict(run.unet)
+    for key, value in load_file(tmp_path / "full" / ADAPTER_FILE).items():
+        torch.testing.assert_close(again[key.removeprefix("unet.")], value, rtol=0, atol=0)
+    assert (tmp_path / "full" / "samples" / "step-000004.png").is_file()  # drawn eagerly: no graph of their own
+
+
+def test_compile_without_a_compiler_stops_before_loading_naming_the_key(tiny_recipe, tmp_path: Path) -> None:
+    """Inductor builds the CPU's kernels with the C++ compiler it finds through CXX (else g++): pointed at nothing,
+    `lora-dpo train` stops in one line that names [train].compile, before any weight loads, and never trains
+    eagerly instead."""
+    recipe = tiny_recipe(train={"compile": True})
+    path = tmp_path / "compile.toml"
+    path.write_text(recipe.to_toml())
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
+    result = subprocess.run([sys.executable, "-m", "lora_dpo", "train", str(path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "[train].compile = true" in line]
+    assert len(errors) == 1 and "C++ compiler" in errors[0] and "no-such-compiler" in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "adapters").exists() or not list((tmp_path / "adapters").rglob("*.safetensors"))
+
+
 def test_finished_runs_are_not_overwritten(tiny_recipe, tmp_path: Path) -> None:
     recipe = tiny_recipe(train={"max_steps": 1}, data={"val_pairs": 0})
     train(recipe)

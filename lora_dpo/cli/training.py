@@ -160,9 +160,10 @@ def bench(
                                                              "card (24, 16, 12).")] = None,
     compare: Annotated[list[str] | None, typer.Option(help="KEY=V1,V2: also run with KEY at each value, the rest "
                                                            "as the baseline. KEY: a recipe key or checkpointing, "
-                                                           "optimizer, rank, quantize, batch_size, encode "
+                                                           "optimizer, rank, quantize, batch_size, compile, encode "
                                                            "(cache|live), sdpa (auto|math|flash|efficient|cudnn), "
-                                                           "compile, max_memory_gb. Repeatable.")] = None,
+                                                           "fullgraph (the whole UNet compiled), max_memory_gb. "
+                                                           "Repeatable.")] = None,
     set_: SetOption = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch. Default: the recipe's train.num_threads, "
@@ -175,7 +176,8 @@ def bench(
     suite: Annotated[str | None, typer.Option(help="`gpu`: the GPU check (docs/gpu-check.md): SDXL at 1024 px, "
                                                    "bf16 + 8-bit AdamW with checkpointing off and on, measured "
                                                    "beside the plan; checkpoint + resume of the optimizer state; "
-                                                   "an fp16 step; an NF4 step. Without CUDA: the tiny base.")] = None,
+                                                   "an fp16 step; an NF4 step; train.compile off and on. Without "
+                                                   "CUDA: the tiny base.")] = None,
     out: Annotated[Path, typer.Option(help="With --suite: the JSON file to write.")] = Path("bench-gpu.json"),
 ) -> None:
     """Time the training step and measure its peak memory; compare settings side by side."""

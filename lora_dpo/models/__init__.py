@@ -2,6 +2,7 @@
 
 - `parts`: what a base is made of (`BaseModel`), dtype tables, shipped architectures, the encoders' and UNet's calls
 - `lora`: LoRA on the frozen UNet, the adapters-off reference, the 4-bit (NF4) base
+- `compiling`: [train].compile: the UNet's repeated blocks compiled (regional torch.compile), the compiler check
 - `tiny`: the tiny SDXL / SD 1.5 bases the demo and the tests train on, built offline and cached
 - `single_file`: single-file (original-layout) checkpoints: their architecture from their keys, a local config
   folder, their parts through diffusers' `from_single_file`
@@ -11,6 +12,7 @@
 """
 
 from lora_dpo.files import cache_home
+from lora_dpo.models.compiling import check_compiler, compile_blocks, compiled_graphs, compiler_missing
 from lora_dpo.models.load import base_schedule, base_unet_config, load_base, read_pipeline_json
 from lora_dpo.models.lora import adapters_disabled, add_lora, lora_config, lora_parameters, quantize_nf4
 from lora_dpo.models.original import checkpoint_state, write_checkpoint
@@ -62,7 +64,8 @@ __all__ = [
     "ARCHITECTURES", "DTYPES", "KNOWN_BASES", "PREDICTION_TYPES", "STORAGE_DTYPES", "TINY_BASES", "TINY_FOLDERS",
     "TINY_RESOLUTION", "TINY_SCHEDULER", "TINY_SD15_UNET", "TINY_UNET", "TINY_VAE", "BaseModel", "ModelError",
     "TinyArch", "adapters_disabled", "add_lora", "base_location", "base_schedule", "base_unet_config",
-    "build_tiny_base", "build_tiny_pipeline", "cache_home", "checkpoint_state", "config_folder", "encode_images",
+    "build_tiny_base", "build_tiny_pipeline", "cache_home", "check_compiler", "checkpoint_state", "compile_blocks",
+    "compiled_graphs", "compiler_missing", "config_folder", "encode_images",
     "encode_prompts", "inference_scheduler", "is_sdxl_unet", "is_single_file", "load_base", "lora_config",
     "lora_parameters", "pooled_dim", "quantize_nf4", "read_pipeline_json", "resolve_base", "scheduler_overrides",
     "shipped_config", "single_file_arch", "single_file_pipeline", "tiny_base_path", "tiny_text_config",

@@ -42,16 +42,17 @@ def _allocated_on_cpu(run: Callable[[], None]) -> int:
     return peak
 
 
-def measure_real_step(arch: Architecture, key: StepKey, device: torch.device) -> RealMeasure:
-    """The step of `measure_step` on real tensors (random weights from the config: no download) on `device`.
+def measure_real_step(arch: Architecture, key: StepKey, device: torch.device, compile: bool = False) -> RealMeasure:
+    """The step of `measure_step` on real tensors (random weights from the config: no download) on `device`, with
+    [train].compile's compiled blocks if `compile` (which fake tensors cannot run: the trace is of the eager step).
     Memory: torch.cuda's peak allocated and reserved on CUDA; on CPU the allocator's record. FLOPs: torch's
-    FlopCounterMode, in a separate pass (its module tracking must not touch the memory pass)."""
+    FlopCounterMode, in a separate pass (its module tracking must not touch the memory pass), eager: the same math."""
     from diffusers import DDPMScheduler
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = models.unet_from_config(arch.unet, models.DTYPES[key.precision], device)
     step.build_policy(unet, key.lora, seed=0, precision=key.precision, checkpointing=key.checkpointing,
-                      lora_fp32=key.lora_fp32)
+                      lora_fp32=key.lora_fp32, compile=compile)
     unet.train()
     base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=DDPMScheduler.from_config(arch.scheduler),
                             is_sdxl=arch.is_sdxl)
@@ -80,7 +81,7 @@ def measure_real_step(arch: Architecture, key: StepKey, device: torch.device) ->
     else:
         peak, reserved = resident + _allocated_on_cpu(run), None
     counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops())
-    with counter:
+    with counter, torch.compiler.set_stance("force_eager"):
         run()
     return RealMeasure(str(device), peak, reserved, float(counter.get_total_flops()))
 
@@ -95,9 +96,11 @@ def compare_on_device(recipe: Recipe, device: torch.device) -> str:
     if device.type != "cuda":
         key = replace(key, precision="no")
     arch = architecture(recipe.model)
-    planned, real = measure_step(arch, key), measure_real_step(arch, key, device)
+    planned, real = measure_step(arch, key), measure_real_step(arch, key, device, recipe.train.compile)
     planned_flops = sum(planned.flops.values())
-    line = (f"measured on {device} (checkpointing {'on' if checkpointing else 'off'}, precision {key.precision}): "
+    compiled = ", compiled blocks: the plan traced them eager" if recipe.train.compile else ""
+    line = (f"measured on {device} (checkpointing {'on' if checkpointing else 'off'}, precision {key.precision}"
+            f"{compiled}): "
             f"step peak allocated {real.peak / GiB:.3f} GiB, planned {planned.peak / GiB:.3f} "
             f"(measured / planned {real.peak / planned.peak:.3f})")
     if real.reserved is not None:

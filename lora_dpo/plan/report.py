@@ -109,6 +109,10 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
                          + (f"; fits {', '.join(fit)}" if fit else ""))
     lines += ["", f"planned in {plan.seconds:.0f} s: lora_dpo.step.dpo_step and backward traced on fake tensors; "
                   f"allowance not calibrated on a GPU yet (README, `plan --measure`)"]
+    if recipe.train.compile:  # fake tensors cannot run compiled kernels: the trace is of the eager step
+        lines.append("[train].compile = true: traced eager; the compiled step's peak measured 0.93-1.00x the eager "
+                     "one's on the tiny step on a CPU (docs/performance.md), not yet on a GPU: `plan --measure` there "
+                     "measures the compiled step")
     return "\n".join(lines)
 
 

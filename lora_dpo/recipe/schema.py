@@ -236,6 +236,14 @@ class TrainRecipe:
         "Recompute UNet activations in backward: less memory, ~24 % more compute. `auto`: on only when "
         "`lora-dpo plan` predicts the step does not fit the GPU's free memory (off on CPU).",
         resume="free")
+    compile: bool = _f(
+        False,
+        "Compile the UNet's repeated blocks (its transformer blocks, where the adapters sit) with torch.compile: "
+        "regional compilation, diffusers' `compile_repeated_blocks`. The first step pays the compile, once per run "
+        "(kept in inductor's cache on disk: the next run of the same shapes compiles in seconds); every step after it "
+        "is faster. Needs what inductor builds kernels with (a C++ compiler on a CPU, Triton on a GPU): without it "
+        "the run stops, naming this key. Losses and gradients agree with eager within float tolerance, not bit for "
+        "bit. Measured in docs/performance.md.", resume="free")
     optimizer: Literal["adamw8bit", "adamw"] = _f(
         "adamw8bit", "`adamw8bit` (bitsandbytes' 8-bit AdamW, on GPU and CPU alike) or `adamw` (torch's, fused)."
     )

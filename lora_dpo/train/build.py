@@ -90,6 +90,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     accelerator.init_trackers(recipe.output.project, config=trackers.run_config(recipe), init_kwargs=init_kwargs)
     device = accelerator.device
     _check_parallelism(accelerator, cfg)
+    models.check_compiler(cfg.compile, device)  # before any weight loads
     start_pairs = 0 if resuming is None else _resume_position(resuming, recipe, accelerator.num_processes)
 
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before any weight is loaded
@@ -111,7 +112,8 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         if module is not None:
             module.to(device)
     lora_config = step.build_policy(base.unet, recipe.lora, cfg.seed, precision=precision,
-                                    quantize=recipe.model.quantize, device=device, checkpointing=checkpointing)
+                                    quantize=recipe.model.quantize, device=device, checkpointing=checkpointing,
+                                    compile=cfg.compile)
     optimizer = step.make_optimizer(cfg, models.lora_parameters(base.unet), device)
     lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.max_steps)

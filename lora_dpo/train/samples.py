@@ -64,11 +64,15 @@ class TrainingSampler:
     @torch.no_grad()
     def _draw(self) -> list[Image.Image]:
         """The pipeline returns latents, decoded here by the VAE in its own precision: under mixed precision
-        the latents come out in bf16/fp16 while the VAE may stay fp32 (the inverse of models.encode_images)."""
+        the latents come out in bf16/fp16 while the VAE may stay fp32 (the inverse of models.encode_images).
+        Eager, under [train].compile too: grids are drawn every few hundred steps in shapes training never runs
+        (the guidance batch, adapters off and on), whose graphs would cost a compile each and count towards torch's
+        limit of graphs per block (`models.compile_blocks`)."""
         vae, images = self.pipe.vae, []
         for prompt, seed in self.rows:
-            latents = generate(self.pipe, prompt, seed, self.cfg.steps, self.cfg.guidance_scale, self.resolution,
-                               output_type="latent")
+            with torch.compiler.set_stance("force_eager"):
+                latents = generate(self.pipe, prompt, seed, self.cfg.steps, self.cfg.guidance_scale,
+                                   self.resolution, output_type="latent")
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
             decoded = vae.decode(latents).sample.float()

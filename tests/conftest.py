@@ -271,3 +271,22 @@ def launch(tmp_path: Path):
             os.killpg(launched.proc.pid, signal.SIGKILL)  # the process and its data workers
             launched.proc.wait()
 
+
+
+@pytest.fixture
+def fit_until_stopped():
+    """`fit(run)` that a SIGTERM the test sends from inside the run stops: returns the `Interrupted` it raised.
+    SIGTERM goes to a no-op handler around it, so a signal landing outside fit's own handler never ends pytest."""
+    from lora_dpo.errors import Interrupted
+    from lora_dpo.train import fit
+
+    def run_until_stopped(run: Any) -> Interrupted:
+        before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        try:
+            with pytest.raises(Interrupted) as stopped:
+                fit(run)
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        return stopped.value
+
+    return run_until_stopped

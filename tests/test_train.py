@@ -176,7 +176,7 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
 
 
 def test_a_streamed_hub_set_trains_resumes_where_it_stood_and_reports_what_it_skipped(
-        tiny_recipe, pickapic_hub: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        tiny_recipe, pickapic_hub: Path, tmp_path: Path, capsys: pytest.CaptureFixture, fit_until_stopped) -> None:
     """Streaming in two loader workers: the held-out set by prompt, ties dropped as rows arrive, a truncated image
     skipped in a worker and reported once the run is over (as a user sees it, and in metrics.json). A real
     SIGTERM in step 2 stops it after step 3 (three batches: the next is due from the second worker) with a
@@ -188,7 +188,6 @@ def test_a_streamed_hub_set_trains_resumes_where_it_stood_and_reports_what_it_sk
     from accelerate.data_loader import SkipDataLoader
 
     from lora_dpo import data
-    from lora_dpo.errors import Interrupted
 
     def recipe_(name: str, workers: int = 2):
         return tiny_recipe(data={"source": f"hf:{pickapic_hub}", "streaming": True, "val_pairs": 2,
@@ -219,14 +218,9 @@ def test_a_streamed_hub_set_trains_resumes_where_it_stood_and_reports_what_it_sk
                 os.kill(os.getpid(), signal.SIGTERM)
 
     run.accelerator.unwrap_model(run.unet).register_forward_hook(sigterm_in_step_two)
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # pytest's, should fit's not take it
-    try:
-        with pytest.raises(Interrupted) as stopped:
-            fit(run)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert stopped.value.step == 3
-    saved = json.loads((stopped.value.checkpoint / "state.json").read_text())["stream"]
+    stopped = fit_until_stopped(run)
+    assert stopped.step == 3
+    saved = json.loads((stopped.checkpoint / "state.json").read_text())["stream"]
     assert (saved["processes"], saved["workers"], saved["batches"], sorted(saved["parts"])) == (1, 2, 3, ["0", "1"])
     capsys.readouterr()
 
@@ -244,14 +238,9 @@ def test_a_streamed_hub_set_trains_resumes_where_it_stood_and_reports_what_it_sk
             os.kill(os.getpid(), signal.SIGTERM)
 
     resumed_run.base.vae.encoder.register_forward_hook(sigterm_once)  # `vae.encode` calls it
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        with pytest.raises(Interrupted) as stopped:
-            fit(resumed_run)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert stopped.value.step == 4
-    again = json.loads((stopped.value.checkpoint / "state.json").read_text())["stream"]
+    stopped = fit_until_stopped(resumed_run)
+    assert stopped.step == 4
+    again = json.loads((stopped.checkpoint / "state.json").read_text())["stream"]
     assert sorted(again["parts"]) == ["0", "1"] and again["batches"] == 4
     assert [again["parts"][p] == saved["parts"][p] for p in ("0", "1")].count(True) == 1  # one part moved
     del resumed_run

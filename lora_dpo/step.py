@@ -193,9 +193,7 @@ def random_batch(unet_config: Mapping[str, Any], pairs: int, resolution: int, de
     latents (B, C, R/f, R/f) in float32, prompt embeddings (B, tokens, D) and, where the family's denoiser reads
     them, pooled (B, P) in the encoders' dtype and time ids (B, 6). Random from `generator`; without one,
     uninitialised (the planner's fake tensors have shapes, not values)."""
-    family = models.family_of_denoiser(unet_config)
-    if family is None:
-        raise models.ModelError(f"a {unet_config.get('_class_name', 'denoiser')} config no known base family has")
+    family = models.denoiser_family(unet_config)
     size = resolution // latent_factor
 
     def tensor(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -25,6 +25,7 @@ from lora_dpo.models.families import (
     KNOWN_BASES,
     TINY_BASES,
     Family,
+    denoiser_family,
     family_named,
     family_of_base_name,
     family_of_checkpoint,
@@ -42,7 +43,14 @@ from lora_dpo.models.load import (
     shipped_config,
     unet_from_config,
 )
-from lora_dpo.models.lora import adapters_disabled, add_lora, lora_config, lora_parameters, quantize_nf4
+from lora_dpo.models.lora import (
+    adapters_disabled,
+    add_lora,
+    lora_config,
+    lora_parameters,
+    lora_state_dict,
+    quantize_nf4,
+)
 from lora_dpo.models.original import checkpoint_state, write_checkpoint
 from lora_dpo.models.parts import (
     DTYPES,
@@ -79,9 +87,10 @@ __all__ = [
     "TINY_SCHEDULER", "TINY_VAE", "BaseModel", "Family", "ModelError", "adapters_disabled", "add_lora",
     "base_family", "base_location", "base_schedule", "base_unet_config", "build_tiny_base", "build_tiny_pipeline",
     "cache_home", "check_compiler", "checkpoint_state", "compile_blocks", "compiled_graphs", "compiler_missing",
-    "config_folder", "encode_images", "encode_prompts", "family_named", "family_of_base_name",
+    "config_folder", "denoiser_family", "encode_images", "encode_prompts", "family_named", "family_of_base_name",
     "family_of_checkpoint", "family_of_denoiser", "family_of_metadata", "family_of_pipeline", "inference_scheduler",
-    "is_single_file", "load_base", "lora_config", "lora_parameters", "pipeline_family", "quantize_nf4",
+    "is_single_file", "load_base", "lora_config", "lora_parameters", "lora_state_dict", "pipeline_family",
+    "quantize_nf4",
     "read_pipeline_json", "resolve_base", "scheduler_overrides", "shipped_config", "single_file_family",
     "single_file_pipeline", "tiny_base_path", "tiny_text_config", "tiny_tokenizer", "unet_from_config",
     "warm_up_tiny_base", "write_checkpoint",

@@ -16,6 +16,7 @@ from lora_dpo.models.families import (
     KNOWN_BASES,
     TINY_BASES,
     Family,
+    denoiser_family,
     family_named,
     family_of_denoiser,
     family_of_pipeline,
@@ -155,9 +156,7 @@ def unet_from_config(config: Mapping[str, Any], dtype: torch.dtype = torch.float
     """A denoiser of its family's architecture from its config, with random weights (or no storage at all, on
     `meta`), built straight in `dtype`: no float32 copy on the way (10 GB for SDXL, more than a 12 GB card's
     budget)."""
-    family = family_of_denoiser(config)
-    if family is None:
-        raise ModelError(f"a {config.get('_class_name', 'denoiser')} config no known base family has")
+    family = denoiser_family(config)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -1,5 +1,5 @@
-"""A diffusers UNet pipeline (SD 1.5, SDXL) written as one checkpoint in Stability's original (LDM / SGM) layout: the file
-AUTOMATIC1111, Forge and ComfyUI's checkpoint loader open, and the inverse of the conversion diffusers'
+"""A diffusers UNet pipeline (SD 1.5, SDXL) written as one checkpoint in Stability's original (LDM / SGM) layout:
+the file AUTOMATIC1111, Forge and ComfyUI's checkpoint loader open, and the inverse of the conversion diffusers'
 `from_single_file` makes when it reads one (`single_file`).
 
 The layout, part by part (the names diffusers' `scripts/convert_diffusers_to_original_sdxl.py` and
@@ -110,8 +110,8 @@ def write_checkpoint(pipe: Any, out: Path, description: str) -> Path:
     family = pipeline_family(pipe)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    metadata = webui.modelspec(family.modelspec_architecture, out.stem, resolution, webui.IMPLEMENTATION_SGM, prediction, lora=False,
-                               description=description)
+    metadata = webui.modelspec(family.modelspec_architecture, out.stem, resolution, webui.IMPLEMENTATION_SGM,
+                               prediction, lora=False, description=description)
     state = checkpoint_state(pipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_file(out) as tmp:

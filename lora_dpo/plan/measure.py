@@ -55,7 +55,7 @@ def measure_real_step(arch: Architecture, key: StepKey, device: torch.device, co
                       lora_fp32=key.lora_fp32, compile=compile)
     unet.train()
     base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=DDPMScheduler.from_config(arch.scheduler),
-                            is_sdxl=arch.is_sdxl)
+                            family=arch.family)
     batch = step_batch(arch, key, device, torch.Generator().manual_seed(0))
     dtype = models.DTYPES[key.precision]
     autocast = (contextlib.nullcontext() if key.precision == "no"

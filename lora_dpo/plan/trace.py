@@ -135,7 +135,7 @@ def measure_step(arch: Architecture, key: StepKey) -> StepMeasure:
         unet.disable_gradient_checkpointing()
     unet.train()
     base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=DDPMScheduler.from_config(arch.scheduler),
-                            is_sdxl=arch.is_sdxl)
+                            family=arch.family)
     lora = [p for p in unet.parameters() if p.requires_grad]
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     with mode:

@@ -52,6 +52,15 @@ def family_of_denoiser(config: Mapping[str, Any]) -> Family | None:
     return next((family for family in FAMILIES if family.owns_denoiser(config)), None)
 
 
+def denoiser_family(config: Mapping[str, Any]) -> Family:
+    """`family_of_denoiser`, or a one-line error."""
+    family = family_of_denoiser(config)
+    if family is None:
+        raise ModelError(f"a {config.get('_class_name', 'denoiser')} config that no known base family has (known: "
+                         f"{', '.join(f.label for f in FAMILIES)}); pass a base of one of them")
+    return family
+
+
 def family_of_checkpoint(keys: Collection[str]) -> Family | None:
     """The family of an original-layout single-file checkpoint from its key names, None if none owns it."""
     return next((family for family in FAMILIES if family.owns_checkpoint(keys)), None)
@@ -68,5 +77,5 @@ def family_of_base_name(name: str) -> Family | None:
 
 
 __all__ = ["CONFIGS", "DEFAULT_FAMILY", "FAMILIES", "KNOWN_BASES", "TINY_BASES", "DdpmFamily", "Family", "TextPart",
-           "family_named", "family_of_base_name", "family_of_checkpoint", "family_of_denoiser", "family_of_metadata",
-           "family_of_pipeline", "pipeline_family"]
+           "denoiser_family", "family_named", "family_of_base_name", "family_of_checkpoint", "family_of_denoiser",
+           "family_of_metadata", "family_of_pipeline", "pipeline_family"]

@@ -48,9 +48,11 @@ class Family(ABC):
     denoiser_folder: str = "unet"  # its subfolder in a pipeline folder (`unet` or `transformer`)
     hub_ids: tuple[str, ...] = ()  # hub ids whose configs are exactly the shipped ones (known without a download)
     default_resolution: int = 1024
+    bench_resolutions: tuple[int, ...] = (1024,)  # what `lora-dpo bench --arch <name>` measures by default
     flow_matching: bool = False  # rectified flow (x_t = (1 - s) x_0 + s noise, velocity target) vs DDPM
     text_parts: tuple[TextPart, ...] = ()  # its text encoders, in the order `encode_prompts` takes them
     pipeline_extras: Mapping[str, Any] = {}  # other arguments its pipeline class takes (SD 1.5: no safety checker)
+    unwatermarked: Mapping[str, Any] = {}  # what turns its pipeline's invisible watermark off (training grids)
     tiny_folder: str = ""  # its tiny base's cache folder (bump its version when the tiny weights change)
     tiny_shipped_sha256: str = ""  # set: the tiny base ships in `assets/<tiny_folder>` with this `folder_sha256`
 

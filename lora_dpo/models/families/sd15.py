@@ -40,6 +40,7 @@ class Sd15(DdpmFamily):
     licenses: Mapping[str, str] = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
                                    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m"}
     default_resolution = 512
+    bench_resolutions = (512,)
     text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),)
 
     # every original-layout checkpoint keeps its UNet under model.diffusion_model.: SD 1.x is the one a file is

@@ -39,11 +39,12 @@ class Sdxl(DdpmFamily):
     tiny_shipped_sha256 = "20d9122b4359fdbb894ba29bf936fe4d613a403a92256d7d18aface0a965ca9a"
     tiny_unet = TINY_UNET
     pipeline_class = "StableDiffusionXLPipeline"
-    pipeline_extras: Mapping[str, Any] = {"add_watermarker": False}
+    unwatermarked: Mapping[str, Any] = {"add_watermarker": False}
     hub_ids = ("stabilityai/stable-diffusion-xl-base-1.0",
                "stabilityai/sdxl-turbo")  # distilled: the same UNet and VAE, only its sampling differs
     licenses: Mapping[str, str] = {"stabilityai/stable-diffusion-xl-base-1.0": "openrail++"}
     default_resolution = 1024
+    bench_resolutions = (1024, 512)
     text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),
                   TextPart("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"))
     uses_geometry = True

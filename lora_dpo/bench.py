@@ -198,8 +198,6 @@ def _random_encoders(family: models.Family, weight_dtype: torch.dtype, vae_dtype
 def build_base(arch: str, case: Case, weight_dtype: torch.dtype, device: torch.device) -> models.BaseModel:
     """The base to measure: a family's shipped architecture or the tiny base with random weights, or (`recipe`)
     the recipe's own model. VAE and text encoders only for `encode = live`."""
-    from diffusers import DDPMScheduler
-
     live = case.encode == "live"
     vae_dtype = models.DTYPES[case.recipe.model.vae_dtype]
     if arch == "recipe":
@@ -209,7 +207,8 @@ def build_base(arch: str, case: Case, weight_dtype: torch.dtype, device: torch.d
         family = models.TINY_BASES["tiny"]
         pipe = models.build_tiny_pipeline(seed=0, arch=family)
         base = models.BaseModel(source="tiny (random weights)", unet=pipe.unet.requires_grad_(False),
-                                noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), family=family)
+                                noise_scheduler=family.training_scheduler(pipe.scheduler.config, {}),
+                                family=family)
         if weight_dtype != torch.float32:
             base.unet.to(weight_dtype)
         if live:
@@ -224,7 +223,7 @@ def build_base(arch: str, case: Case, weight_dtype: torch.dtype, device: torch.d
                                        "cpu" if case.recipe.model.quantize != "none" else device)
         encoders = _random_encoders(family, weight_dtype, vae_dtype) if live else {}
         base = models.BaseModel(source=f"{arch} (random weights)", unet=unet,
-                                noise_scheduler=DDPMScheduler.from_config(family.shipped_config("scheduler")),
+                                noise_scheduler=family.training_scheduler(family.shipped_config("scheduler"), {}),
                                 family=family, **encoders)
     for module in (base.vae, *base.text_encoders):
         if module is not None:

@@ -87,24 +87,27 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
               vae_dtype: torch.dtype = torch.float32, with_unet: bool = True) -> BaseModel:
     """Load the base pipeline's parts, frozen. `with_encoders=False` skips the VAE and text encoders (training
     from a latent cache); `with_unet=False` skips the UNet (writing a latent cache)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL
 
     single = Path(cfg.base) if is_single_file(cfg.base) else None
     # a single file's configs (and the base's `source` from here on) are its local config folder
     source = str(config_folder(single)) if single else resolve_base(cfg.base)
     index = read_pipeline_json(source, "model_index.json", cfg.revision)
-    missing = [part for part in ("unet", "scheduler") if part not in index]
+    family = family_of_pipeline(index)
+    missing = [part for part in (family.denoiser_folder if family else "unet", "scheduler") if part not in index]
     if with_encoders:
         missing += [part for part in ("vae", "text_encoder", "tokenizer") if part not in index]
     if missing:
         raise ModelError(f"{source}: the pipeline has no {', '.join(missing)}; lora-dpo needs an SD 1.5 or "
                          "SDXL text-to-image pipeline")
-    family = base_family(source, index, cfg.revision)
+    family = family or base_family(source, index, cfg.revision)
     common = {"revision": cfg.revision}
     online = not (hub.is_hub_id(source) or (cfg.vae and hub.is_hub_id(cfg.vae))) or hub.prepare()
     try:
         overrides = scheduler_overrides(single) if single else {}  # the file's v_pred / ztsnr keys
-        config = DDPMScheduler.load_config(source, subfolder="scheduler", **common)
+        # the scheduler's JSON (any scheduler class reads any config); the family builds the training scheduler
+        config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", **common)
         try:
             scheduler = family.training_scheduler(config, training_schedule(config, cfg, overrides))
         except ModelError as err:
@@ -125,8 +128,9 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
                     base.vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=vae_dtype, **common)
                 base.tokenizers = family.load_tokenizers(tokenizer_source(single, Path(source)))
         else:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
-                                                        torch_dtype=weight_dtype, **common) if with_unet else None
+            denoiser = getattr(diffusers, family.denoiser_class)
+            unet = denoiser.from_pretrained(source, subfolder=family.denoiser_folder, variant=cfg.variant,
+                                            torch_dtype=weight_dtype, **common) if with_unet else None
             base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, family=family,
                              train_timesteps=tuple(cfg.timesteps))
         if with_encoders and not single:

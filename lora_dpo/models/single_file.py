@@ -166,15 +166,17 @@ def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_une
                            vae: bool, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
     """The UNet, VAE and text encoders from the checkpoint (diffusers converts the original layout), each
     configured by `folder`: {"unet", "vae", "text_encoders"} (absent parts are None or ())."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
 
     common = {"config": str(folder), "local_files_only": True}
     parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": ()}
     if with_unet:
-        parts["unet"] = UNet2DConditionModel.from_single_file(str(path), subfolder="unet", torch_dtype=weight_dtype,
-                                                              **common)
+        denoiser = getattr(diffusers, family.denoiser_class)
+        parts["unet"] = denoiser.from_single_file(str(path), subfolder=family.denoiser_folder, torch_dtype=weight_dtype,
+                                                  **common)
     if not with_encoders:
         return parts
     if vae:

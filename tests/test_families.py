@@ -145,6 +145,8 @@ def test_every_family_owns_its_own_configs_bases_and_names() -> None:
         assert family.pooled_width(family.shipped_config(family.denoiser_folder)) == text["pooled_dim"]
     hub_ids = [hub_id for family in models.FAMILIES for hub_id in family.hub_ids]
     assert len(hub_ids) == len(set(hub_ids)) == len(models.KNOWN_BASES)
+    unet_families = [family for family in models.FAMILIES if isinstance(family, models.families.DdpmFamily)]
+    assert all(family.default_target_modules == schema.LoraRecipe().target_modules for family in unet_families)
     default_base = schema.ModelRecipe().base  # the recipe's default base is a known one
     assert models.family_of_base_name(default_base) is models.DEFAULT_FAMILY
     with pytest.raises(models.ModelError, match="architecture 'sd21' is not known; known: sdxl, sd15"):

@@ -215,6 +215,7 @@ class DdpmFamily(Family):
     denoiser_class = "UNet2DConditionModel"
     denoiser_folder = "unet"
     prediction_types = ("epsilon", "v_prediction")  # what the step knows how to train (`target`)
+    default_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (the recipe's default)
     tiny_unet: Mapping[str, Any]  # its tiny base's UNet config
 
     def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:

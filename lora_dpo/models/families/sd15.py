@@ -55,8 +55,8 @@ class Sd15(DdpmFamily):
 
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         """A UNet2DConditionModel without micro-conditioning."""
-        return config.get("_class_name", self.denoiser_class) == self.denoiser_class and \
-            config.get("addition_embed_type") is None
+        same_class = config.get("_class_name", self.denoiser_class) == self.denoiser_class
+        return same_class and config.get("addition_embed_type") is None
 
     def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],
                        device: torch.device) -> tuple[Tensor, Tensor | None]:

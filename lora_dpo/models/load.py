@@ -13,6 +13,7 @@ import torch
 
 from lora_dpo import hub
 from lora_dpo.models.families import (
+    FAMILIES,
     KNOWN_BASES,
     TINY_BASES,
     Family,
@@ -79,7 +80,7 @@ def base_family(source: str, index: dict[str, Any], revision: str | None = None)
         family = family_of_denoiser(read_pipeline_json(source, "unet/config.json", revision))
     if family is None:
         raise ModelError(f"{source}: no known base family has this pipeline ({index.get('_class_name')}); lora-dpo "
-                         "trains SD 1.5 and SDXL text-to-image pipelines")
+                         f"trains {' and '.join(f.label for f in FAMILIES)} text-to-image pipelines")
     return family
 
 

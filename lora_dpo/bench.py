@@ -47,8 +47,8 @@ from lora_dpo.step import (
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("tiny", "sdxl", "sd15", "recipe")
-NATIVE_RESOLUTIONS = {"tiny": (64,), "sd15": (512,), "sdxl": (1024, 512)}
+ARCHS = ("tiny", *(family.name for family in models.FAMILIES), "recipe")  # --arch: a family's name, random weights
+NATIVE_RESOLUTIONS = {"tiny": (64,)} | {family.name: family.bench_resolutions for family in models.FAMILIES}
 KNOBS: dict[str, tuple[Any, ...]] = {  # bench-only settings and their choices (the first is the default)
     "encode": ("cache", "live"),
     "sdpa": ("auto", "math", "flash", "efficient", "cudnn"),
@@ -171,55 +171,60 @@ def default_resolutions(arch: str, recipe: Recipe) -> list[int]:
     return [recipe.data.resolution] if arch == "recipe" else list(NATIVE_RESOLUTIONS[arch])
 
 
+def default_arch(recipe_given: bool) -> str:
+    """--arch when none is given: the recipe's model with --recipe, else the default family on a GPU, the tiny
+    base on the CPU."""
+    return "recipe" if recipe_given else models.DEFAULT_FAMILY.name if torch.cuda.is_available() else "tiny"
+
+
 # --------------------------------------------------------------------------------------------------
 # Models and batches of the right shapes
 
 
-def _random_encoders(arch: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """VAE and text encoders of a shipped architecture with random weights, for `encode = live`. Prompts
+def _random_encoders(family: models.Family, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
+    """VAE and text encoders of a family's shipped architecture with random weights, for `encode = live`. Prompts
     are tokenised with the tiny base's tokenizer: tokenising costs the same, the ids are valid for any CLIP."""
+    import transformers
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    parts = ("text_encoder", "text_encoder_2") if arch == "sdxl" else ("text_encoder",)
-    encoders = []
-    for part in parts:
-        config = models.shipped_config(arch, part)
-        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
-        encoders.append(cls(CLIPTextConfig(**config)).to(weight_dtype))
-    vae = AutoencoderKL.from_config(models.shipped_config(arch, "vae")).to(vae_dtype)
+    encoders = [getattr(transformers, part.encoder_class)(
+        transformers.CLIPTextConfig(**family.shipped_config(part.encoder))).to(weight_dtype)
+        for part in family.text_parts]
+    vae = AutoencoderKL.from_config(family.shipped_config("vae")).to(vae_dtype)
     tokenizer = models.tiny_tokenizer()
-    return {"vae": vae, "text_encoders": tuple(encoders), "tokenizers": (tokenizer,) * len(parts)}
+    return {"vae": vae, "text_encoders": tuple(encoders), "tokenizers": (tokenizer,) * len(encoders)}
 
 
 def build_base(arch: str, case: Case, weight_dtype: torch.dtype, device: torch.device) -> models.BaseModel:
-    """The base to measure: a shipped architecture or the tiny one with random weights, or (`recipe`) the
-    recipe's own model. VAE and text encoders only for `encode = live`."""
-    from diffusers import DDPMScheduler
-
+    """The base to measure: a family's shipped architecture or the tiny base with random weights, or (`recipe`)
+    the recipe's own model. VAE and text encoders only for `encode = live`."""
     live = case.encode == "live"
     vae_dtype = models.DTYPES[case.recipe.model.vae_dtype]
     if arch == "recipe":
         base = models.load_base(case.recipe.model, with_encoders=live, weight_dtype=weight_dtype,
                                 vae_dtype=vae_dtype)
     elif arch == "tiny":
-        pipe = models.build_tiny_pipeline(seed=0)
+        family = models.TINY_BASES["tiny"]
+        pipe = models.build_tiny_pipeline(seed=0, arch=family)
         base = models.BaseModel(source="tiny (random weights)", unet=pipe.unet.requires_grad_(False),
-                                noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), is_sdxl=True)
+                                noise_scheduler=family.training_scheduler(pipe.scheduler.config, {}),
+                                family=family)
         if weight_dtype != torch.float32:
             base.unet.to(weight_dtype)
         if live:
             base.vae = pipe.vae.to(vae_dtype)
-            base.text_encoders = (pipe.text_encoder.to(weight_dtype), pipe.text_encoder_2.to(weight_dtype))
-            base.tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+            base.text_encoders = tuple(getattr(pipe, part.encoder).to(weight_dtype) for part in family.text_parts)
+            base.tokenizers = tuple(getattr(pipe, part.tokenizer) for part in family.text_parts)
     else:
+        family = models.family_named(arch)
         torch.manual_seed(0)
         # straight onto the device, in the weights' dtype (quantised layer by layer later, if asked)
-        unet = models.unet_from_config(arch, weight_dtype, "cpu" if case.recipe.model.quantize != "none" else device)
-        encoders = _random_encoders(arch, weight_dtype, vae_dtype) if live else {}
+        unet = models.unet_from_config(family.shipped_config(family.denoiser_folder), weight_dtype,
+                                       "cpu" if case.recipe.model.quantize != "none" else device)
+        encoders = _random_encoders(family, weight_dtype, vae_dtype) if live else {}
         base = models.BaseModel(source=f"{arch} (random weights)", unet=unet,
-                                noise_scheduler=DDPMScheduler.from_config(models.shipped_config(arch, "scheduler")),
-                                is_sdxl=arch == "sdxl", **encoders)
+                                noise_scheduler=family.training_scheduler(family.shipped_config("scheduler"), {}),
+                                family=family, **encoders)
     for module in (base.vae, *base.text_encoders):
         if module is not None:
             module.requires_grad_(False).eval().to(device)

@@ -21,10 +21,9 @@ KOHYA_SUFFIX = "_kohya.safetensors"  # `<run>_kohya.safetensors`: the file Comfy
 SAMPLE_PROMPTS_FILE = "prompts.json"  # samples/prompts.json: the sample grids' row prompts, top to bottom
 WIDGET_IMAGES = 3  # the newest sample grids shown in the hub's gallery
 MARK = "<!-- written by lora-dpo; `lora-dpo push` rewrites it: delete this line to keep your own edits -->"
-# Licenses of the bases people train on; other bases get `other` unless [output].license says.
-BASE_LICENSES = {"stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
-                 "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
-                 "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m"}
+# Licenses of the bases people train on: their families' `licenses`; other bases get `other` unless
+# [output].license says.
+BASE_LICENSES = {hub_id: name for family in models.FAMILIES for hub_id, name in family.licenses.items()}
 METHODS = {"dpo": "**Diffusion-DPO** (Wallace et al. 2023)",
            "sft": "**supervised fine-tuning** on the preferred images (the paper's SFT baseline)"}
 # Never uploaded: resumable checkpoints (optimizer state, large) and half-written temporaries.
@@ -164,7 +163,7 @@ def _files_section(folder: Path, ref: str, name: str, hashes: dict[str, str]) ->
     return lines
 
 
-def _snippet(base: str, adapter_ref: str, sdxl: bool) -> str:
+def _snippet(base: str, adapter_ref: str, family: models.Family | None) -> str:
     return "\n".join([
         "```python",
         "import torch",
@@ -176,8 +175,7 @@ def _snippet(base: str, adapter_ref: str, sdxl: bool) -> str:
         f"pipe.load_lora_weights({adapter_ref!r})",
         'image = pipe("a fox in the snow, watercolour").images[0]',
         'image.save("fox.png")',
-        "```"]) + ("\n\nOn SDXL in fp16, use the fp16-safe VAE (`madebyollin/sdxl-vae-fp16-fix`) if images come out "
-                   "black." if sdxl else "")
+        "```"]) + (f"\n\n{family.card_note}" if family and family.card_note else "")
 
 
 def model_card(folder: Path, adapter_ref: str | None = None) -> str:
@@ -192,15 +190,15 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
     report = _read_json(folder / "eval" / "report.json")
     base = recipe.model.base
     header = _header(folder / ADAPTER_FILE)
-    architecture = header.get("modelspec.architecture", "")
-    sdxl = "-xl-" in architecture if architecture else ("xl" in base.lower() or base == "tiny")
+    # the family the adapter's header names, else the one its base's name does (a tiny base, a known hub id)
+    family = models.family_of_metadata(header.get("modelspec.architecture", "")) or models.family_of_base_name(base)
     gallery = widget(folder, recipe)
     data = ModelCardData(
         base_model=base if is_hub_id(base) else None,
         license=recipe.output.license or BASE_LICENSES.get(base, "other"),
         library_name="diffusers", pipeline_tag="text-to-image",
         tags=["lora", "diffusers", "text-to-image", "dpo", "diffusion-dpo", "lora-dpo",
-              "stable-diffusion-xl" if sdxl else "stable-diffusion", "template:sd-lora"],
+              *(family.card_tags if family else ("stable-diffusion",)), "template:sd-lora"],
         datasets=[recipe.data.source] if is_hub_id(recipe.data.source) else None,
         widget=gallery or None)
     name = folder.resolve().name
@@ -217,7 +215,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         *(["<Gallery />", ""] if gallery else []),
         f"A LoRA adapter for `{base}`{base_note}, aligned to human preferences with "
         f"{METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
-        "", "## Use it", "", _snippet(models.base_location(base), ref, sdxl), "",
+        "", "## Use it", "", _snippet(models.base_location(base), ref, family), "",
         *_files_section(folder, ref, name, hashes),
         "## Training", "",
         "| setting | value |", "|---|---|",

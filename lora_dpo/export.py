@@ -59,12 +59,7 @@ class Adapter:
                 or "unknown")
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, Tensor]:
-    """The UNet's LoRA weights under diffusers' names (`...to_q.lora_A.weight`), without the `unet.` prefix."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-
+lora_state_dict = models.lora_state_dict  # the names the trainer, tests and this module read it under
 
 # --------------------------------------------------------------------------------------------------
 # Reading
@@ -172,25 +167,21 @@ def read_adapter(source: str | Path, config: Any = None, base: str | None = None
 
 
 def base_config(metadata: dict[str, str], base: str | None, source: str) -> dict[str, Any]:
-    """The UNet config an adapter is meant for: `base` if given, else the base or architecture in its metadata."""
+    """The UNet config an adapter is meant for: `base` if given, else the base or the family in its metadata."""
     name = base or metadata.get("lora_dpo.base_model")
     if name:
         return models.base_unet_config(name)
-    arch = metadata.get("modelspec.architecture", "") + " " + metadata.get("ss_base_model_version", "")
-    if "stable-diffusion-xl" in arch or "sdxl" in arch:
-        return models.shipped_config("sdxl", "unet")
-    if "stable-diffusion-v1" in arch or "sd_v1" in arch:
-        return models.shipped_config("sd15", "unet")
+    family = models.family_of_metadata(metadata.get("modelspec.architecture", "") + " "
+                                       + metadata.get("ss_base_model_version", ""))
+    if family is not None:
+        return family.shipped_config(family.denoiser_folder)
     raise AdapterError(f"{source}: the file does not say which base it is for; pass --base (a diffusers folder or "
                        "hub id)")
 
 
 def skeleton(config: Any) -> Any:
     """The UNet's module tree on the meta device: names and shapes, no memory (SDXL's builds in ~0.3 s)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(dict(config))
+    return models.unet_from_config(dict(config), device="meta")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +256,7 @@ def _base_stamp(cfg: ModelRecipe) -> dict[str, str]:
         return {}
 
 
-def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl: bool) -> dict[str, str]:
+def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, family: models.Family) -> dict[str, str]:
     """What a trained adapter says about itself (safetensors metadata values are strings)."""
     stamp = {"lora_dpo.version": __version__, "lora_dpo.base_model": recipe.model.base,
              "lora_dpo.base_location": models.base_location(recipe.model.base),
@@ -275,8 +266,8 @@ def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, sdxl:
              "lora_dpo.steps": str(metrics.get("steps", "")), "lora_dpo.dataset": recipe.data.source,
              "lora_dpo.fingerprint": recipe.fingerprint(), "lora_dpo.recipe": json.dumps(recipe.to_dict()),
              "lora_dpo.metrics": json.dumps(metrics)}
-    return {**stamp, **webui.modelspec(sdxl, title, recipe.data.resolution, webui.IMPLEMENTATION_DIFFUSERS),
-            **_base_stamp(recipe.model)}
+    spec = webui.modelspec(family.modelspec_architecture, title, recipe.data.resolution, webui.IMPLEMENTATION_DIFFUSERS)
+    return {**stamp, **spec, **_base_stamp(recipe.model)}
 
 
 def _carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -287,8 +278,9 @@ def _carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 def _webui_metadata(adapter: Adapter, config: Any, name: str, tensors: dict[str, Tensor]) -> dict[str, str]:
     """sd-scripts' keys (A1111/Forge show and sort by them) plus model-spec, over what the adapter carried."""
-    return webui.kohya_metadata(_carried_metadata(adapter.metadata), kohya.is_sdxl(config), name, adapter.base,
-                                adapter.weights, adapter.alphas, tensors)
+    spec = models.denoiser_family(dict(config)).webui_spec()  # what the base's family says of itself
+    return webui.kohya_metadata(_carried_metadata(adapter.metadata), spec, name, adapter.base, adapter.weights,
+                                adapter.alphas, tensors)
 
 
 def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], out: Path) -> Path:
@@ -302,13 +294,14 @@ def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], out: Pat
 
 def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.float32,
                     extra_metadata: dict[str, str] | None = None) -> Path:
-    """diffusers' own writer (so `load_lora_weights` reads it as its own, alpha included), then our metadata."""
-    from diffusers import StableDiffusionPipeline
+    """diffusers' own writer (so `load_lora_weights` reads it as its own, alpha included), then our metadata. The
+    UNet pipelines' LoRA loader writes it (every UNet family's pipeline has the same `save_lora_weights`)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     scratch = files.temporary(out.with_name(out.name + ".diffusers"))  # diffusers writes a folder
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        StableDiffusionPipeline.save_lora_weights(
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
             scratch, unet_lora_layers={k: v.to(dtype).contiguous() for k, v in adapter.weights.items()},
             unet_lora_adapter_metadata=lora_config_dict(adapter), weight_name=out.name, safe_serialization=True)
         tensors, metadata = read_file(scratch / out.name)
@@ -318,7 +311,8 @@ def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.floa
 
 
 def write_kohya(adapter: Adapter, out: Path, config: Any, dtype: torch.dtype = torch.float16) -> Path:
-    tensors = kohya.to_kohya(adapter.weights, adapter.alphas, config, dtype)
+    namer = models.denoiser_family(dict(config)).kohya_namer(dict(config))  # SGM or diffusers names: its choice
+    tensors = kohya.to_kohya(adapter.weights, adapter.alphas, namer, dtype)
     return _write_atomic(tensors, _webui_metadata(adapter, config, out.stem, tensors), out)
 
 
@@ -347,7 +341,7 @@ def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipelin
     scale = lora_config.lora_alpha / lora_config.r  # peft's uniform scale; kohya alpha = scale x module rank
     alphas = {k.removesuffix(".lora_A.weight"): scale * v.shape[0] for k, v in weights.items()
               if k.endswith(".lora_A.weight")}
-    stamp = training_metadata(recipe, metrics, run_dir.name, kohya.is_sdxl(unet.config))
+    stamp = training_metadata(recipe, metrics, run_dir.name, models.denoiser_family(unet.config))
     # all three written before any is published (a full disk leaves none); renamed in reverse order on exit, the
     # adapter last: an adapter on disk always has its recipe and metrics beside it
     with (files.atomic_file(run_dir / ADAPTER_FILE) as adapter_tmp, files.atomic_file(run_dir / "recipe.toml") as
@@ -401,8 +395,14 @@ def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dt
 LEAVES = ("ff_net_0_proj", "ff_net_2", "to_out_0", "to_q", "to_k", "to_v", "proj_in", "proj_out", "time_emb_proj",
           "emb_layers_1", "conv_shortcut", "skip_connection", "in_layers_2", "out_layers_3", "conv1", "conv2",
           "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "op", "conv", "linear_1", "linear_2")
-# The text width that cross-attention keys read (attn2.to_k's input) tells the architecture apart.
-CROSS_ATTENTION_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+OTHER_WIDTHS = {1024: "SD 2.x"}  # cross-attention widths of UNets no family here trains (named, not trained)
+
+
+def _architecture(width: int) -> str:
+    """What the text width that cross-attention keys read (attn2.to_k's input) tells: a UNet family's label."""
+    labels = OTHER_WIDTHS | {f.text_width(f.shipped_config("unet")): f.label for f in models.FAMILIES
+                             if f.denoiser_folder == "unet"}
+    return labels.get(width, f"cross-attention width {width}")
 
 
 def _leaf(name: str) -> str:
@@ -426,7 +426,7 @@ def inspect_adapter(source: str | Path) -> dict[str, Any]:
         config = _diffusers_lora_config(meta)
         alphas = sorted({config["lora_alpha"], *config.get("alpha_pattern", {}).values()} if config else ranks)
     width = {int(v.shape[1]) for n, v in layers.items() if n.replace(".", "_").endswith("attn2_to_k")}
-    arch = next((CROSS_ATTENTION_WIDTH.get(w, f"cross-attention width {w}") for w in width), None)
+    arch = next((_architecture(w) for w in width), None)
     targets = json.loads(meta["lora_dpo.target_modules"]) if "lora_dpo.target_modules" in meta else sorted(
         {_leaf(n) for n in layers})
     info: dict[str, Any] = {

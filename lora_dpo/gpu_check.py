@@ -52,7 +52,7 @@ from lora_dpo.step import (
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("sdxl", "sd15", "tiny")  # random weights only: the suite needs no download and no recipe model
+ARCHS = (*(f.name for f in models.FAMILIES), "tiny")  # random weights only: no download, no recipe model
 GiB = 2**30
 CPU = "n/a (CPU)"
 OPTIMIZER_CLASSES = {"adamw8bit": "AdamW8bit", "adamw": "AdamW"}  # recipe value -> the class that should step
@@ -360,7 +360,7 @@ def _run(suite: Suite, item: str, check: Callable[[Suite, str], Check], device: 
 def suite_recipe(recipe: Recipe, arch: str, resolution: int) -> Recipe:
     """The user's recipe (rank, batch, threads...) with what the suite checks: the architecture's base (for the
     plan), the resolution, bf16 and 8-bit AdamW, asked for through the recipe on every device, eager (g compiles)."""
-    base = "tiny" if arch == "tiny" else next(hub for hub, name in plan.KNOWN_BASES.items() if name == arch)
+    base = "tiny" if arch == "tiny" else models.family_named(arch).hub_ids[0]
     suite = Suite(arch, recipe, resolution, 1, 0)
     return suite.recipe_with(model__base=base, model__quantize="none", data__resolution=resolution,
                              train__mixed_precision="bf16", train__optimizer="adamw8bit", train__compile=False)
@@ -401,7 +401,7 @@ def run_command(suite: str, recipe: Recipe, arch: str | None, resolution: list[i
         raise RecipeError(f"--suite {suite!r}: the one suite is `gpu`")
     if compare:
         raise RecipeError("--suite gpu runs its own settings; --compare goes with the plain bench")
-    chosen = arch or ("sdxl" if torch.cuda.is_available() else "tiny")
+    chosen = arch or (models.DEFAULT_FAMILY.name if torch.cuda.is_available() else "tiny")
     report = run_suite(chosen, recipe, resolution[0] if resolution else None, steps, warmup, max_memory_gb)
     out.write_text(json.dumps(report, indent=1) + "\n")
     return f"{format_suite(report)}\nwrote {out}"

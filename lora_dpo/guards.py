@@ -88,13 +88,18 @@ def step_flags(accelerator: Any, finite: torch.Tensor, stop: bool) -> tuple[bool
 # Non-finite steps
 
 
-def nonfinite_causes(recipe: Recipe) -> list[str]:
-    """The usual reasons for NaN/Inf, with the recipe's own values, most likely first."""
+# what to do about a VAE in fp16 when the base's family knows nothing more precise (`Family.fp16_vae_advice`)
+FP16_VAE_ADVICE = ('a VAE may overflow in fp16; set [model].vae_dtype = "no" (or an fp16-safe [model].vae), and '
+                   'prefer [train].mixed_precision = "bf16"')
+
+
+def nonfinite_causes(recipe: Recipe, fp16_vae_advice: str = "") -> list[str]:
+    """The usual reasons for NaN/Inf, with the recipe's own values, most likely first. `fp16_vae_advice`: the base
+    family's (`Family.fp16_vae_advice`; "": the generic one)."""
     model, train, objective = recipe.model, recipe.train, recipe.objective
     causes = []
     if "fp16" in (model.vae_dtype, train.mixed_precision):
-        causes.append('fp16: SDXL\'s VAE overflows in fp16; set [model].vae_dtype = "no" (or [model].vae = '
-                      '"madebyollin/sdxl-vae-fp16-fix"), and prefer [train].mixed_precision = "bf16"')
+        causes.append(f"fp16: {fp16_vae_advice or FP16_VAE_ADVICE}")
     else:
         causes.append('an fp16 VAE: keep [model].vae_dtype = "no" or use an fp16-safe [model].vae')
     causes.append(f"the learning rate: [train].learning_rate = {train.learning_rate:g} may be too high; try "
@@ -108,8 +113,9 @@ class BadSteps:
     """Counts optimizer steps skipped because the loss or the gradients were not finite; `limit` in a row stop
     the run. A skipped step leaves the adapter and the optimizer state as they were."""
 
-    def __init__(self, limit: int, total: int = 0, in_a_row: int = 0) -> None:
+    def __init__(self, limit: int, total: int = 0, in_a_row: int = 0, fp16_vae_advice: str = "") -> None:
         self.limit, self.total, self.in_a_row = limit, total, in_a_row  # a resume goes on with its counts
+        self.fp16_vae_advice = fp16_vae_advice  # the base family's, for the message that stops the run
 
     def record(self, ok: bool, step: int, recipe: Recipe, run_dir: Path) -> None:
         if ok:
@@ -125,7 +131,8 @@ class BadSteps:
             raise TrainingError(
                 f"the loss or the gradients were NaN/Inf for {self.in_a_row} optimizer steps in a row (up to step "
                 f"{step}, [train].max_bad_steps = {self.limit}); stopped, and {kept}. Likely causes: "
-                + "; ".join(nonfinite_causes(recipe)) + ". Fix the recipe, then continue with --resume latest")
+                + "; ".join(nonfinite_causes(recipe, self.fp16_vae_advice))
+                + ". Fix the recipe, then continue with --resume latest")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.recipe import BUILTIN_BASES, ModelRecipe
+from lora_dpo.recipe import ModelRecipe
 
 TIMEOUT_S = 3.0  # a hub that has not answered by then is treated as absent
 TRUE = ("1", "true", "yes", "on")
@@ -70,8 +70,9 @@ def preflight(source: str | None, filename: str, what: str) -> None:
 
 
 def preflight_model(model: ModelRecipe) -> None:
-    """`preflight` for a recipe's base and VAE (the built-in tiny bases are built here, never downloaded)."""
-    preflight(None if model.base in BUILTIN_BASES else model.base, "model_index.json", "the base pipeline")
+    """`preflight` for a recipe's base and VAE (a built-in tiny base's name is no hub id: built here, never
+    downloaded)."""
+    preflight(model.base, "model_index.json", "the base pipeline")
     preflight(model.vae, "config.json", "the VAE")
 
 

@@ -4,8 +4,8 @@ A kohya file names each adapted module `lora_unet_<path with _ for .>` and store
 (= peft's lora_A), `.lora_up.weight` (= lora_B) and a scalar `.alpha` (scale = alpha / rank). The path is the
 module's name in the UNet the tool runs: sd-scripts trains SDXL on Stability's own (SGM / LDM) UNet, so SDXL
 files use SGM names (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`), and trains SD 1.x on the diffusers
-UNet, so SD 1.5 files use diffusers names (`down_blocks_0_attentions_0_..._attn1_to_q`). A1111 misses some
-diffusers-named SDXL modules, so SDXL is always written with SGM names here.
+UNet, so SD 1.5 files use diffusers names (`down_blocks_0_attentions_0_..._attn1_to_q`). Which spelling a file is
+written in is its base family's choice (`Family.kohya_module_name`): this module only spells.
 
 The SGM names are derived from the UNet config (layers per block, number of levels, which blocks have
 attention), not hard-coded to SDXL's three levels, so the tiny two-level test base maps the same way.
@@ -14,6 +14,7 @@ attention), not hard-coded to SDXL's three levels, so the tiny two-level test ba
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,11 +24,6 @@ PREFIX = "lora_unet_"
 # Inside a resnet block the SGM UNet names its layers by position in nn.Sequential containers.
 RESNET_SGM = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
               "conv_shortcut": "skip_connection"}
-
-
-def is_sdxl(config: Any) -> bool:
-    """SDXL (text_time micro-conditioning) is written with SGM names, SD 1.x with diffusers names."""
-    return _get(config, "addition_embed_type") == "text_time"
 
 
 def _get(config: Any, key: str) -> Any:
@@ -89,8 +85,8 @@ def adaptable_modules(unet: Any) -> list[str]:
 
 def name_table(unet: Any) -> dict[str, str]:
     """kohya module name (without `.lora_down.weight`) -> diffusers module name, for every adaptable module.
-    Both spellings are accepted when reading (files made elsewhere use either); `kohya_name` picks the one
-    this architecture is written with."""
+    Both spellings are accepted when reading (files made elsewhere use either); the base's family picks the one
+    its files are written with."""
     prefixes = sgm_prefixes(unet.config)
     table: dict[str, str] = {}
     for module in adaptable_modules(unet):
@@ -99,18 +95,14 @@ def name_table(unet: Any) -> dict[str, str]:
     return table
 
 
-def kohya_name(module: str, config: Any) -> str:
-    name = to_sgm(module, sgm_prefixes(config)) if is_sdxl(config) else module
-    return PREFIX + name.replace(".", "_")
-
-
-def to_kohya(weights: dict[str, Tensor], alphas: dict[str, float], config: Any,
+def to_kohya(weights: dict[str, Tensor], alphas: dict[str, float], kohya_name: Callable[[str], str],
              dtype: torch.dtype) -> dict[str, Tensor]:
-    """peft weights (`<module>.lora_A.weight`, `.lora_B.weight`) + per-module alpha -> a kohya state dict.
+    """peft weights (`<module>.lora_A.weight`, `.lora_B.weight`) + per-module alpha -> a kohya state dict, each
+    module named by `kohya_name` (the base family's `kohya_module_name`: `lora_unet_...`).
     Alpha is a one-element scalar tensor (ComfyUI rejects a vector) kept in fp32 so 0.1 stays 0.1 in fp16 files."""
     out: dict[str, Tensor] = {}
     for module, alpha in alphas.items():
-        name = kohya_name(module, config)
+        name = kohya_name(module)
         out[f"{name}.lora_down.weight"] = weights[f"{module}.lora_A.weight"].to(dtype).contiguous()
         out[f"{name}.lora_up.weight"] = weights[f"{module}.lora_B.weight"].to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)

@@ -5,7 +5,8 @@ batches of the right shapes), the recipe-to-loss mapping, and the micro-step wit
 accumulation, clipping and the NaN/Inf guard.
 
 Shapes: B pairs; latents (B, C, h, w); the policy sees winners and losers stacked as 2B, with the same noise
-and the same timestep for both images of a pair (Wallace et al. 2023, Sec. 4).
+and the same timestep for both images of a pair (Wallace et al. 2023, Sec. 4). How noise is added, what is
+predicted and how the denoiser is called is the base's family's (`BaseModel.family`); this module names none.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from lora_dpo import guards, models
 from lora_dpo.data import PreferenceBatch
-from lora_dpo.models import BaseModel, adapters_disabled, encode_images, encode_prompts, unet_forward
+from lora_dpo.models import BaseModel, adapters_disabled, encode_images, encode_prompts
 from lora_dpo.objectives import OBJECTIVES, dpo_logits, error_accuracy, implicit_reward_accuracy, mapo_loss, sft_loss
 from lora_dpo.recipe import LoraRecipe, ObjectiveRecipe, RecipeError, TrainRecipe
 from lora_dpo.saved_casts import CompactSavedCasts, saves_upcasts
@@ -146,8 +147,9 @@ def make_optimizer(cfg: TrainRecipe, params: list[torch.nn.Parameter], device: t
 
 @dataclass
 class EncodedBatch:
-    """A preference batch in the UNet's space. latents_* (B, C, h, w); prompt_embeds (B, S, D); pooled (B, P)
-    and time_ids_* (B, 6) for SDXL, None for SD 1.5; labels (B,)."""
+    """A preference batch in the denoiser's space. latents_* (B, C, h, w); prompt_embeds (B, S, D); pooled (B, P)
+    where the family's denoiser reads one, else None; time_ids_* (B, 6), the geometry, where it reads that
+    (`Family.uses_geometry`), else None; labels (B,)."""
 
     latents_w: Tensor
     latents_l: Tensor
@@ -178,18 +180,20 @@ def encode_batch(base: BaseModel, batch: PreferenceBatch, device: torch.device) 
     embeds, pooled = encode_prompts(base, batch.prompts, device)
     latents = encode_images(base.vae, torch.cat([batch.pixels_w, batch.pixels_l]).to(device))  # (2B, C, h, w)
     latents_w, latents_l = latents.chunk(2)
-    sdxl = base.is_sdxl
+    geometry = base.family.uses_geometry  # the data computes it for every base; only some denoisers read it
     return EncodedBatch(latents_w, latents_l, embeds, pooled,
-                        batch.time_ids_w.to(device) if sdxl else None, batch.time_ids_l.to(device) if sdxl else None,
-                        batch.labels.to(device))
+                        batch.time_ids_w.to(device) if geometry else None,
+                        batch.time_ids_l.to(device) if geometry else None, batch.labels.to(device))
 
 
 def random_batch(unet_config: Mapping[str, Any], pairs: int, resolution: int, device: torch.device | str,
                  dtype: torch.dtype, generator: torch.Generator | None = None, latent_factor: int = 8,
                  tokens: int = 77) -> EncodedBatch:
-    """What `encode_batch` hands the step, of the UNet's shapes: latents (B, C, R/f, R/f) in float32, prompt
-    embeddings (B, tokens, D) and, for SDXL, pooled (B, P) in the encoders' dtype, time ids (B, 6). Random from
-    `generator`; without one, uninitialised (the planner's fake tensors have shapes, not values)."""
+    """What `encode_batch` hands the step, of the denoiser's shapes (its family reads them from its config):
+    latents (B, C, R/f, R/f) in float32, prompt embeddings (B, tokens, D) and, where the family's denoiser reads
+    them, pooled (B, P) in the encoders' dtype and time ids (B, 6). Random from `generator`; without one,
+    uninitialised (the planner's fake tensors have shapes, not values)."""
+    family = models.denoiser_family(unet_config)
     size = resolution // latent_factor
 
     def tensor(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -197,11 +201,13 @@ def random_batch(unet_config: Mapping[str, Any], pairs: int, resolution: int, de
             return torch.empty(shape, dtype=dtype, device=device)
         return torch.randn(shape, generator=generator).to(device, dtype)
 
-    latents = (tensor(pairs, unet_config["in_channels"], size, size) for _ in range(2))
-    embeds = tensor(pairs, tokens, unet_config["cross_attention_dim"], dtype=dtype)
+    latents = (tensor(pairs, family.latent_channels(unet_config), size, size) for _ in range(2))
+    embeds = tensor(pairs, tokens, family.text_width(unet_config), dtype=dtype)
     pooled = time_ids = None
-    if models.is_sdxl_unet(unet_config):
-        pooled = tensor(pairs, models.pooled_dim(unet_config), dtype=dtype)
+    width = family.pooled_width(unet_config)
+    if width is not None:
+        pooled = tensor(pairs, width, dtype=dtype)
+    if family.uses_geometry:
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * pairs,
                                 dtype=torch.float32, device=device)
     return EncodedBatch(*latents, embeds, pooled, time_ids, time_ids, torch.ones(pairs, device=device))
@@ -246,16 +252,6 @@ def _stack(a: Tensor | None, b: Tensor | None, pair: bool) -> Tensor | None:
     return torch.cat([a, b]) if pair else a
 
 
-def _target(scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """What the UNet is trained to predict; `models.load_base` refuses bases that predict anything else."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise models.ModelError(f"prediction type {kind!r}: lora-dpo trains {', '.join(models.PREDICTION_TYPES)}")
-
-
 def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: Tensor, timesteps: Tensor,
             pair: bool, dtype: torch.dtype | None = None) -> Tensor:
     """Per-image mean squared denoising error over (C, h, w): shape (2B,) with the loser, else (B,). `dtype`: the
@@ -264,20 +260,20 @@ def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: 
     latents = _stack(batch.latents_w, batch.latents_l, pair)
     repeat = 2 if pair else 1
     noise, timesteps = noise.repeat(repeat, 1, 1, 1), timesteps.repeat(repeat)
-    scheduler = base.noise_scheduler
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = _target(scheduler, latents, noise, timesteps)
+    family, scheduler = base.family, base.noise_scheduler
+    noisy = family.add_noise(scheduler, latents, noise, timesteps)  # x_t (B or 2B, C, h, w)
+    target = family.target(scheduler, latents, noise, timesteps)
     embeds = batch.prompt_embeds.repeat(repeat, 1, 1)
     pooled = None if batch.pooled is None else batch.pooled.repeat(repeat, 1)
     time_ids = _stack(batch.time_ids_w, batch.time_ids_l, pair)
     if noisy.dtype != dtype and not torch.is_autocast_enabled(noisy.device.type):
         # DeepSpeed holds the whole UNet, LoRA included, in the run's precision (bf16) and accelerate autocasts
         # nothing under it: the fp32 latents and embeddings would meet bf16 weights. Elsewhere autocast (bf16,
-        # fp16) or fp32 weights ("no") match them already and nothing is cast. time_ids stay fp32: the UNet
-        # embeds them sinusoidally and casts the result itself, as under autocast.
+        # fp16) or fp32 weights ("no") match them already and nothing is cast. time_ids stay fp32: a UNet that
+        # reads them embeds them sinusoidally and casts the result itself, as under autocast.
         noisy, embeds = noisy.to(dtype), embeds.to(dtype)
         pooled = None if pooled is None else pooled.to(dtype)
-    prediction = unet_forward(unet, noisy, timesteps, embeds, pooled, time_ids)
+    prediction = family.denoise(unet, noisy, timesteps, embeds, pooled, time_ids)
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
@@ -287,15 +283,13 @@ def sample_noise(base: BaseModel, latents: Tensor,
     One generator draws the whole batch; a sequence of B generators draws pair b from generator b alone, so
     a pair's noise does not depend on which process or micro-batch it lands in (multi-GPU == one GPU)."""
     allowed = base.train_timesteps  # [model].timesteps: a distilled base's few steps; (): every timestep
-    steps = len(allowed) or base.noise_scheduler.config.num_train_timesteps
-    if isinstance(generator, torch.Generator):
+    family, scheduler = base.family, base.noise_scheduler
+    if isinstance(generator, torch.Generator):  # the noise first, then the timesteps, from each generator
         noise = torch.randn(latents.shape, generator=generator, device=generator.device)
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device)
+        timesteps = family.sample_timesteps(scheduler, latents.shape[0], generator, allowed)
     else:
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g, device=g.device) for g in generator])
-        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=g.device) for g in generator])
-    if allowed:  # drawn as an index into the list: one draw per pair either way, so seeding is unchanged
-        timesteps = torch.tensor(allowed, device=timesteps.device)[timesteps]
+        timesteps = torch.cat([family.sample_timesteps(scheduler, 1, g, allowed) for g in generator])
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
 
 

@@ -21,6 +21,8 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,23 @@ MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
 DESCRIPTION = f"LoRA aligned to human preferences with Diffusion-DPO (lora-dpo {__version__})"
 
 
-def modelspec(sdxl: bool, title: str, resolution: int | None, implementation: str, prediction_type: str = "epsilon",
-              lora: bool = True, description: str = DESCRIPTION) -> dict[str, str]:
-    """The Stability model-spec keys that webui tools read to sort and label a model. `implementation` names whose
-    module names the file's keys use: SGM (`input_blocks_...`) or diffusers (`down_blocks_...`);
-    `prediction_type` is the base scheduler's (`epsilon` or `v_prediction`); `lora=False`: a full checkpoint."""
-    architecture = "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1"
+@dataclass(frozen=True)
+class BaseSpec:
+    """What these header keys say of the base's family, as the family answers (`models.families`): this module
+    decides nothing about families."""
+
+    architecture: str  # `modelspec.architecture` of a full checkpoint (a LoRA's gets `/lora`)
+    implementation: str  # whose module names the family's kohya files use: IMPLEMENTATION_SGM or _DIFFUSERS
+    resolution: int  # its native resolution, when no recipe says
+    version: Callable[[str], str]  # the base's prediction type -> sd-scripts' `ss_base_model_version`
+
+
+def modelspec(architecture: str, title: str, resolution: int | None, implementation: str,
+              prediction_type: str = "epsilon", lora: bool = True, description: str = DESCRIPTION) -> dict[str, str]:
+    """The Stability model-spec keys that webui tools read to sort and label a model. `architecture` is the
+    family's (`BaseSpec.architecture`); `implementation` names whose module names the file's keys use: SGM
+    (`input_blocks_...`) or diffusers (`down_blocks_...`); `prediction_type` is the base scheduler's (`epsilon` or
+    `v_prediction`); `lora=False`: a full checkpoint."""
     spec = {"modelspec.sai_model_spec": MODELSPEC_VERSION,
             "modelspec.architecture": architecture + ("/lora" if lora else ""),
             "modelspec.implementation": implementation,
@@ -53,14 +66,6 @@ def modelspec(sdxl: bool, title: str, resolution: int | None, implementation: st
     if resolution:
         spec["modelspec.resolution"] = f"{resolution}x{resolution}"
     return spec
-
-
-def base_model_version(sdxl: bool, prediction: str) -> str:
-    """sd-scripts' `ss_base_model_version`: `sdxl_base_v1-0` for any SDXL, `sd_v1` or, v-parameterized, `sd_v1_v`
-    (`model_util.get_model_version_str_for_sd1_sd2`)."""
-    if sdxl:
-        return "sdxl_base_v1-0"
-    return "sd_v1_v" if MODELSPEC_PREDICTION.get(prediction, prediction) == "v" else "sd_v1"
 
 
 def file_hashes(path: Path) -> tuple[str, str]:
@@ -146,22 +151,22 @@ def network_args(weights: dict[str, Tensor], alphas: dict[str, float]) -> dict[s
     return {"ss_network_args": json.dumps({"conv_dim": str(dim), "conv_alpha": f"{alpha:g}"})}
 
 
-def kohya_metadata(carried: dict[str, str], sdxl: bool, name: str, base: str, weights: dict[str, Tensor],
+def kohya_metadata(carried: dict[str, str], spec: BaseSpec, name: str, base: str, weights: dict[str, Tensor],
                    alphas: dict[str, float], tensors: dict[str, Tensor]) -> dict[str, str]:
     """A kohya file's header: model spec and sd-scripts' keys over what the adapter carried (`carried`: its
     `lora_dpo.*` and `modelspec.*` keys), the training keys from the recipe it carries (none for an adapter made
-    elsewhere), then the hashes of `tensors`, the file's own."""
+    elsewhere), then the hashes of `tensors`, the file's own. `spec`: what the base's family says."""
     recipe = json.loads(carried.get("lora_dpo.recipe") or "{}")
-    resolution = recipe["data"]["resolution"] if recipe else (1024 if sdxl else 512)
-    meta = {**modelspec(sdxl, name, resolution, IMPLEMENTATION_DIFFUSERS), **carried}
-    # the names of this file's keys: SGM for SDXL, diffusers for SD 1.x (kohya.py), whatever the source file said;
+    resolution = recipe["data"]["resolution"] if recipe else spec.resolution
+    meta = {**modelspec(spec.architecture, name, resolution, IMPLEMENTATION_DIFFUSERS), **carried}
+    # the names of this file's keys, as the family writes them (SGM or diffusers), whatever the source file said;
     # and the spec version this header follows (an adapter written before may carry an older one)
-    meta["modelspec.implementation"] = IMPLEMENTATION_SGM if sdxl else IMPLEMENTATION_DIFFUSERS
+    meta["modelspec.implementation"] = spec.implementation
     meta["modelspec.sai_model_spec"] = MODELSPEC_VERSION
     ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in weights.items()
              if k.endswith(".lora_A.weight")}
     # sd-scripts' minimum keys (`train_util.SS_METADATA_MINIMUM_KEYS`) first: ss_v2 is False for SD 1.x and SDXL
-    meta |= {"ss_v2": "False", "ss_base_model_version": base_model_version(sdxl, meta["modelspec.prediction_type"]),
+    meta |= {"ss_v2": "False", "ss_base_model_version": spec.version(meta["modelspec.prediction_type"]),
              "ss_network_module": "networks.lora", "ss_network_dim": str(kohya.most_common(ranks)),
              "ss_network_alpha": repr(float(kohya.most_common(alphas))), "ss_output_name": name,
              "ss_training_comment": "Diffusion-DPO LoRA made with lora-dpo", **base_keys(meta, base)}

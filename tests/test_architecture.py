@@ -62,3 +62,83 @@ def test_no_module_is_over_the_size_limit() -> None:
     limit = int(re.search(r"max-lines: (\d+)", PAGE.read_text()).group(1))
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > limit} == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# A base family is one module: nothing outside `models/families/` names one (docs/architecture.md)
+
+FAMILIES = PACKAGE / "models" / "families"
+FAMILY_TOKENS = ("sdxl", "sd15", "sd3", "flux", "is_xl")  # in identifiers, any case
+FAMILY_STRINGS = ("sdxl", "sd15", "stable-diffusion-xl", "stablediffusionxl", "stablediffusionpipeline",
+                  "text_encoder_2", "sd_v1", "sdxl_base")  # in string constants that are code, not prose; any case
+# Data below `models` that cannot ask the registry: (file, the constant). The recipe's default base is a hub id the
+# recipe reference shows (`recipe` sits on floor 1, under the families).
+ALLOWED = {("lora_dpo/recipe/schema.py", "stabilityai/stable-diffusion-xl-base-1.0")}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the docstring constants of a module, its classes and functions."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def _identifiers(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        return [node.attr]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.arg):
+        return [node.arg]
+    if isinstance(node, ast.keyword):
+        return [node.arg] if node.arg else []
+    if isinstance(node, ast.alias):
+        return [node.name, *([node.asname] if node.asname else [])]
+    return []
+
+
+def family_names_in(source: str, where: str = "<source>") -> list[str]:
+    """Every place a family is named in code: identifiers with a family token, and string constants (not docstrings,
+    not prose: prose has a space) holding a family's name, pipeline class or part."""
+    tree = ast.parse(source)
+    docstrings = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        for name in _identifiers(node):
+            if any(token in name.lower() for token in FAMILY_TOKENS):
+                found.append(f"{where}:{node.lineno}: {name}")
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                and " " not in node.value and any(token in node.value.lower() for token in FAMILY_STRINGS)
+                and (where, node.value) not in ALLOWED):
+            found.append(f"{where}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_code_outside_the_families_names_a_family() -> None:
+    """The step, the planner, the cache, export and the CLI ask the base's family (`models.families`); prose in
+    help text and docstrings may still say which families exist."""
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) if FAMILIES not in path.parents
+             for hit in family_names_in(path.read_text(), str(path.relative_to(ROOT)))]
+    assert found == []
+
+
+def test_the_family_scan_sees_dispatch_and_lets_prose_be() -> None:
+    """What the scan above flags, on lines the code held before the families (`git show 3a41059`)."""
+    code = '''
+def is_sdxl(config):
+    """SDXL (text_time micro-conditioning) is written with SGM names."""
+    return config.get("addition_embed_type") == "text_time"
+sdxl = "text_encoder_2" in index and index.get("text_encoder_2") != [None, None]
+pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
+base = BaseModel(source=source, unet=unet, is_sdxl=arch.is_sdxl)
+note = "fp16: SDXL's VAE overflows in fp16; set [model].vae_dtype"
+'''
+    found = {hit.split(": ", 1)[1] for hit in family_names_in(code)}  # the docstring and the prose: none
+    assert found == {"is_sdxl", "sdxl", "'sdxl'", "'text_encoder_2'", "'StableDiffusionXLPipeline'",
+                     "'StableDiffusionPipeline'"}

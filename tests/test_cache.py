@@ -44,6 +44,7 @@ def test_training_from_the_cache_matches_live_training_without_loading_encoders(
     assert manifest["counts"] == {"train": 20, "val": 4, "prompts": 1 + len({p["prompt"] for p in _lines(live)})}
     assert [s["count"] for s in manifest["shards"]["train"]] == [8, 8, 4]
     assert manifest["identity"]["data.resolution"] == 64 and manifest["encoder_bytes"] > 0
+    assert manifest["family"] == "sdxl"  # the base's family by name (`Family.name`), not an SDXL flag
 
     live_run = setup(live, tmp_path / "live")
     fit(live_run)

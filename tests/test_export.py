@@ -291,8 +291,8 @@ def test_merge_writes_a_single_file_that_diffusers_reads_back_fused(arch: str, r
     fused, applied = _out(unet, inputs), _out(pipe.unet, inputs)
     torch.testing.assert_close(fused, applied, rtol=0, atol=1e-5)
     assert not torch.allclose(fused, _out(_stock_pipe(base_dir, arch=arch).unet, inputs), atol=1e-4)  # fused in
-    parts = load_single_file_parts(out, base_dir, arch == "sdxl", with_unet=False, with_encoders=True, vae=True,
-                                   weight_dtype=torch.float32, vae_dtype=torch.float32)
+    parts = load_single_file_parts(out, base_dir, models.family_named(arch), with_unet=False, with_encoders=True,
+                                   vae=True, weight_dtype=torch.float32, vae_dtype=torch.float32)
     stock = _stock_pipe(base_dir, arch=arch)
     encoders = (stock.text_encoder, stock.text_encoder_2) if arch == "sdxl" else (stock.text_encoder,)
     for ours, theirs in ((parts["vae"], stock.vae), *zip(parts["text_encoders"], encoders, strict=True)):

@@ -15,7 +15,7 @@ def _config(arch: str, tiny_base_dir: Path) -> dict:
     if arch == "tiny":
         return json.loads((tiny_base_dir / "unet" / "config.json").read_text())
     if arch == "tiny-sd15":
-        return models.tiny_unet_config("sd15")
+        return models.TINY_BASES["tiny-sd15"].tiny_denoiser_config()
     return models.shipped_config(arch, "unet")
 
 
@@ -37,13 +37,15 @@ def test_sdxl_names_are_sd_scripts_sgm_names() -> None:
         "time_embedding.linear_2": "time_embed_2",
         "conv_in": "input_blocks_0_0",
     }
-    assert {m: kohya.kohya_name(m, config) for m in expected} == {m: "lora_unet_" + n for m, n in expected.items()}
+    name = models.family_named("sdxl").kohya_namer(config)
+    assert {m: name(m) for m in expected} == {m: "lora_unet_" + n for m, n in expected.items()}
 
 
 def test_sd15_names_are_diffusers_names() -> None:
     """sd-scripts trains SD 1.x on the diffusers UNet, so its SD 1.5 files (and ours) keep diffusers names."""
     config = models.shipped_config("sd15", "unet")
-    name = kohya.kohya_name("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", config)
+    name = models.family_named("sd15").kohya_module_name("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                                                         config)
     assert name == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     # had it been written with SGM names, SD 1.5's up_blocks.0 (no attention) puts its upsampler at slot 1
     assert kohya.to_sgm("up_blocks.0.upsamplers.0.conv", kohya.sgm_prefixes(config)) == "output_blocks.2.1.conv"
@@ -63,9 +65,10 @@ def test_every_layer_name_survives_diffusers_own_converter(arch: str, tiny_base_
     assert len(modules) > 100
     weights = {f"{m}.lora_{ab}.weight": torch.zeros(1, 1) for m in modules for ab in "AB"}
     alphas = {m: float(i % 7 + 1) for i, m in enumerate(modules)}
-    state = kohya.to_kohya(weights, alphas, config, torch.float16)
+    family = models.denoiser_family(config)
+    state = kohya.to_kohya(weights, alphas, family.kohya_namer(config), torch.float16)
     assert all(state[k].shape == () for k in state if k.endswith(".alpha"))  # ComfyUI rejects a vector alpha
-    if kohya.is_sdxl(config):
+    if family.name == "sdxl":
         converted, network_alphas = StableDiffusionXLPipeline.lora_state_dict(dict(state), unet_config=unet.config)
     else:
         converted, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(state))

@@ -50,7 +50,8 @@ def test_tiny_base_loads_in_stock_diffusers(tiny_arch_base: tuple[str, Path]) ->
     # SD 1.5 cross-attends to one encoder's hidden states, SDXL to both concatenated
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size * (2 if sdxl else 1)
     base = models.load_base(ModelRecipe(base=str(base_dir)))
-    assert base.is_sdxl == sdxl and base.pipeline_class is type(pipe) and len(base.text_encoders) == (2 if sdxl else 1)
+    assert base.family.name == arch and base.pipeline_class is type(pipe)
+    assert len(base.text_encoders) == (2 if sdxl else 1)
 
 
 def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir: Path, tmp_path: Path,
@@ -66,7 +67,7 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
     shutil.copytree(tiny_sd15_base_dir, tmp_path / "tiny-sd15-v4")
     assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v4")
     base = models.load_base(ModelRecipe(base="tiny-sd15"))
-    assert not base.is_sdxl and len(base.text_encoders) == 1
+    assert base.family.name == "sd15" and len(base.text_encoders) == 1
     with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd15"):
         models.build_tiny_base(tmp_path / "tiny-sd15-v4", arch="sd21", replace=True)
     assert (tmp_path / "tiny-sd15-v4" / "model_index.json").is_file()  # the failed rebuild deleted nothing
@@ -80,22 +81,23 @@ def test_the_demo_base_is_the_shipped_one_byte_for_byte(tmp_path: Path, monkeypa
 
     from lora_dpo.models import tiny
 
-    assert tiny.folder_sha256(tiny.SHIPPED_BASES["sdxl"]) == tiny.SHIPPED_SHA256["sdxl"] == (
+    family = models.family_named("sdxl")
+    assert tiny.folder_sha256(tiny.shipped_base(family)) == family.tiny_shipped_sha256 == (
         "20d9122b4359fdbb894ba29bf936fe4d613a403a92256d7d18aface0a965ca9a")
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tiny, "build_tiny_base", None)  # a build would fail here: the first use must copy
     path = Path(models.resolve_base("tiny"))
     assert path == tmp_path / "home" / "tiny-base-v5"
-    assert tiny.folder_sha256(path) == tiny.SHIPPED_SHA256["sdxl"]
+    assert tiny.folder_sha256(path) == family.tiny_shipped_sha256
     base = models.load_base(ModelRecipe(base="tiny"))
-    assert base.is_sdxl and base.unet.config.sample_size == 8
+    assert base.family is family and base.unet.config.sample_size == 8
 
     damaged = tmp_path / "damaged"
-    shutil.copytree(tiny.SHIPPED_BASES["sdxl"], damaged)
-    (damaged / "unet" / "config.json").write_text("{}")
-    monkeypatch.setitem(tiny.SHIPPED_BASES, "sdxl", damaged)
+    shutil.copytree(tiny.shipped_base(family), damaged / family.tiny_folder)
+    (damaged / family.tiny_folder / "unet" / "config.json").write_text("{}")
+    monkeypatch.setattr(tiny, "ASSETS", damaged)
     with pytest.raises(models.ModelError, match="the shipped tiny base is missing or damaged"):
-        tiny.install_shipped_base("sdxl", tmp_path / "elsewhere")
+        tiny.install_shipped_base(family, tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
 
 
@@ -112,7 +114,7 @@ def test_a_tiny_base_unet_config_is_read_without_building_the_base(name: str, fi
     config = models.base_unet_config(name)
     assert not any(tmp_path.iterdir())  # nothing built
     assert kohya.sgm_prefixes(config) == kohya.sgm_prefixes(built)
-    assert kohya.is_sdxl(config) == kohya.is_sdxl(built) == (name == "tiny")
+    assert models.denoiser_family(config) is models.denoiser_family(built) is models.TINY_BASES[name]
 
 
 def test_warm_up_trains_the_sd15_unet_without_micro_conditioning() -> None:
@@ -197,7 +199,7 @@ def test_nf4_base_holds_4bit_linear_layers_and_trains_the_adapter_on_them() -> N
     args = (torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 64), torch.randn(2, 32),
             torch.randn(2, 6))
     with torch.no_grad():
-        full = models.unet_forward(unet, *args)
+        full = models.family_named("sdxl").denoise(unet, *args)
     linears = sum(type(m) is torch.nn.Linear for m in unet.modules())
     assert models.quantize_nf4(unet, torch.float32, torch.device("cpu")) == linears > 0
     assert not any(type(m) is torch.nn.Linear for m in unet.modules())
@@ -205,9 +207,9 @@ def test_nf4_base_holds_4bit_linear_layers_and_trains_the_adapter_on_them() -> N
     assert isinstance(unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q, LoraLinear4bit)
     assert isinstance(unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.base_layer,
                       bnb.nn.Linear4bit)
-    policy = models.unet_forward(unet, *args)
+    policy = models.family_named("sdxl").denoise(unet, *args)
     with torch.no_grad(), models.adapters_disabled(unet):
-        reference = models.unet_forward(unet, *args)
+        reference = models.family_named("sdxl").denoise(unet, *args)
     torch.testing.assert_close(policy.detach(), reference, rtol=0, atol=0)  # lora_B = 0
     error = (reference - full).norm() / full.norm()
     assert 0 < error < 0.5  # 4-bit weights: close to the full-precision output, not equal to it

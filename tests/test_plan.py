@@ -114,7 +114,8 @@ def test_local_folder_plans_like_the_builtin_tiny(tiny_arch_base: tuple[str, Pat
     arch, base_dir = tiny_arch_base
     name = {"sdxl": "tiny", "sd15": "tiny-sd15"}[arch]
     folder, builtin = (plan.architecture(ModelRecipe(base=b)) for b in (str(base_dir), name))
-    assert folder.encoder_params == builtin.encoder_params and folder.is_sdxl == builtin.is_sdxl == (arch == "sdxl")
+    assert folder.encoder_params == builtin.encoder_params and folder.family is builtin.family
+    assert folder.family.name == arch
     key = _tiny_key(False)
     a, b = plan.measure_step(folder, key), plan.measure_step(builtin, key)
     assert (a.flops, a.peak) == (b.flops, b.peak)

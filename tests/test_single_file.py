@@ -65,19 +65,19 @@ def test_an_sd15_single_file_loads_every_part_and_trains(tiny_sd15_base_dir: Pat
     from lora_dpo.train import train
 
     path = write_single_file(tiny_sd15_base_dir, tmp_path / "checkpoint")
-    assert models.single_file_arch(path) == "sd15"
+    assert models.single_file_family(path).name == "sd15"
     loaded = models.load_base(ModelRecipe(base=str(path)))
-    assert not loaded.is_sdxl and len(loaded.text_encoders) == 1
+    assert loaded.family.name == "sd15" and len(loaded.text_encoders) == 1
     _assert_same_weights(loaded, models.load_base(ModelRecipe(base=str(tiny_sd15_base_dir))))
     adapter = train(tiny_recipe(model={"base": str(path)}, train={"max_steps": 2}))
     assert read_file(adapter)[1]["lora_dpo.base_model"] == str(path)
 
 
 def test_single_file_loads_every_part_with_the_base_weights(single_file: Path, tiny_base_dir: Path) -> None:
-    assert models.is_single_file(str(single_file)) and models.single_file_arch(single_file) == "sdxl"
+    assert models.is_single_file(str(single_file)) and models.single_file_family(single_file).name == "sdxl"
     assert models.config_folder(single_file) == single_file.parent
     loaded = models.load_base(ModelRecipe(base=str(single_file)))
-    assert loaded.is_sdxl and len(loaded.text_encoders) == 2 and len(loaded.tokenizers) == 2
+    assert loaded.family.name == "sdxl" and len(loaded.text_encoders) == 2 and len(loaded.tokenizers) == 2
     _assert_same_weights(loaded, models.load_base(ModelRecipe(base=str(tiny_base_dir))))
     assert not any(p.requires_grad for p in loaded.unet.parameters())
 
@@ -86,7 +86,7 @@ def test_planner_and_adapter_formats_read_a_single_file_config(single_file: Path
     config = json.loads((tiny_base_dir / "unet" / "config.json").read_text())
     assert models.base_unet_config(str(single_file))["block_out_channels"] == config["block_out_channels"]
     arch = architecture(ModelRecipe(base=str(single_file)))
-    assert arch.name == str(single_file) and arch.is_sdxl and len(arch.encoder_params) == 2
+    assert arch.name == str(single_file) and arch.family.name == "sdxl" and len(arch.encoder_params) == 2
 
 
 def test_the_architecture_comes_from_the_keys(tmp_path: Path) -> None:
@@ -97,10 +97,10 @@ def test_the_architecture_comes_from_the_keys(tmp_path: Path) -> None:
     save_file(sd15, str(tmp_path / "sd15.safetensors"))
     save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}, str(tmp_path / "xl.safetensors"))
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1)}, str(tmp_path / "lora.safetensors"))
-    assert models.single_file_arch(tmp_path / "sd15.safetensors") == "sd15"
-    assert models.single_file_arch(tmp_path / "xl.safetensors") == "sdxl"
+    assert models.single_file_family(tmp_path / "sd15.safetensors").name == "sd15"
+    assert models.single_file_family(tmp_path / "xl.safetensors").name == "sdxl"
     with pytest.raises(models.ModelError, match="not a Stable Diffusion checkpoint"):
-        models.single_file_arch(tmp_path / "lora.safetensors")
+        models.single_file_family(tmp_path / "lora.safetensors")
     # no config folder beside it: the shipped SD 1.5 configs, written as a diffusers config folder
     folder = models.config_folder(tmp_path / "sd15.safetensors")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
@@ -196,7 +196,7 @@ def test_an_sd15_v_pred_file_trains_as_v_prediction(tiny_sd15_base_dir: Path, tm
     architecture (epsilon training would teach it the wrong target)."""
     path = write_single_file(tiny_sd15_base_dir, tmp_path / "checkpoint", _with(v_pred=MARKER))
     base = models.load_base(ModelRecipe(base=str(path)), with_encoders=False)
-    assert base.noise_scheduler.config.prediction_type == "v_prediction" and not base.is_sdxl
+    assert base.noise_scheduler.config.prediction_type == "v_prediction" and base.family.name == "sd15"
     assert float(base.noise_scheduler.alphas_cumprod[-1]) > 1e-4  # no ztsnr: the usual schedule
     assert models.base_schedule(ModelRecipe(base=str(path))) == {"prediction_type": "v_prediction",
                                                                  "rescale_betas_zero_snr": False}
@@ -254,7 +254,8 @@ def test_the_original_layout_of_the_real_architectures_reads_back_through_diffus
         assert set(back) == set(state)
         assert [k for k in state if back[k].shape != state[k].shape] == []
 
-    unet = models.unet_from_config(arch, device="meta")
+    family = models.family_named(arch)
+    unet = models.unet_from_config(family.shipped_config("unet"), device="meta")
     state = unet.state_dict()
     same(convert_ldm_unet_checkpoint(original.unet_state(state, unet.config), dict(unet.config)), state)
     with torch.device("meta"):
@@ -270,8 +271,11 @@ def test_the_original_layout_of_the_real_architectures_reads_back_through_diffus
         return {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
                 for k, v in encoder.state_dict().items()}
 
-    same(convert_ldm_clip_checkpoint(original.clip_state(encoders[0].state_dict(), original.CLIP_PREFIX[arch])),
+    state = family.original_text_state(tuple(encoders))  # the family's layout, as `original.checkpoint_state` writes it
+    clip_prefix, *openclip = {"sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+                              "sd15": ("cond_stage_model.transformer.",)}[arch]
+    same(convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(clip_prefix)}),
          named(encoders[0]))
-    if arch == "sdxl":
-        packed = original.openclip_state(encoders[1].state_dict())
-        same(convert_open_clip_checkpoint(encoders[1], packed, prefix=original.OPENCLIP_PREFIX), named(encoders[1]))
+    if openclip:
+        packed = {k: v for k, v in state.items() if k.startswith(openclip[0])}
+        same(convert_open_clip_checkpoint(encoders[1], packed, prefix=openclip[0]), named(encoders[1]))

@@ -174,11 +174,12 @@ def test_a_distilled_base_draws_only_its_own_timesteps() -> None:
     with one generator or one per pair; without the list, any of 0..999."""
     from diffusers import DDPMScheduler
 
-    from lora_dpo.models import BaseModel
+    from lora_dpo.models import BaseModel, family_named
     from lora_dpo.step import sample_noise
 
     turbo = (249, 499, 749, 999)
-    base = BaseModel(source="turbo", unet=None, noise_scheduler=DDPMScheduler(), is_sdxl=True, train_timesteps=turbo)
+    base = BaseModel(source="turbo", unet=None, noise_scheduler=DDPMScheduler(), family=family_named("sdxl"),
+                     train_timesteps=turbo)
     latents = torch.zeros(64, 4, 2, 2)
     _, drawn = sample_noise(base, latents, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == set(turbo) and drawn.dtype == torch.long

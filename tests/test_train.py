@@ -64,10 +64,10 @@ def test_trained_adapter_loads_in_stock_diffusers_and_matches_the_policy(tiny_re
     t = torch.tensor([400, 400])
     args = (batch.latents_w, t, batch.prompt_embeds, batch.pooled, batch.time_ids_w)
     with torch.no_grad():
-        policy = models.unet_forward(run.unet.eval(), *args)
-        loaded = models.unet_forward(pipe.unet, *args)
+        policy = run.base.family.denoise(run.unet.eval(), *args)
+        loaded = run.base.family.denoise(pipe.unet, *args)
         with models.adapters_disabled(run.unet):
-            reference = models.unet_forward(run.unet, *args)
+            reference = run.base.family.denoise(run.unet, *args)
     torch.testing.assert_close(loaded, policy, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(policy, reference, atol=1e-6)  # training changed the model
 
@@ -259,7 +259,8 @@ def test_a_pairs_noise_does_not_depend_on_the_batch_it_lands_in() -> None:
 
     from lora_dpo.step import sample_noise
 
-    base = models.BaseModel(source="test", unet=None, noise_scheduler=DDPMScheduler(), is_sdxl=True)
+    base = models.BaseModel(source="test", unet=None, noise_scheduler=DDPMScheduler(),
+                              family=models.family_named("sdxl"))
     latents = torch.zeros(2, 4, 8, 8)
     pair = [torch.Generator().manual_seed(seed) for seed in (10, 11)]
     noise, t = sample_noise(base, latents, pair)

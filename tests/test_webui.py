@@ -112,10 +112,16 @@ def test_a_base_file_is_hashed_as_sd_scripts_hashes_it_and_named_by_its_basename
 def test_v_prediction_is_named_as_sd_scripts_names_it() -> None:
     """`modelspec.prediction_type` "v" (sai_model_spec.PRED_TYPE_V) and `ss_base_model_version` `sd_v1_v`
     (model_util.get_model_version_str_for_sd1_sd2); SDXL is `sdxl_base_v1-0` either way."""
-    v_spec = webui.modelspec(True, "t", 1024, webui.IMPLEMENTATION_SGM, "v_prediction")
+    from lora_dpo import models
+
+    sd15, sdxl = models.family_named("sd15"), models.family_named("sdxl")
+    v_spec = webui.modelspec(sdxl.modelspec_architecture, "t", 1024, webui.IMPLEMENTATION_SGM, "v_prediction")
     assert v_spec["modelspec.prediction_type"] == "v"
-    assert webui.modelspec(False, "t", 512, webui.IMPLEMENTATION_DIFFUSERS)["modelspec.prediction_type"] == "epsilon"
-    assert [webui.base_model_version(sdxl, kind) for sdxl in (False, True) for kind in ("epsilon", "v")] == \
+    assert v_spec["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    spec = webui.modelspec(sd15.modelspec_architecture, "t", 512, webui.IMPLEMENTATION_DIFFUSERS)
+    assert spec["modelspec.prediction_type"] == "epsilon"
+    assert spec["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert [family.webui_spec().version(kind) for family in (sd15, sdxl) for kind in ("epsilon", "v")] == \
         ["sd_v1", "sd_v1_v", "sdxl_base_v1-0", "sdxl_base_v1-0"]
 
 

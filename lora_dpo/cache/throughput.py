@@ -22,16 +22,18 @@ from lora_dpo.recipe import DataRecipe, ModelRecipe, Recipe
 
 
 def text_shapes(cfg: ModelRecipe) -> tuple[int, int, int | None]:
-    """(tokens, embedding width, pooled width or None) of the base's prompt embeddings: read from a local
-    pipeline's text encoder configs, else from the shipped SDXL or SD 1.5 architecture (guessed from the id)."""
-    source = Path(models.resolve_base(cfg.base))
-    if (source / "text_encoder" / "config.json").is_file():
-        configs = [json.loads((source / f / "config.json").read_text())
-                   for f in ("text_encoder", "text_encoder_2") if (source / f / "config.json").is_file()]
-        pooled = configs[-1].get("projection_dim") if len(configs) == 2 else None
-        return 77, sum(c["hidden_size"] for c in configs), pooled
-    text = models.shipped_config("sdxl" if "xl" in cfg.base.lower() else "sd15", "text")
-    return text["max_length"], sum(text["hidden_sizes"]), text["pooled_dim"]
+    """(tokens, embedding width, pooled width or None) of the base's prompt embeddings, as its family's denoiser
+    reads them: from the base's denoiser config (a tiny base, a known hub id, a local folder or file: no download),
+    else from the shipped architecture of the family the hub id names (`Family.metadata_markers`; the default
+    family when it names none)."""
+    if Path(models.resolve_base(cfg.base)).exists() or models.family_of_base_name(cfg.base):
+        config = models.base_unet_config(cfg.base)
+        family = models.denoiser_family(config)
+    else:
+        family = models.family_of_metadata(cfg.base.lower()) or models.DEFAULT_FAMILY
+        config = family.shipped_config(family.denoiser_folder)
+    tokens = family.shipped_config("text")["max_length"]
+    return tokens, family.text_width(config), family.pooled_width(config)
 
 
 def _write_bench_sets(folder: Path, n_pairs: int, image_size: int, seed: int) -> tuple[Path, Path]:
@@ -71,7 +73,7 @@ def _write_bench_cache(folder: Path, n_pairs: int, resolution: int, shapes: tupl
     generator = torch.Generator().manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     shards = plan_shards({"train": n_pairs, "val": 0, "prompts": n_prompts}, shard_size)
-    note = {"fingerprint": "bench", "is_sdxl": pooled is not None, "encoder_bytes": 0}
+    note = {"fingerprint": "bench", "encoder_bytes": 0}
     for shard in shards:
         n = shard.stop - shard.start
         if shard.kind == "prompts":
@@ -86,7 +88,7 @@ def _write_bench_cache(folder: Path, n_pairs: int, resolution: int, shapes: tupl
                 tensors |= {"time_ids_w": torch.zeros(n, 6), "time_ids_l": torch.zeros(n, 6)}
         save_shard(folder, shard.name, tensors, {**note, "count": n})
     manifest = {"format": FORMAT, "fingerprint": "bench", "identity": {}, "seed": 0, "dtype": dtype,
-                "shard_size": shard_size, "is_sdxl": pooled is not None, "encoder_bytes": 0, "skipped": {},
+                "shard_size": shard_size, "encoder_bytes": 0, "skipped": {},
                 "shards": {kind: [{"name": s.name, "count": s.stop - s.start} for s in shards if s.kind == kind]
                            for kind in KINDS}, "data": "benchmark", "read": n_pairs, "kept": n_pairs, "dropped": {}}
     (folder / MANIFEST).write_text(json.dumps(manifest))

@@ -66,7 +66,7 @@ def _encode_pairs(base: models.BaseModel, dataset: data.PreferenceDataset, shard
             parts["time_ids_l"].append(batch.time_ids_l)
             items = []
     tensors = {name: torch.cat(values) for name, values in parts.items() if values}
-    if not base.is_sdxl:
+    if not base.family.uses_geometry:  # the data computes it for every base; only some denoisers read it
         tensors = {k: v for k, v in tensors.items() if not k.startswith("time_ids")}
     if labels:
         tensors |= {"labels": torch.tensor(labels, dtype=torch.float32), "prompt_ids": torch.tensor(ids)}
@@ -135,7 +135,7 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
             else:
                 tensors, note = _encode_pairs(base, datasets[shard.kind], shard, prompt_ids, batch_size, storage,
                                               device, cfg.strict)
-            save_shard(out, shard.name, tensors, {"fingerprint": fingerprint, "is_sdxl": base.is_sdxl,
+            save_shard(out, shard.name, tensors, {"fingerprint": fingerprint, "family": base.family.name,
                                                   "encoder_bytes": encoder_bytes, **note})
             log.info("cache: %s done (%d/%d of this process, %.0f s)", shard.name, number, len(todo),
                      time.perf_counter() - started)
@@ -147,7 +147,9 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
                              "run the same command again to finish the cache")
     manifest = {
         "format": FORMAT, "fingerprint": fingerprint, "identity": identity(recipe), "seed": seed, "dtype": dtype,
-        "shard_size": shard_size, "is_sdxl": next(iter(notes.values()))["is_sdxl"],
+        # the base's family (`Family.name`); a shard written before it was recorded has `is_sdxl` instead (nothing
+        # reads either: the reader checks the format and the identity)
+        "shard_size": shard_size, "family": next((n["family"] for n in notes.values() if "family" in n), None),
         "encoder_bytes": next(n["encoder_bytes"] for n in notes.values() if n["encoder_bytes"] is not None),
         "shards": {kind: [{"name": s.name, "count": notes[s.name]["count"]} for s in shards if s.kind == kind]
                    for kind in KINDS},

@@ -133,16 +133,18 @@ def tiny_base(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
     warmup_steps: Annotated[int, typer.Option(help="Plain denoising steps that warm the random UNet up.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-    arch: Annotated[str, typer.Option(help="sdxl (what `tiny` names) or sd15 (what `tiny-sd15` names).")] = "sdxl",
+    arch: Annotated[str | None, typer.Option(
+        help="A base family's name: sdxl (what `tiny` names; the default) or sd15 (what `tiny-sd15` names).")] = None,
 ) -> None:
     """Write a tiny SDXL- or SD 1.5-architecture pipeline with random weights (offline demo and tests)."""
     _quiet_imports()
-    from lora_dpo.models import build_tiny_base
+    from lora_dpo.models import TINY_BASES, build_tiny_base
+    from lora_dpo.models.tiny import tiny_family
 
     with user_errors():
-        path = build_tiny_base(out_dir, warmup_steps=warmup_steps, seed=seed, replace=True, arch=arch)
-    pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
-    typer.echo(f"wrote {path}: load it with {pipeline}.from_pretrained({str(path)!r})")
+        family = tiny_family(arch) if arch is not None else TINY_BASES["tiny"]
+        path = build_tiny_base(out_dir, warmup_steps=warmup_steps, seed=seed, replace=True, arch=family)
+    typer.echo(f"wrote {path}: load it with {family.pipeline_class}.from_pretrained({str(path)!r})")
 
 
 @app.command()
@@ -199,8 +201,6 @@ def bench(
                                            batch_size=loaded.train.batch_size, seed=loaded.train.seed)
             typer.echo(format_throughput(rows, pairs, loaded))
             return
-        import torch
-
         if suite is not None:
             if json_out:
                 raise recipe_module.RecipeError("--suite writes its JSON to --out (default bench-gpu.json)")
@@ -210,7 +210,7 @@ def bench(
                                              out))
             return
 
-        chosen = arch or ("recipe" if recipe else "sdxl" if torch.cuda.is_available() else "tiny")
+        chosen = arch or bench_module.default_arch(recipe is not None)
         if chosen not in bench_module.ARCHS:
             raise recipe_module.RecipeError(f"--arch {chosen!r}: choose from {', '.join(bench_module.ARCHS)}")
         resolutions = resolution or bench_module.default_resolutions(chosen, loaded)

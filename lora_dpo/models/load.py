@@ -1,16 +1,28 @@
 """Loading a base: a diffusers folder or hub id, a single-file checkpoint (`single_file`), or a built-in tiny
-base; frozen, only the parts a run needs."""
+base; frozen, only the parts a run needs, each part as the base's family says. Also a base's denoiser config
+without its weights, and a denoiser built from a config (random weights or none, on `meta`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lora_dpo import hub
-from lora_dpo.models.parts import KNOWN_BASES, PREDICTION_TYPES, BaseModel, ModelError, shipped_config
+from lora_dpo.models.families import (
+    FAMILIES,
+    KNOWN_BASES,
+    TINY_BASES,
+    Family,
+    denoiser_family,
+    family_named,
+    family_of_denoiser,
+    family_of_pipeline,
+)
+from lora_dpo.models.parts import BaseModel, ModelError
 from lora_dpo.models.single_file import (
     config_folder,
     is_single_file,
@@ -18,7 +30,7 @@ from lora_dpo.models.single_file import (
     scheduler_overrides,
     tokenizer_source,
 )
-from lora_dpo.models.tiny import TINY_BASES, resolve_base, tiny_unet_config
+from lora_dpo.models.tiny import resolve_base
 from lora_dpo.recipe import ModelRecipe
 
 
@@ -60,66 +72,73 @@ def base_schedule(cfg: ModelRecipe) -> dict[str, Any]:
     return training_schedule(config, cfg, scheduler_overrides(single) if single else {})
 
 
+def base_family(source: str, index: dict[str, Any], revision: str | None = None) -> Family:
+    """The family of a pipeline folder or hub id: from its `model_index.json`'s parts, else (a folder without its
+    text encoders) from its denoiser's config."""
+    family = family_of_pipeline(index)
+    if family is None and "unet" in index:
+        family = family_of_denoiser(read_pipeline_json(source, "unet/config.json", revision))
+    if family is None:
+        raise ModelError(f"{source}: no known base family has this pipeline ({index.get('_class_name')}); lora-dpo "
+                         f"trains {' and '.join(f.label for f in FAMILIES)} text-to-image pipelines")
+    return family
+
+
 def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: torch.dtype = torch.float32,
               vae_dtype: torch.dtype = torch.float32, with_unet: bool = True) -> BaseModel:
     """Load the base pipeline's parts, frozen. `with_encoders=False` skips the VAE and text encoders (training
     from a latent cache); `with_unet=False` skips the UNet (writing a latent cache)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    import diffusers
+    from diffusers import AutoencoderKL
 
     single = Path(cfg.base) if is_single_file(cfg.base) else None
     # a single file's configs (and the base's `source` from here on) are its local config folder
     source = str(config_folder(single)) if single else resolve_base(cfg.base)
     index = read_pipeline_json(source, "model_index.json", cfg.revision)
-    missing = [part for part in ("unet", "scheduler") if part not in index]
+    family = family_of_pipeline(index)
+    missing = [part for part in (family.denoiser_folder if family else "unet", "scheduler") if part not in index]
     if with_encoders:
         missing += [part for part in ("vae", "text_encoder", "tokenizer") if part not in index]
     if missing:
         raise ModelError(f"{source}: the pipeline has no {', '.join(missing)}; lora-dpo needs an SD 1.5 or "
                          "SDXL text-to-image pipeline")
-    is_sdxl = "text_encoder_2" in index and index.get("text_encoder_2") != [None, None]
+    family = family or base_family(source, index, cfg.revision)
     common = {"revision": cfg.revision}
     online = not (hub.is_hub_id(source) or (cfg.vae and hub.is_hub_id(cfg.vae))) or hub.prepare()
     try:
         overrides = scheduler_overrides(single) if single else {}  # the file's v_pred / ztsnr keys
-        config = DDPMScheduler.load_config(source, subfolder="scheduler", **common)
-        scheduler = DDPMScheduler.from_config(config, **training_schedule(config, cfg, overrides))
-        if scheduler.config.prediction_type not in PREDICTION_TYPES:
-            raise ModelError(f"{source}: its scheduler predicts {scheduler.config.prediction_type!r}; lora-dpo "
-                             f"trains bases that predict {' or '.join(PREDICTION_TYPES)}")
+        # the scheduler's JSON (any scheduler class reads any config); the family builds the training scheduler
+        config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", **common)
+        try:
+            scheduler = family.training_scheduler(config, training_schedule(config, cfg, overrides))
+        except ModelError as err:
+            raise ModelError(f"{source}: {err}") from None
         steps = scheduler.config.num_train_timesteps
         if any(t >= steps for t in cfg.timesteps):
             raise ModelError(f"[model].timesteps = {list(cfg.timesteps)}: this base's schedule has timesteps "
                              f"0..{steps - 1}; use values in that range (SDXL-Turbo: [249, 499, 749, 999])")
         if single:
-            parts = load_single_file_parts(single, Path(source), is_sdxl, with_unet=with_unet,
+            parts = load_single_file_parts(single, Path(source), family, with_unet=with_unet,
                                            with_encoders=with_encoders, vae=cfg.vae is None,
                                            weight_dtype=weight_dtype, vae_dtype=vae_dtype)
-            base = BaseModel(source=source, unet=parts["unet"], noise_scheduler=scheduler, is_sdxl=is_sdxl,
+            base = BaseModel(source=source, unet=parts["unet"], noise_scheduler=scheduler, family=family,
                              train_timesteps=tuple(cfg.timesteps), scheduler_overrides=overrides)
             base.vae, base.text_encoders = parts["vae"], parts["text_encoders"]
             if with_encoders:
                 if cfg.vae is not None:
                     base.vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=vae_dtype, **common)
-                where = tokenizer_source(single, Path(source))
-                base.tokenizers = tuple(CLIPTokenizer.from_pretrained(where, subfolder=f"tokenizer{n}")
-                                        for n in (("", "_2") if is_sdxl else ("",)))
+                base.tokenizers = family.load_tokenizers(tokenizer_source(single, Path(source)))
         else:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
-                                                        torch_dtype=weight_dtype, **common) if with_unet else None
-            base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, is_sdxl=is_sdxl,
+            denoiser = getattr(diffusers, family.denoiser_class)
+            unet = denoiser.from_pretrained(source, subfolder=family.denoiser_folder, variant=cfg.variant,
+                                            torch_dtype=weight_dtype, **common) if with_unet else None
+            base = BaseModel(source=source, unet=unet, noise_scheduler=scheduler, family=family,
                              train_timesteps=tuple(cfg.timesteps))
         if with_encoders and not single:
             vae_kwargs = {"subfolder": "vae", **common} if cfg.vae is None else {}
             base.vae = AutoencoderKL.from_pretrained(cfg.vae or source, torch_dtype=vae_dtype, **vae_kwargs)
-            names = ("", "_2") if is_sdxl else ("",)
-            encoders = (CLIPTextModel, CLIPTextModelWithProjection)
-            base.tokenizers = tuple(CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{n}", **common)
-                                    for n in names)
-            base.text_encoders = tuple(
-                cls.from_pretrained(source, subfolder=f"text_encoder{n}", variant=cfg.variant,
-                                    torch_dtype=weight_dtype, **common)
-                for cls, n in zip(encoders, names, strict=False))
+            base.tokenizers, base.text_encoders = family.load_text_parts(source, variant=cfg.variant,
+                                                                         torch_dtype=weight_dtype, **common)
     except (OSError, ValueError) as err:
         if not online:
             raise hub.unavailable(cfg.vae if cfg.vae and hub.is_hub_id(cfg.vae) else source,
@@ -132,14 +151,35 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
     return base
 
 
+def shipped_config(name: str, part: str) -> dict[str, Any]:
+    """A shipped config of the family called `name` (`Family.shipped_config`)."""
+    return family_named(name).shipped_config(part)
+
+
+def unet_from_config(config: Mapping[str, Any], dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu") -> Any:
+    """A denoiser of its family's architecture from its config, with random weights (or no storage at all, on
+    `meta`), built straight in `dtype`: no float32 copy on the way (10 GB for SDXL, more than a 12 GB card's
+    budget)."""
+    family = denoiser_family(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            unet = family.denoiser_from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    return unet.requires_grad_(False)
+
+
 def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
     """A base's UNet config without its weights (adapter formats need the architecture, not 5 GB): the shipped
     config for the well-known hub ids (offline), the built-in tiny bases' constant, `unet/config.json` of a local
     folder, or the hub's."""
     if name in KNOWN_BASES:
-        return shipped_config(KNOWN_BASES[name], "unet")
+        return KNOWN_BASES[name].shipped_config("unet")
     if name in TINY_BASES:  # a constant, as the planner reads it: never a build (minutes) just for the blocks
-        return tiny_unet_config(TINY_BASES[name])
+        return TINY_BASES[name].tiny_denoiser_config()
     if is_single_file(name):
         return read_pipeline_json(str(config_folder(Path(name))), "unet/config.json")
     return read_pipeline_json(resolve_base(name), "unet/config.json", revision)

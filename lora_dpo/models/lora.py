@@ -153,3 +153,8 @@ def adapters_disabled(unet: Any) -> Iterator[None]:
                 layer.enable_adapters(not was)
 
 
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, Tensor]:
+    """The UNet's LoRA weights under diffusers' names (`...to_q.lora_A.weight`), without the `unet.` prefix."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}

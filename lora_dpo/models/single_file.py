@@ -4,10 +4,10 @@ ComfyUI load and civitai hands out; sd-scripts and OneTrainer train on them), re
 
 The config folder is a diffusers pipeline layout without weights (`model_index.json`, `unet/config.json`, ...):
 the folder the file sits in when it has a `model_index.json` (how a custom or tiny architecture is given), else
-one written from the configs shipped with lora-dpo for the architecture the file's keys show (SDXL or SD 1.5).
+one written from the configs shipped with lora-dpo for the family the file's keys show (`Family.owns_checkpoint`).
 The shipped configs carry no tokenizer vocabulary: with the shipped folder the tokenizers come from the
-architecture's hub repo (cached after the first time); a UNet-only load (training from a latent cache) never
-needs them.
+family's hub repo (its first hub id, cached after the first time); a UNet-only load (training from a latent cache)
+never needs them.
 
 The header also says what was trained into the file: ComfyUI's marker keys set the noise schedule (`v_pred`:
 v-prediction, with `ztsnr`: zero terminal SNR) for training and sampling alike, and the kinds lora-dpo cannot
@@ -26,22 +26,17 @@ from typing import Any
 import torch
 
 from lora_dpo.files import cache_home
-from lora_dpo.models.parts import ModelError, shipped_config
+from lora_dpo.models.families import Family, family_of_checkpoint, family_of_pipeline
+from lora_dpo.models.parts import ModelError
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"  # pickled .ckpt files can run code when loaded: not read
 UNET_PREFIX = "model.diffusion_model."  # every original-layout checkpoint keeps its UNet here
-# SDXL has a second (OpenCLIP bigG) text encoder at embedders.1 and a pooled/size embedding in its UNet.
-SDXL_MARKERS = ("conditioner.embedders.1.", UNET_PREFIX + "label_emb.")
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"  # (320, 4, 3, 3); 9 input channels: an inpainting UNet
 REFINER_MARKER = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP-bigG alone, as the first embedder
 EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")  # Playground v2.5, EDM v-pred
 V_PRED, ZTSNR = "v_pred", "ztsnr"  # v-prediction and zero-terminal-SNR marker keys (empty tensors)
-# Where the tokenizers of a shipped-config folder come from (the vocabulary is not shipped).
-TOKENIZER_REPOS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-                   "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
 
 
 def is_single_file(name: str) -> bool:
@@ -79,8 +74,9 @@ def _refusal(keys: list[str], conv_in: list[int] | None) -> str | None:
     return None
 
 
-def single_file_arch(path: Path) -> str:
-    """`sdxl` or `sd15`, from the checkpoint's header alone; a checkpoint of another kind is refused by name."""
+def single_file_family(path: Path) -> Family:
+    """The checkpoint's family, from its header alone; a checkpoint of a kind lora-dpo cannot train is refused by
+    name."""
     keys, conv_in = _header(path)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelError(f"[model].base = {str(path)!r}: no {UNET_PREFIX}* keys: not a Stable Diffusion checkpoint "
@@ -90,7 +86,11 @@ def single_file_arch(path: Path) -> str:
     if refusal:
         raise ModelError(f"[model].base = {str(path)!r}: {refusal}; lora-dpo trains SD 1.5 and SDXL base "
                          "text-to-image checkpoints (epsilon or v-prediction): pass one of those")
-    return "sdxl" if any(k.startswith(SDXL_MARKERS) for k in keys) else "sd15"
+    family = family_of_checkpoint(keys)
+    if family is None:
+        raise ModelError(f"[model].base = {str(path)!r}: no known base family has these keys; pass a diffusers "
+                         "folder instead")
+    return family
 
 
 def scheduler_overrides(path: Path) -> dict[str, Any]:
@@ -122,23 +122,23 @@ def inference_scheduler(config: dict[str, Any], overrides: dict[str, Any]) -> An
     return cls.from_config(config, **settings)
 
 
-def shipped_config_folder(arch: str) -> Path:
-    """A diffusers config folder (no weights, no tokenizers) written once from the shipped configs."""
-    folder = cache_home() / "single-file-configs" / arch
+def shipped_config_folder(family: Family) -> Path:
+    """A diffusers config folder (no weights, no tokenizers) written once from the family's shipped configs."""
+    folder = cache_home() / "single-file-configs" / family.name
     if (folder / "model_index.json").is_file():
         return folder
-    unet, vae, scheduler = (shipped_config(arch, part) for part in ("unet", "vae", "scheduler"))
-    encoders = {"text_encoder": shipped_config(arch, "text_encoder")}
-    if arch == "sdxl":
-        encoders["text_encoder_2"] = shipped_config(arch, "text_encoder_2")
-    index: dict[str, Any] = {"_class_name": PIPELINES[arch], "unet": ["diffusers", "UNet2DConditionModel"],
+    denoiser, vae, scheduler = (family.shipped_config(part) for part in (family.denoiser_folder, "vae", "scheduler"))
+    index: dict[str, Any] = {"_class_name": family.pipeline_class,
+                             family.denoiser_folder: ["diffusers", family.denoiser_class],
                              "vae": ["diffusers", "AutoencoderKL"],
                              "scheduler": ["diffusers", scheduler["_class_name"]]}
-    files = {"unet/config.json": unet, "vae/config.json": vae, "scheduler/scheduler_config.json": scheduler}
-    for name, config in encoders.items():
-        index[name] = ["transformers", config["architectures"][0]]
-        index["tokenizer" + name.removeprefix("text_encoder")] = ["transformers", "CLIPTokenizer"]
-        files[f"{name}/config.json"] = {"model_type": "clip_text_model", **config}
+    files = {f"{family.denoiser_folder}/config.json": denoiser, "vae/config.json": vae,
+             "scheduler/scheduler_config.json": scheduler}
+    for part in family.text_parts:
+        config = family.shipped_config(part.encoder)
+        index[part.encoder] = ["transformers", config["architectures"][0]]
+        index[part.tokenizer] = ["transformers", part.tokenizer_class]
+        files[f"{part.encoder}/config.json"] = {"model_type": "clip_text_model", **config}
     for relative, content in {**files, "model_index.json": index}.items():  # the index last: it marks "done"
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_text(json.dumps(content, indent=1))
@@ -147,70 +147,69 @@ def shipped_config_folder(arch: str) -> Path:
 
 def config_folder(path: Path) -> Path:
     """The diffusers config folder for a single-file base: its own folder when that holds a `model_index.json`
-    (a custom architecture), else the shipped one for the architecture its keys show."""
-    arch = single_file_arch(path)  # refuses the kinds lora-dpo cannot train, whatever configs lie beside it
+    (a custom architecture), else the shipped one for the family its keys show."""
+    family = single_file_family(path)  # refuses the kinds lora-dpo cannot train, whatever configs lie beside it
     if (path.parent / "model_index.json").is_file():
         return path.parent
-    return shipped_config_folder(arch)
+    return shipped_config_folder(family)
 
 
 def tokenizer_source(path: Path, folder: Path) -> str:
-    """Where the tokenizers load from: the config folder when it has them, else the architecture's hub repo
+    """Where the tokenizers load from: the config folder when it has them, else the family's hub repo
     (with the shipped configs there is no vocabulary on disk)."""
     if (folder / "tokenizer").is_dir():
         return str(folder)
-    return TOKENIZER_REPOS[single_file_arch(path)]
+    return single_file_family(path).hub_ids[0]
 
 
-def load_single_file_parts(path: Path, folder: Path, is_sdxl: bool, *, with_unet: bool, with_encoders: bool,
+def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_unet: bool, with_encoders: bool,
                            vae: bool, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
     """The UNet, VAE and text encoders from the checkpoint (diffusers converts the original layout), each
     configured by `folder`: {"unet", "vae", "text_encoders"} (absent parts are None or ())."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     common = {"config": str(folder), "local_files_only": True}
     parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": ()}
     if with_unet:
-        parts["unet"] = UNet2DConditionModel.from_single_file(str(path), subfolder="unet", torch_dtype=weight_dtype,
-                                                              **common)
+        denoiser = getattr(diffusers, family.denoiser_class)
+        parts["unet"] = denoiser.from_single_file(str(path), subfolder=family.denoiser_folder, torch_dtype=weight_dtype,
+                                                  **common)
     if not with_encoders:
         return parts
     if vae:
         parts["vae"] = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=vae_dtype, **common)
-    checkpoint = load_single_file_checkpoint(str(path))  # read once for both text encoders
-    names = ("", "_2") if is_sdxl else ("",)
-    # Each encoder sees only its own keys: diffusers picks the source by key names and width, and when both
-    # encoders have the same width (a small custom base) it would fill the second one from embedders.0.
-    others = ("conditioner.embedders.1.", "conditioner.embedders.0.")
+    checkpoint = load_single_file_checkpoint(str(path))  # read once for every text encoder
+    # Each encoder sees only its own keys (none of the other encoders' prefixes): diffusers picks the source by key
+    # names and width, and when two encoders have the same width (a small custom base) it would fill the second one
+    # from the first one's keys.
+    prefixes = family.original_text_prefixes
     parts["text_encoders"] = tuple(
-        create_diffusers_clip_model_from_ldm(cls, {k: v for k, v in checkpoint.items() if not k.startswith(skip)},
-                                             subfolder=f"text_encoder{n}", torch_dtype=weight_dtype, **common)
-        for cls, n, skip in zip((CLIPTextModel, CLIPTextModelWithProjection), names, others, strict=False))
+        create_diffusers_clip_model_from_ldm(
+            getattr(transformers, part.encoder_class),
+            {k: v for k, v in checkpoint.items() if not k.startswith(tuple(p for p in prefixes if p != own))},
+            subfolder=part.encoder, torch_dtype=weight_dtype, **common)
+        for part, own in zip(family.text_parts, prefixes, strict=True))
     return parts
 
 
 def single_file_pipeline(path: Path, dtype: torch.dtype) -> Any:
-    """The stock diffusers pipeline (SDXL or SD 1.5) of a single-file base, built from the parts above (so each
+    """The stock diffusers pipeline of a single-file base, built by its family from the parts above (so each
     text encoder gets its own weights) and the config folder's own inference scheduler: what `eval` and `merge`
     load."""
     import diffusers
-    from transformers import CLIPTokenizer
 
     folder = config_folder(path)
     index = json.loads((folder / "model_index.json").read_text())
-    sdxl = "text_encoder_2" in index and index["text_encoder_2"] != [None, None]
-    parts = load_single_file_parts(path, folder, sdxl, with_unet=True, with_encoders=True, vae=True,
+    family = family_of_pipeline(index)
+    if family is None:
+        raise ModelError(f"{folder / 'model_index.json'}: no known base family has this pipeline; pass a diffusers "
+                         "folder instead")
+    parts = load_single_file_parts(path, folder, family, with_unet=True, with_encoders=True, vae=True,
                                    weight_dtype=dtype, vae_dtype=dtype)
-    names = ("", "_2") if sdxl else ("",)
-    where = tokenizer_source(path, folder)
-    components: dict[str, Any] = {f"tokenizer{n}": CLIPTokenizer.from_pretrained(where, subfolder=f"tokenizer{n}")
-                                  for n in names}
-    components |= {f"text_encoder{n}": encoder for n, encoder in zip(names, parts["text_encoders"], strict=True)}
+    tokenizers = family.load_tokenizers(tokenizer_source(path, folder))
     config = getattr(diffusers, index["scheduler"][1]).load_config(str(folder), subfolder="scheduler")
     scheduler = inference_scheduler(config, scheduler_overrides(path))
-    if not sdxl:  # a training base: no safety checker, as the diffusers folders lora-dpo writes
-        components |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipeline_class = getattr(diffusers, index["_class_name"])
-    return pipeline_class(unet=parts["unet"], vae=parts["vae"], scheduler=scheduler, **components)
+    return family.build_pipeline(parts["unet"], parts["vae"], scheduler, tokenizers, parts["text_encoders"])

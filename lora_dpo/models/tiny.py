@@ -1,5 +1,6 @@
-"""The built-in tiny bases: SDXL- and SD 1.5-architecture pipelines small enough for a 2-core CPU, built from
-configs with random weights, warmed up on the demo images, saved as ordinary diffusers folders and cached."""
+"""The built-in tiny bases, one per family (`Family.tiny_base`: `tiny` is SDXL's, `tiny-sd15` SD 1.5's): pipelines
+small enough for a 2-core CPU, built from the family's tiny config with random weights, warmed up on the demo
+images, saved as ordinary diffusers folders and cached."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,36 +18,37 @@ from tqdm import tqdm
 
 from lora_dpo import files, synthetic
 from lora_dpo.files import cache_home
-from lora_dpo.models.parts import BaseModel, ModelError, embed_prompts, encode_images, unet_forward
-from lora_dpo.recipe import BUILTIN_BASES
+from lora_dpo.models.families import TINY_BASES, Family, family_named, pipeline_family
+from lora_dpo.models.parts import BaseModel, ModelError, embed_prompts, encode_images
 
 log = logging.getLogger(__name__)
 
-TinyArch = Literal["sdxl", "sd15"]
-# `[model].base` names of the built-in tiny bases -> their architecture; `tiny` stays the SDXL one
-TINY_BASES: dict[str, TinyArch] = dict(zip(BUILTIN_BASES, ("sdxl", "sd15"), strict=True))
-# Their cache folders under cache_home(): bump a version when that base's weights change, so that no stale
-# cached copy is reused (v2: the VAE is trained to reconstruct and the UNet to denoise the demo images; v3: a VAE
-# without mid-block attention, a UNet warmed up longer on the preferred images, with caption dropout; v4: the
-# text encoders trained with the UNet, VAE 1200 and UNet 600 x 32 steps; v5: `tiny` is the shipped copy of v4)
-TINY_FOLDERS: dict[TinyArch, str] = {"sdxl": "tiny-base-v5", "sd15": "tiny-sd15-v4"}
+# Each family's tiny base lives in its cache folder under cache_home() (`Family.tiny_folder`): bump its version
+# when that base's weights change, so that no stale cached copy is reused (v2: the VAE is trained to reconstruct
+# and the UNet to denoise the demo images; v3: a VAE without mid-block attention, a UNet warmed up longer on the
+# preferred images, with caption dropout; v4: the text encoders trained with the UNet, VAE 1200 and UNet 600 x 32
+# steps; v5: `tiny` is the shipped copy of v4).
 # The demo's base, built once (`build_tiny_base`, seed 0) on a 2-core x86 CPU and shipped with the package (9 MB):
 # a build trains on the CPU it runs on, and CPUs round differently (a build on another machine drew other pictures,
 # mean pixel difference 17/255), so every machine gets these bytes and the README's figures. `lora-dpo tiny-base`
-# still builds one; `tiny-sd15` is built on first use.
-SHIPPED_BASES: dict[TinyArch, Path] = {"sdxl": Path(__file__).parent.parent / "assets" / "tiny-base-v5"}
-SHIPPED_SHA256: dict[TinyArch, str] = {"sdxl": "20d9122b4359fdbb894ba29bf936fe4d613a403a92256d7d18aface0a965ca9a"}
+# still builds one; a family without `tiny_shipped_sha256` (`tiny-sd15`) has its tiny base built on first use.
+ASSETS = Path(__file__).parent.parent / "assets"  # a shipped tiny base: assets/<its tiny_folder>
 
 
-def _check_tiny_arch(arch: str) -> None:
-    if arch not in TINY_FOLDERS:
-        raise ModelError(f"tiny base architecture {arch!r}: choose one of {', '.join(TINY_FOLDERS)}")
+def tiny_family(arch: str | Family) -> Family:
+    """The family of a tiny base architecture: a family, or its name (one-line error for an unknown one)."""
+    if isinstance(arch, Family):
+        return arch
+    try:
+        return family_named(arch)
+    except ModelError:
+        raise ModelError(f"tiny base architecture {arch!r}: choose one of "
+                         f"{', '.join(f.name for f in TINY_BASES.values())}") from None
 
 
-def tiny_base_path(arch: TinyArch = "sdxl") -> Path:
-    """Where a built-in tiny base lives once built (it may not exist yet)."""
-    _check_tiny_arch(arch)
-    return cache_home() / TINY_FOLDERS[arch]
+def tiny_base_path(arch: str | Family = TINY_BASES["tiny"]) -> Path:
+    """Where a built-in tiny base lives once built (it may not exist yet); the default: `tiny`'s."""
+    return cache_home() / tiny_family(arch).tiny_folder
 
 
 def base_location(name: str) -> str:
@@ -55,18 +57,19 @@ def base_location(name: str) -> str:
 
 
 def resolve_base(name: str) -> str:
-    """`tiny` / `tiny-sd15` -> the cached built-in tiny base (built on first use); anything else as is."""
+    """A tiny base's name (`tiny`, `tiny-sd15`) -> the cached built-in tiny base (built on first use); anything
+    else as is."""
     if name not in TINY_BASES:
         return name
-    arch = TINY_BASES[name]
-    path = tiny_base_path(arch)
+    family = TINY_BASES[name]
+    path = tiny_base_path(family)
     if (path / "model_index.json").is_file():
         return str(path)
-    if arch in SHIPPED_BASES:
-        install_shipped_base(arch, path)
+    if family.tiny_shipped_sha256:
+        install_shipped_base(family, path)
     else:
         log.info("building the %s base in %s (once, a few minutes of CPU)", name, path)
-        build_tiny_base(path, arch=arch)
+        build_tiny_base(path, arch=family)
     return str(path)
 
 
@@ -79,13 +82,18 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def install_shipped_base(arch: TinyArch, path: Path) -> Path:
-    """Copy the shipped `arch` base into `path` (the cache), after checking its bytes are the recorded ones.
+def shipped_base(family: Family) -> Path:
+    """Where the family's shipped tiny base lies in the package (only a family with `tiny_shipped_sha256` has one)."""
+    return ASSETS / family.tiny_folder
+
+
+def install_shipped_base(family: Family, path: Path) -> Path:
+    """Copy the family's shipped tiny base into `path` (the cache), after checking its bytes are the recorded ones.
     Written to a temporary folder and renamed; a process that finished first keeps its copy."""
     import shutil
 
-    shipped = SHIPPED_BASES[arch]
-    if not (shipped / "model_index.json").is_file() or folder_sha256(shipped) != SHIPPED_SHA256[arch]:
+    shipped = shipped_base(family)
+    if not (shipped / "model_index.json").is_file() or folder_sha256(shipped) != family.tiny_shipped_sha256:
         raise ModelError(f"{shipped}: the shipped tiny base is missing or damaged (its sha256 is not the recorded "
                          "one): reinstall lora-dpo, or build one with `lora-dpo tiny-base FOLDER` and point "
                          "[model].base at it")
@@ -96,26 +104,12 @@ def install_shipped_base(arch: TinyArch, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# The tiny bases: SDXL- and SD 1.5-architecture pipelines small enough for a 2-core CPU
+# What every family's tiny base shares: 64 px images, the VAE, the scheduler, the tiny CLIP encoders and tokenizer;
+# each family's tiny denoiser config is its own (`Family.tiny_denoiser_config`), a constant the planner reads
+# without building (or warming) a base.
 
 
 TINY_RESOLUTION = 64
-# The tiny bases' architectures, as constants: `lora-dpo plan` reads them without building (or warming) a base.
-# SDXL: text_time micro-conditioning (pooled text embeds + 6 time ids), cross-attention on both encoders' hidden
-# states concatenated (2 x 32).
-TINY_UNET: dict[str, Any] = dict(
-    sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-    transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=64,
-    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
-    norm_num_groups=16)
-# SD 1.5: the same blocks without the addition embedding; cross-attention reads the one encoder's last hidden
-# state, so its width is that encoder's hidden size (32).
-TINY_SD15_UNET: dict[str, Any] = {
-    **{k: v for k, v in TINY_UNET.items()
-       if k not in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")},
-    "cross_attention_dim": 32}
 # The VAE's full-resolution block is narrow (8 channels): it sets the cost of training the VAE at build time.
 # One norm group: group norms over a few channels each normalise colour away, and the VAE then learns it slowly.
 # No mid-block attention: a fully convolutional VAE trained at 32 px carries over to 64 px (measured: test error at
@@ -132,17 +126,11 @@ TINY_SCHEDULER: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012, beta_s
 
 
 def tiny_text_config(vocab_size: int | None = None) -> dict[str, Any]:
-    """The tiny CLIP text encoders' config, shared by both architectures (SDXL's second encoder adds the pooled
-    projection that is the UNet's text_embeds)."""
+    """The tiny CLIP text encoders' config, shared by every family's tiny base (a CLIPTextModelWithProjection adds
+    the pooled projection, SDXL's text_embeds)."""
     return dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
                 vocab_size=vocab_size or len(tiny_tokenizer()), max_position_embeddings=77, projection_dim=32,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
-
-
-def tiny_unet_config(arch: TinyArch = "sdxl") -> dict[str, Any]:
-    """The tiny UNet's config for `arch` (a copy: callers may change it)."""
-    _check_tiny_arch(arch)
-    return dict(TINY_UNET if arch == "sdxl" else TINY_SD15_UNET)
 
 
 def tiny_tokenizer() -> Any:
@@ -165,37 +153,29 @@ def tiny_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_tiny_pipeline(seed: int = 0, arch: TinyArch = "sdxl") -> Any:
-    """A tiny pipeline with random weights: a 4-block VAE (64 px -> 8x8 latents, made near-deterministic like
-    the real ones), an offline tokenizer and tiny CLIP text encoder(s), and the architecture's UNet.
-    `sdxl`: a StableDiffusionXLPipeline, two encoders, text_time conditioning. `sd15`: a StableDiffusionPipeline,
-    one encoder (CLIPTextModel), no micro-conditioning, no safety checker."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def build_tiny_pipeline(seed: int = 0, arch: str | Family = TINY_BASES["tiny"]) -> Any:
+    """A tiny pipeline of the family `arch` (a family or its name; default: `tiny`'s) with random weights: a 4-block
+    VAE (64 px -> 8x8 latents, made near-deterministic like the real ones), an offline tokenizer and a tiny CLIP
+    text encoder for each of the family's, the family's tiny denoiser; built by the family's pipeline class."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig
 
-    unet_config = tiny_unet_config(arch)  # fails on an unknown arch before any weight is drawn
+    family = tiny_family(arch)  # fails on an unknown arch before any weight is drawn
+    denoiser_config = family.tiny_denoiser_config()
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     text_config = CLIPTextConfig(**tiny_text_config(len(tokenizer)))
-    # Weights are drawn in this order (UNet, VAE, encoders): another order would change every seed's SDXL base
-    unet = UNet2DConditionModel(**unet_config)
+    # Weights are drawn in this order (denoiser, VAE, encoders): another order would change every seed's base
+    denoiser = getattr(diffusers, family.denoiser_class)(**denoiser_config)
     vae = AutoencoderKL(**TINY_VAE)
     with torch.no_grad():  # pin the log-variance half of the posterior to its floor: a near-deterministic VAE
         vae.quant_conv.weight[4:].zero_()
         vae.quant_conv.bias[4:].fill_(-30.0)
-    parts = dict(vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
-                 scheduler=EulerDiscreteScheduler(**TINY_SCHEDULER))
-    if arch == "sd15":
-        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    return StableDiffusionXLPipeline(**parts, text_encoder_2=CLIPTextModelWithProjection(text_config),
-                                     tokenizer_2=tiny_tokenizer())
+    encoders = tuple(getattr(transformers, part.encoder_class)(text_config) for part in family.text_parts)
+    tokenizers = (tokenizer, *(tiny_tokenizer() for _ in family.text_parts[1:]))
+    return family.build_pipeline(denoiser, vae, EulerDiscreteScheduler(**TINY_SCHEDULER), tokenizers, encoders)
 
 
 def _demo_batch(n: int, seed: int) -> tuple[list[str], Tensor]:
@@ -265,12 +245,11 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
     with the text encoders trained too; docs/demo.md)."""
     from diffusers import DDPMScheduler
 
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None  # as load_base tells the architectures apart
-    names = ("", "_2") if sdxl else ("",)
-    encoders = tuple(getattr(pipe, f"text_encoder{n}") for n in names)
+    family = pipeline_family(pipe)
+    encoders = tuple(getattr(pipe, part.encoder) for part in family.text_parts)
     base = BaseModel(source="tiny", unet=pipe.unet, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-                     is_sdxl=sdxl, vae=pipe.vae, text_encoders=encoders,
-                     tokenizers=tuple(getattr(pipe, f"tokenizer{n}") for n in names))
+                     family=family, vae=pipe.vae, text_encoders=encoders,
+                     tokenizers=tuple(getattr(pipe, part.tokenizer) for part in family.text_parts))
     prompts, pixels = _demo_batch(256, seed=seed + 10_000)  # demo-style images, not the training pairs
     if vae_steps:
         error = train_tiny_vae(pipe.vae, pixels, vae_steps, seed)
@@ -283,13 +262,14 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
         latents = latents * pipe.vae.config.scaling_factor
     # The text encoders are trained with the UNet: random tiny CLIP encoders barely tell "red" from "blue".
     # The demo has few distinct prompts, so each step embeds them all once (with gradients) and picks rows. A
-    # dropped caption is what the pipelines feed the unconditional half of guidance: SDXL zeros (its
-    # force_zeros_for_empty_prompt), SD 1.5 the empty prompt's embedding, learnt with the rest (the last row).
-    distinct = sorted(set(prompts)) + ([] if sdxl else [""])
+    # dropped caption is what the pipelines feed the unconditional half of guidance: zeros where the pipeline says
+    # force_zeros_for_empty_prompt (SDXL), else the empty prompt's embedding, learnt with the rest (the last row).
+    zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+    distinct = sorted(set(prompts)) + ([] if zeros else [""])
     rows = torch.tensor([distinct.index(p) for p in prompts])
     size = TINY_RESOLUTION
-    time_ids = None  # SD 1.5 has no micro-conditioning: pooled is None too, and unet_forward passes neither
-    if sdxl:
+    time_ids = None  # a family without geometry (SD 1.5) has no pooled embedding either: its denoise reads neither
+    if family.uses_geometry:
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).expand(batch_size, 6)
     unet = pipe.unet
     trained = [unet, *encoders]
@@ -307,13 +287,13 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
         embeds = every_embeds[rows[index]]
         pooled = None if every_pooled is None else every_pooled[rows[index]]
         keep = (torch.rand(batch_size, generator=generator) >= caption_dropout).float()[:, None, None]
-        empty = torch.zeros(()) if sdxl else every_embeds[-1]
+        empty = torch.zeros(()) if zeros else every_embeds[-1]
         embeds = embeds * keep + empty * (1.0 - keep)
         pooled = None if pooled is None else pooled * keep[:, 0]
         noise = torch.randn(latents[index].shape, generator=generator)
         t = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = base.noise_scheduler.add_noise(latents[index], noise, t)
-        pred = unet_forward(unet, noisy, t, embeds, pooled, time_ids)
+        pred = family.denoise(unet, noisy, t, embeds, pooled, time_ids)
         snr = alphas[t] / (1.0 - alphas[t])
         weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
         loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight).mean()
@@ -327,9 +307,9 @@ def warm_up_tiny_base(pipe: Any, steps: int, seed: int = 0, batch_size: int = WA
 
 
 def build_tiny_base(out_dir: Path, warmup_steps: int = WARMUP_STEPS, seed: int = 0, replace: bool = False,
-                    arch: TinyArch = "sdxl", vae_steps: int | None = None) -> Path:
-    """Write a tiny base as a normal diffusers folder that `StableDiffusionXLPipeline.from_pretrained` (`sdxl`)
-    or `StableDiffusionPipeline.from_pretrained` (`sd15`) loads. Written to a temporary folder and renamed, so
+                    arch: str | Family = TINY_BASES["tiny"], vae_steps: int | None = None) -> Path:
+    """Write the tiny base of the family `arch` (a family or its name; default: `tiny`'s) as a normal diffusers
+    folder that its pipeline class's `from_pretrained` loads. Written to a temporary folder and renamed, so
     an interrupted build leaves nothing half-made, and processes that build it at once (`accelerate launch`)
     keep the first finished copy instead of deleting a folder another one may be reading; `replace=True`
     rebuilds an existing one. `vae_steps` None: `VAE_STEPS` when the base is warmed up at all, else 0 (a cold

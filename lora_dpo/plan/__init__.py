@@ -17,7 +17,7 @@ The modules, each importing only those listed before it:
 - `gpus`: the GPU table (`Gpu`, `GPUS`, `find_gpu`), `parse_list` for the table options, `PlanError`, and the
   allowance a card needs on top of the tensors (`CONTEXT_GIB`, `FRAGMENTATION`, `required`).
 - `bases`: a base's `Architecture` (UNet, VAE, scheduler configs, text encoder sizes) from configs only:
-  `KNOWN_BASES`, `architecture`.
+  `architecture` (the known hub ids are the families' `models.KNOWN_BASES`).
 - `probe`: `StepProbe`, the dispatch mode that counts FLOPs and live bytes per phase; `cpu_attention_flops`.
 - `trace`: one step on fake tensors: `StepKey`, `StepMeasure`, `measure_step`, `measure_encode`, CUDA autocast's
   fp32 norms, and the one cache of traced UNets and steps.
@@ -27,7 +27,7 @@ The modules, each importing only those listed before it:
 - `measure`: the real step on a device, against the plan: `measure_real_step`, `compare_on_device`.
 """
 
-from lora_dpo.plan.bases import KNOWN_BASES, Architecture, architecture
+from lora_dpo.plan.bases import Architecture, architecture
 from lora_dpo.plan.estimates import (
     LOWER_RESOLUTIONS,
     NF4_BYTES,
@@ -51,7 +51,6 @@ __all__ = [
     "CONTEXT_GIB",
     "FRAGMENTATION",
     "GPUS",
-    "KNOWN_BASES",
     "LOWER_RESOLUTIONS",
     "NF4_BYTES",
     "Architecture",

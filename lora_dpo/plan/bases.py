@@ -1,6 +1,6 @@
 """The architecture of the recipe's base, from configs only: the UNet, VAE and scheduler configs and the text
-encoders' sizes, for the tiny bases (constants), the known hub ids (configs shipped with lora-dpo), or a local
-folder / hub id whose JSON configs are read (KBs, no weights).
+encoders' sizes, for the tiny bases (constants), the known hub ids (configs shipped with lora-dpo, each family's
+`hub_ids`), or a local folder / hub id whose JSON configs are read (KBs, no weights).
 
 Imports nothing of the planner.
 """
@@ -19,14 +19,6 @@ import torch
 from lora_dpo import hub, models
 from lora_dpo.recipe import ModelRecipe
 
-KNOWN_BASES = {
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
-    "stabilityai/sdxl-turbo": "sdxl",  # SDXL distilled: the same UNet and VAE, only its sampling differs
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-    "runwayml/stable-diffusion-v1-5": "sd15",
-    "CompVis/stable-diffusion-v1-4": "sd15",
-}
-
 
 @dataclass(frozen=True)
 class Architecture:
@@ -40,8 +32,9 @@ class Architecture:
     max_length: int = 77
 
     @property
-    def is_sdxl(self) -> bool:
-        return models.is_sdxl_unet(self.unet)
+    def family(self) -> models.Family:
+        """The base family its denoiser config says."""
+        return models.denoiser_family(self.unet)
 
     @property
     def latent_factor(self) -> int:
@@ -52,19 +45,19 @@ def architecture(model: ModelRecipe) -> Architecture:
     """`tiny` / `tiny-sd15`, a known hub id (shipped configs), a single-file checkpoint (its config folder), or a
     local folder / hub id whose configs are read (KBs only)."""
     if model.base in models.TINY_BASES:
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        import transformers
 
-        arch = models.TINY_BASES[model.base]
-        config = CLIPTextConfig(**models.tiny_text_config())
-        encoders = (CLIPTextModel, CLIPTextModelWithProjection) if arch == "sdxl" else (CLIPTextModel,)
-        params = tuple(_count_params(lambda cls=cls: cls(config)) for cls in encoders)
-        return Architecture(model.base, models.tiny_unet_config(arch), dict(models.TINY_VAE),
+        family = models.TINY_BASES[model.base]
+        config = transformers.CLIPTextConfig(**models.tiny_text_config())
+        params = tuple(_count_params(lambda part=part: getattr(transformers, part.encoder_class)(config))
+                       for part in family.text_parts)
+        return Architecture(model.base, family.tiny_denoiser_config(), dict(models.TINY_VAE),
                             dict(models.TINY_SCHEDULER), params)
-    if model.base in KNOWN_BASES:
-        arch = KNOWN_BASES[model.base]
-        text = models.shipped_config(arch, "text")
-        return Architecture(arch, models.shipped_config(arch, "unet"), models.shipped_config(arch, "vae"),
-                            models.shipped_config(arch, "scheduler"), tuple(text["encoder_params"]), text["max_length"])
+    if model.base in models.KNOWN_BASES:
+        family = models.KNOWN_BASES[model.base]
+        text = family.shipped_config("text")
+        return Architecture(family.name, family.shipped_config(family.denoiser_folder), family.shipped_config("vae"),
+                            family.shipped_config("scheduler"), tuple(text["encoder_params"]), text["max_length"])
     if models.is_single_file(model.base):  # its configs: the local config folder (shipped or beside the file)
         folder = str(models.config_folder(Path(model.base)))
         return dataclasses.replace(_read_architecture(dataclasses.replace(model, base=folder)), name=model.base)
@@ -91,7 +84,7 @@ def _read_architecture(model: ModelRecipe) -> Architecture:
                 return None
             if not online:
                 raise hub.unavailable(source, f"the base's {part}") from None
-            known = ", ".join([*models.TINY_BASES, *KNOWN_BASES])
+            known = ", ".join([*models.TINY_BASES, *models.KNOWN_BASES])
             raise models.ModelError(
                 f"[model].base = {source!r}: cannot read {part} ({type(err).__name__}); the plan needs a local "
                 f"diffusers folder, a reachable hub id, or one it knows: {known}") from None
@@ -100,7 +93,9 @@ def _read_architecture(model: ModelRecipe) -> Architecture:
 
     unet = read(model.base, "unet/config.json")
     vae = read(model.vae, "config.json") if model.vae else read(model.base, "vae/config.json")
-    encoders = [read(model.base, f"{name}/config.json", needed=False) for name in ("text_encoder", "text_encoder_2")]
+    family = models.family_of_denoiser(unet)
+    folders = [part.encoder for part in family.text_parts] if family else []
+    encoders = [read(model.base, f"{name}/config.json", needed=False) for name in folders]
     params = tuple(
         _count_params(lambda c=c: getattr(transformers, c["architectures"][0])(transformers.AutoConfig.for_model(**c)))
         for c in encoders if c)

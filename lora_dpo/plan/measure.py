@@ -47,15 +47,14 @@ def measure_real_step(arch: Architecture, key: StepKey, device: torch.device, co
     [train].compile's compiled blocks if `compile` (which fake tensors cannot run: the trace is of the eager step).
     Memory: torch.cuda's peak allocated and reserved on CUDA; on CPU the allocator's record. FLOPs: torch's
     FlopCounterMode, in a separate pass (its module tracking must not touch the memory pass), eager: the same math."""
-    from diffusers import DDPMScheduler
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = models.unet_from_config(arch.unet, models.DTYPES[key.precision], device)
     step.build_policy(unet, key.lora, seed=0, precision=key.precision, checkpointing=key.checkpointing,
                       lora_fp32=key.lora_fp32, compile=compile)
     unet.train()
-    base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=DDPMScheduler.from_config(arch.scheduler),
-                            is_sdxl=arch.is_sdxl)
+    scheduler = arch.family.training_scheduler(arch.scheduler, {})
+    base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=scheduler, family=arch.family)
     batch = step_batch(arch, key, device, torch.Generator().manual_seed(0))
     dtype = models.DTYPES[key.precision]
     autocast = (contextlib.nullcontext() if key.precision == "no"

@@ -123,8 +123,6 @@ def _uncached() -> contextlib.AbstractContextManager:
 
 def measure_step(arch: Architecture, key: StepKey) -> StepMeasure:
     """One training step (policy, reference, loss, backward) on fake tensors; cached per architecture and key."""
-    from diffusers import DDPMScheduler
-
     cache_key = (arch.name, key)
     if cache_key in _STEPS:
         return _STEPS[cache_key]
@@ -134,8 +132,8 @@ def measure_step(arch: Architecture, key: StepKey) -> StepMeasure:
     else:
         unet.disable_gradient_checkpointing()
     unet.train()
-    base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=DDPMScheduler.from_config(arch.scheduler),
-                            is_sdxl=arch.is_sdxl)
+    scheduler = arch.family.training_scheduler(arch.scheduler, {})
+    base = models.BaseModel(source=arch.name, unet=unet, noise_scheduler=scheduler, family=arch.family)
     lora = [p for p in unet.parameters() if p.requires_grad]
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     with mode:

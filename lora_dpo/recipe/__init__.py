@@ -9,7 +9,6 @@
 from lora_dpo.recipe.parse import describe, from_dict, load, parse_override
 from lora_dpo.recipe.schema import (
     ALL_TRACKERS,
-    BUILTIN_BASES,
     COLUMN_NAMES,
     SECTIONS,
     TRACKERS,
@@ -29,7 +28,7 @@ from lora_dpo.recipe.schema import (
     warmup_problem,
 )
 
-__all__ = ["ALL_TRACKERS", "BUILTIN_BASES", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe",
+__all__ = ["ALL_TRACKERS", "COLUMN_NAMES", "SECTIONS", "TRACKERS", "ColumnMap", "DataRecipe",
            "LoraRecipe", "ModelRecipe", "ObjectiveKind", "ObjectiveRecipe", "OutputRecipe", "Precision", "Recipe",
            "RecipeError", "SampleRecipe", "TrainRecipe", "describe", "from_dict", "load", "parse_override",
            "resume_rule", "warmup_problem"]

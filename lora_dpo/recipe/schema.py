@@ -24,7 +24,6 @@ ALL_TRACKERS = "all"
 ColumnMap = tuple[tuple[str, str], ...]  # a TOML table {name = "column in the data"}, kept ordered and frozen
 
 # The column names lora-dpo reads, in the Pick-a-Pic layout (parquet, hub) and the path layout (JSONL, CSV)
-BUILTIN_BASES = ("tiny", "tiny-sd15")  # `[model].base` names built here (lora_dpo.models.tiny), never downloaded
 COLUMN_NAMES = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",
                 "prompt", "chosen", "rejected", "label")
 

@@ -73,7 +73,7 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
     step, micro_step = run.start_step, 0  # micro_step: micro-batches since this process started
     sums: dict[str, torch.Tensor] = {}  # running metric sums over `window` micro-steps, on device: read when logging
     window = 0
-    bad = guards.BadSteps(cfg.max_bad_steps, *run.bad_steps)
+    bad = guards.BadSteps(cfg.max_bad_steps, *run.bad_steps, fp16_vae_advice=run.base.family.fp16_vae_advice)
     saved: tuple[int, Path | None] = (-1, None)  # the last checkpoint written: (step, path)
     val_metrics = validate(run) if run.val_loader is not None and step == 0 else {}
     if val_metrics:

@@ -31,21 +31,13 @@ def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None 
     """A stock pipeline around parts already in memory (no second UNet): the base's VAE, encoders and
     tokenizers, the given UNet, and a fresh instance of the base's own inference scheduler (with what a single-file
     base's marker keys change in it)."""
-    import diffusers
-
     if base.vae is None or not base.text_encoders:
         raise EvalError("[sample].every needs the base's VAE and text encoders in memory")
     config = type(base.noise_scheduler).load_config(base.source, subfolder="scheduler", revision=revision)
     scheduler = models.inference_scheduler(config, base.scheduler_overrides)  # a v_pred file samples as v_pred
-    parts = {"vae": base.vae, "unet": unet, "scheduler": scheduler}
-    if base.is_sdxl:
-        pipe = diffusers.StableDiffusionXLPipeline(
-            text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1], tokenizer=base.tokenizers[0],
-            tokenizer_2=base.tokenizers[1], add_watermarker=False, **parts)
-    else:
-        pipe = diffusers.StableDiffusionPipeline(
-            text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False, **parts)
+    # the family's pipeline class, its watermark off (the grids compare base and adapter pixel for pixel)
+    pipe = base.family.build_pipeline(unet, base.vae, scheduler, base.tokenizers, base.text_encoders,
+                                      **base.family.unwatermarked)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

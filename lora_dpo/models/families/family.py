@@ -13,15 +13,28 @@ noise is added and what is predicted is the family's.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from lora_dpo.models.parts import ModelError
+from lora_dpo.webui import IMPLEMENTATION_DIFFUSERS, BaseSpec
+
 CONFIGS = Path(__file__).parent.parent.parent / "configs"  # shipped configs of the real bases, one folder a family
+
+
+class TextPart(NamedTuple):
+    """One text encoder of a pipeline: its tokenizer's and its own subfolder, and its transformers class."""
+
+    tokenizer: str  # `tokenizer`, `tokenizer_2`, ...
+    encoder: str  # `text_encoder`, `text_encoder_2`, ...
+    encoder_class: str  # `CLIPTextModel`, `CLIPTextModelWithProjection`, `T5EncoderModel`, ...
+    tokenizer_class: str = "CLIPTokenizer"
 
 
 class Family(ABC):
@@ -35,7 +48,13 @@ class Family(ABC):
     denoiser_folder: str = "unet"  # its subfolder in a pipeline folder (`unet` or `transformer`)
     hub_ids: tuple[str, ...] = ()  # hub ids whose configs are exactly the shipped ones (known without a download)
     default_resolution: int = 1024
+    bench_resolutions: tuple[int, ...] = (1024,)  # what `lora-dpo bench --arch <name>` measures by default
     flow_matching: bool = False  # rectified flow (x_t = (1 - s) x_0 + s noise, velocity target) vs DDPM
+    text_parts: tuple[TextPart, ...] = ()  # its text encoders, in the order `encode_prompts` takes them
+    pipeline_extras: Mapping[str, Any] = {}  # other arguments its pipeline class takes (SD 1.5: no safety checker)
+    unwatermarked: Mapping[str, Any] = {}  # what turns its pipeline's invisible watermark off (training grids)
+    tiny_folder: str = ""  # its tiny base's cache folder (bump its version when the tiny weights change)
+    tiny_shipped_sha256: str = ""  # set: the tiny base ships in `assets/<tiny_folder>` with this `folder_sha256`
 
     # ---- recognising a base ------------------------------------------------------------------------------
     @abstractmethod
@@ -46,18 +65,38 @@ class Family(ABC):
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         """This family's denoiser, from its config alone (`unet/config.json` or `transformer/config.json`)."""
 
+    checkpoint_markers: tuple[str, ...] = ()  # key prefixes of its original-layout single files (`owns_checkpoint`)
+    original_text_prefixes: tuple[str, ...] = ()  # each text encoder's key prefix in its original-layout files
+    metadata_markers: tuple[str, ...] = ()  # what its adapters' `modelspec.architecture` / `ss_base_model_version` hold
+
+    def owns_checkpoint(self, keys: Collection[str]) -> bool:
+        """A single-file checkpoint of this family, from its key names: some key starts with a marker. The
+        registry asks the families in `FAMILIES` order: a family whose markers also match another's files goes
+        after it."""
+        return bool(self.checkpoint_markers) and any(k.startswith(self.checkpoint_markers) for k in keys)
+
+    def owns_metadata(self, text: str) -> bool:
+        """An adapter's header (`modelspec.architecture` and `ss_base_model_version`, joined) names this family."""
+        return any(marker in text for marker in self.metadata_markers)
+
     # ---- building and loading its parts ------------------------------------------------------------------
     def shipped_config(self, part: str) -> dict[str, Any]:
         """A shipped config of the real base (`configs/<name>/<part>.json`): unet / transformer, vae, scheduler,
         text (what the denoiser is fed: widths, token counts), text_encoder*."""
-        import json
-
         return json.loads((CONFIGS / self.name / f"{part}.json").read_text())
 
     @abstractmethod
     def denoiser_from_config(self, config: Mapping[str, Any]) -> Any:
         """The denoiser with random weights (under the caller's default dtype and device: `meta` builds no
         storage)."""
+
+    def load_tokenizers(self, source: str, revision: str | None = None) -> tuple[Any, ...]:
+        """Its tokenizers (`text_parts`) from a pipeline folder or hub id."""
+        import transformers
+
+        return tuple(getattr(transformers, part.tokenizer_class).from_pretrained(source, subfolder=part.tokenizer,
+                                                                                 revision=revision)
+                     for part in self.text_parts)
 
     @abstractmethod
     def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -66,6 +105,23 @@ class Family(ABC):
     @abstractmethod
     def tiny_denoiser_config(self) -> dict[str, Any]:
         """Its tiny base's denoiser config (a copy), as a constant: the planner reads it without building."""
+
+    def build_pipeline(self, denoiser: Any, vae: Any, scheduler: Any, tokenizers: tuple[Any, ...],
+                       encoders: tuple[Any, ...], **extra: Any) -> Any:
+        """Its diffusers pipeline around parts already in memory (`extra`: other arguments of the class)."""
+        import diffusers
+
+        text = {}
+        for part, tokenizer, encoder in zip(self.text_parts, tokenizers, encoders, strict=True):
+            text |= {part.tokenizer: tokenizer, part.encoder: encoder}
+        return getattr(diffusers, self.pipeline_class)(**{self.denoiser_folder: denoiser}, vae=vae,
+                                                       scheduler=scheduler, **text, **self.pipeline_extras, **extra)
+
+    def original_text_state(self, encoders: tuple[Any, ...]) -> dict[str, Tensor]:
+        """Its text encoders' weights under the original single-file layout's names (`lora-dpo merge --format
+        single-file`)."""
+        raise ModelError(f"{self.label}: no original single-file layout is known here; merge with --format "
+                         "diffusers instead")
 
     # ---- prompts and the denoiser's call -----------------------------------------------------------------
     @abstractmethod
@@ -81,6 +137,18 @@ class Family(ABC):
         latents into tokens unpacks its output here)."""
 
     uses_geometry: bool = False  # SDXL: the denoiser reads the geometry (B, 6); others: never stored or passed
+
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        """C of the latents (B, C, h, w) its denoiser takes, from the denoiser's config."""
+        return config["in_channels"]
+
+    def text_width(self, config: Mapping[str, Any]) -> int:
+        """D of the prompt embeddings (B, S, D) its denoiser reads."""
+        return config["cross_attention_dim"]
+
+    def pooled_width(self, config: Mapping[str, Any]) -> int | None:
+        """P of the pooled embedding (B, P) its denoiser reads; None: it reads none."""
+        return None
 
     # ---- noise, timesteps and the target -----------------------------------------------------------------
     @abstractmethod
@@ -111,13 +179,106 @@ class Family(ABC):
         `.lora_down.weight`): SDXL in SGM spelling, SD 1.x in diffusers spelling, ..."""
 
     modelspec_architecture: str  # Stability model spec (`stable-diffusion-xl-v1-base`); `/lora` appended for LoRAs
+    kohya_implementation: str = IMPLEMENTATION_DIFFUSERS  # whose module names `kohya_module_name` spells (model spec)
 
     @abstractmethod
     def base_model_version(self, prediction_type: str) -> str:
         """sd-scripts' `ss_base_model_version` for a base of this family."""
 
+    def webui_spec(self) -> BaseSpec:
+        """What the webui header keys say of this family (`webui` itself decides nothing about families)."""
+        return BaseSpec(self.modelspec_architecture, self.kohya_implementation, self.default_resolution,
+                        self.base_model_version)
+
+    def kohya_namer(self, config: Mapping[str, Any]) -> Callable[[str], str]:
+        """`kohya_module_name` for one denoiser config."""
+        return lambda module: self.kohya_module_name(module, config)
+
     card_tags: tuple[str, ...] = ()  # hub tags of a model card (`stable-diffusion-xl`, ...)
+    card_note: str = ""  # a paragraph under a card's snippet (SDXL: its fp16-safe VAE)
+    licenses: Mapping[str, str] = {}  # hub id -> its hub license id, for the cards of adapters trained on it
     fp16_vae_advice: str = ""  # what to set when its VAE overflows in fp16 ("" : nothing known)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+# --------------------------------------------------------------------------------------------------
+# What SDXL and SD 1.5 share: a UNet2DConditionModel noised on a DDPM schedule, CLIP text encoders
+
+
+class DdpmFamily(Family):
+    """A UNet2DConditionModel trained on a DDPM schedule (Ho et al. 2020): x_t = sqrt(a_t) x_0 + sqrt(1 - a_t)
+    noise, with t uniform over the scheduler's training timesteps, and the noise (epsilon) or v = sqrt(a_t) noise -
+    sqrt(1 - a_t) x_0 (Salimans & Ho 2022) as the target, as the base's scheduler says."""
+
+    denoiser_class = "UNet2DConditionModel"
+    denoiser_folder = "unet"
+    prediction_types = ("epsilon", "v_prediction")  # what the step knows how to train (`target`)
+    default_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (the recipe's default)
+    tiny_unet: Mapping[str, Any]  # its tiny base's UNet config
+
+    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
+        """A UNet pipeline with exactly this family's text encoders (a part saved as [null, null] is absent)."""
+        present = {key for key, value in model_index.items()
+                   if key.startswith("text_encoder") and value and value[0] is not None}
+        return "unet" in model_index and present == {part.encoder for part in self.text_parts}
+
+    def denoiser_from_config(self, config: Mapping[str, Any]) -> Any:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(dict(config))
+
+    def tiny_denoiser_config(self) -> dict[str, Any]:
+        return dict(self.tiny_unet)
+
+    def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        import transformers
+
+        tokenizers = self.load_tokenizers(source, kwargs.get("revision"))
+        encoders = tuple(getattr(transformers, part.encoder_class).from_pretrained(source, subfolder=part.encoder,
+                                                                                   **kwargs).requires_grad_(False)
+                         for part in self.text_parts)
+        return tokenizers, encoders
+
+    def training_scheduler(self, config: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(config, **overrides)
+        if scheduler.config.prediction_type not in self.prediction_types:
+            raise ModelError(f"its scheduler predicts {scheduler.config.prediction_type!r}; lora-dpo trains bases "
+                             f"that predict {' or '.join(self.prediction_types)}")
+        return scheduler
+
+    def sample_timesteps(self, scheduler: Any, count: int, generator: torch.Generator,
+                         allowed: tuple[int, ...] = ()) -> Tensor:
+        """Uniform over 0..T-1, or over `allowed` drawn as an index into it: one draw per pair either way, so the
+        seeding does not depend on `allowed`."""
+        steps = len(allowed) or scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (count,), generator=generator, device=generator.device)
+        if allowed:
+            timesteps = torch.tensor(allowed, device=timesteps.device)[timesteps]
+        return timesteps
+
+    def add_noise(self, scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """epsilon: the noise; v_prediction: v. `training_scheduler` refused every other prediction type."""
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return scheduler.get_velocity(latents, noise, timesteps)
+        raise ModelError(f"prediction type {kind!r}: lora-dpo trains {', '.join(self.prediction_types)}")
+
+
+def clip_outputs(tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],
+                 device: torch.device) -> list[Any]:
+    """Each CLIP text encoder's output on the prompts, padded to its tokenizer's length, all hidden states kept."""
+    outputs = []
+    for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        outputs.append(encoder(ids, output_hidden_states=True))
+    return outputs

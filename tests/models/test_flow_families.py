@@ -16,7 +16,7 @@ import torch
 
 from lora_dpo.models.families import flow
 from lora_dpo.models.families.flux import FAMILY as FLUX
-from lora_dpo.models.families.flux import build_tiny_flux_pipeline
+from lora_dpo.models.families.flux import build_tiny_flux_pipeline, image_ids
 from lora_dpo.models.families.sd3 import FAMILY as SD3
 from lora_dpo.models.families.sd3 import build_tiny_sd3_pipeline
 from lora_dpo.objectives import diffusion_dpo_loss
@@ -151,6 +151,8 @@ def test_denoise_equals_the_pipelines_transformer_call(name: str, tiny_dirs: dic
         latents = FluxPipeline._unpack_latents(seen["hidden_states"], 64, 64, pipe.vae_scale_factor)
         output = FluxPipeline._unpack_latents(seen["output"], 64, 64, pipe.vae_scale_factor)
         assert torch.equal(FluxPipeline._pack_latents(latents, 1, 16, 8, 8), seen["hidden_states"])
+        assert torch.equal(image_ids(4, 4, CPU, torch.float32), seen["img_ids"])
+        assert torch.equal(torch.zeros_like(seen["txt_ids"]), seen["txt_ids"])
         assert seen["timestep"].max() <= 1  # sigma
         guidance = FLUX.guidance(pipe.transformer, 1, CPU)
         if name == "flux":
@@ -262,6 +264,43 @@ def test_dpo_loss_on_velocity_errors_by_hand() -> None:
     assert loss.item() == pytest.approx(0.263282467338, abs=1e-6)
     fresh = diffusion_dpo_loss(model_w[None], model_l[None], model_w[None], model_l[None], beta=10.0)
     assert fresh.item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_one_dpo_step_with_a_fresh_adapter(name: str, tiny_dirs: dict[str, Path]) -> None:
+    """The family's pieces in the order the step runs them, on a pair with the same sigma and noise for both images:
+    a fresh adapter (lora_B = 0) ties the policy with the reference (adapters off), loss ln 2 exactly; gradients
+    reach only the adapter."""
+    from peft import LoraConfig
+
+    family, pipe = BUILDERS[name][0], _load(name, tiny_dirs)
+    tokenizers, encoders = family.load_text_parts(str(tiny_dirs[name]))
+    with torch.no_grad():
+        embeds, pooled = family.encode_prompts(tokenizers, encoders, PROMPTS[:1], CPU)
+    transformer = pipe.transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_target_modules)))
+    schedule = family.training_scheduler(pipe.scheduler.config, {})
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)  # winner, loser
+    noise = torch.randn(1, 16, 8, 8, generator=generator).repeat(2, 1, 1, 1)
+    timesteps = family.sample_timesteps(schedule, 1, generator).repeat(2)
+    noisy = family.add_noise(schedule, latents, noise, timesteps)
+    target = family.target(schedule, latents, noise, timesteps)
+
+    def errors() -> torch.Tensor:
+        prediction = family.denoise(transformer, noisy, timesteps, embeds.repeat(2, 1, 1), pooled.repeat(2, 1), None)
+        return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+    transformer.disable_adapters()
+    with torch.no_grad():
+        ref_w, ref_l = errors()
+    transformer.enable_adapters()
+    model_w, model_l = errors()
+    loss = diffusion_dpo_loss(model_w[None], model_l[None], ref_w[None], ref_l[None], beta=5000.0).mean()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss.backward()
+    trained = {n for n, p in transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("lora_" in n for n in trained)
 
 
 # --------------------------------------------------------------------------------------------------

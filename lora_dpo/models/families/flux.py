@@ -79,6 +79,15 @@ _SINGLE = {"attn.to_q": "linear1", "attn.to_k": "linear1", "attn.to_v": "linear1
 _FUSED = {"to_q": 0, "to_k": 1, "to_v": 2, "add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2, "proj_mlp": 3}
 
 
+def image_ids(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The packed latents' position ids (rows * cols, 3): (0, row, col), as `FluxPipeline._prepare_latent_image_ids`
+    (pipeline_flux.py L508-520) but made on `device` (the pipeline builds them on the host and copies)."""
+    grid = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    grid[..., 1] += torch.arange(rows, device=device, dtype=dtype)[:, None]
+    grid[..., 2] += torch.arange(cols, device=device, dtype=dtype)[None, :]
+    return grid.reshape(rows * cols, 3)
+
+
 class FluxFamily(FlowFamily):
     name = "flux"
     label = "FLUX.1"
@@ -157,7 +166,7 @@ class FluxFamily(FlowFamily):
 
         batch, channels, height, width = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
-        img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, embeds.dtype)
+        img_ids = image_ids(height // 2, width // 2, noisy.device, embeds.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=embeds.dtype)
         out = denoiser(hidden_states=packed, timestep=timesteps, guidance=self.guidance(denoiser, batch, noisy.device),
                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,

@@ -15,7 +15,7 @@ Where the numbers come from:
 - text encoders: CLIP-L and bigG are SDXL's (configs/sdxl), here both `CLIPTextModelWithProjection`; T5 v1.1 XXL
   (google/t5-v1_1-xxl: d_model 4096, d_ff 10240, 64 heads of 64, 24 layers, vocab 32128, gated GELU).
 - encode_prompts: `StableDiffusion3Pipeline.encode_prompt` (diffusers 0.42.1 pipeline_stable_diffusion_3.py
-  L233-287 T5, L289-342 CLIP, L430-460 the concatenation); T5 max_sequence_length 256 is that method's default
+  L233-287 T5, L289-342 CLIP, L450-464 the concatenation); T5 max_sequence_length 256 is that method's default
   (the DreamBooth example trains at 77, --max_sequence_length).
 - denoise: the pipeline's transformer call (L1074-1081) and the example's (train_dreambooth_lora_sd3.py L1800-1806):
   `timestep` = sigma * 1000, the scheduler's own timesteps.

@@ -67,8 +67,8 @@ class FlowSchedule:
 
 def shifted(sigmas: Tensor, shift: float) -> Tensor:
     """The scheduler's static shift s' = shift * s / (1 + (shift - 1) * s): shift > 1 moves every sigma up (more
-    noise), the SD3 paper's timestep shift (Esser et al. 2024, Eq. 23), as `FlowMatchEulerDiscreteScheduler`
-    applies it (same float32 ops, so the same bits as its grid)."""
+    noise), the SD3 paper's resolution-dependent timestep shift (Esser et al. 2024, Sec. 5.3.2), as
+    `FlowMatchEulerDiscreteScheduler` applies it (same float32 ops, so the same bits as its grid)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 

@@ -139,11 +139,11 @@ def test_encode_prompts_equals_the_pipelines(name: str, tiny_dirs: dict[str, Pat
 @pytest.mark.parametrize("name", BUILDERS)
 def test_denoise_equals_the_pipelines_transformer_call(name: str, tiny_dirs: dict[str, Path]) -> None:
     """What the pipeline's first step feeds its transformer and gets back, through `denoise` on (B, C, h, w)
-    latents: the same prediction. FLUX: packed tokens, image / text ids and dev's guidance 3.5 as the pipeline's."""
+    latents: the same prediction. FLUX: packed tokens, image / text ids and dev's training guidance (1.0)."""
     from diffusers import FluxPipeline
 
     family, pipe = BUILDERS[name][0], _load(name, tiny_dirs)
-    seen = _capture(pipe, guidance_scale=1.0) if family is SD3 else _capture(pipe)  # SD3: no CFG batch
+    seen = _capture(pipe, guidance_scale=1.0)  # SD3: no CFG batch; FLUX dev: its training guidance
     if family is SD3:
         latents, output = seen["hidden_states"], seen["output"]
         assert seen["timestep"].max() > 1  # sigma * 1000
@@ -156,7 +156,7 @@ def test_denoise_equals_the_pipelines_transformer_call(name: str, tiny_dirs: dic
         assert seen["timestep"].max() <= 1  # sigma
         guidance = FLUX.guidance(pipe.transformer, 1, CPU)
         if name == "flux":
-            assert torch.equal(seen["guidance"], guidance) and guidance.item() == 3.5
+            assert torch.equal(seen["guidance"], guidance) and guidance.item() == 1.0
         else:
             assert seen["guidance"] is None and guidance is None
     assert latents.shape == (1, 16, 8, 8)
@@ -182,7 +182,7 @@ def test_sigmas_are_the_examples_grid_points() -> None:
 
     for family in (SD3, FLUX):
         schedule = _schedule(family)
-        u = compute_density_for_timestep_sampling("logit_normal", 64, 0.0, 1.0,
+        u = compute_density_for_timestep_sampling(family.default_weighting_scheme, 64, 0.0, 1.0,
                                                   generator=torch.Generator().manual_seed(3))
         index = (u * 1000).long()
         sigmas = family.sample_sigmas(schedule, 64, torch.Generator().manual_seed(3))
@@ -194,21 +194,24 @@ def test_sigmas_are_the_examples_grid_points() -> None:
 
 
 def test_logit_normal_sigmas_and_the_shift() -> None:
-    """FLUX-dev (dynamic shifting: the training grid unshifted): logit-normal sigmas centred on 0.5. SD3 (shift 3):
-    the same draws through s' = 3 s / (1 + 2 s), median 0.75. A FLUX shift at 1024 px: exp(mu(4096)) = e^1.15."""
+    """FLUX-dev (dynamic shifting: the training grid unshifted), asked for logit-normal sigmas: centred on 0.5. SD3
+    (shift 3, logit-normal by default): the same draws through s' = 3 s / (1 + 2 s), median 0.75. A FLUX shift at
+    1024 px: exp(mu(4096)) = e^1.15. FLUX's default, as its example's: uniform."""
     n = 20_000
-    flux = FLUX.sample_sigmas(_schedule(FLUX), n, torch.Generator().manual_seed(0))
+    flux = FLUX.sample_sigmas(_schedule(FLUX, weighting_scheme="logit_normal"), n, torch.Generator().manual_seed(0))
     sd3 = SD3.sample_sigmas(_schedule(SD3), n, torch.Generator().manual_seed(0))
     assert abs(flux.median().item() - 0.5) < 0.01 and abs(flux.mean().item() - 0.5) < 0.01
     assert flux.min() > 0 and flux.max() <= 1
     torch.testing.assert_close(sd3, flow.shifted(flux, 3.0))
     assert abs(sd3.median().item() - 0.75) < 0.01 and (sd3 >= flux).all()
     assert math.exp(flow.resolution_mu(4096, FLUX.shipped_config("scheduler"))) == pytest.approx(math.exp(1.15))
-    high = FLUX.sample_sigmas(_schedule(FLUX, shift_resolution=1024), n, torch.Generator().manual_seed(0))
+    high = FLUX.sample_sigmas(_schedule(FLUX, shift_resolution=1024, weighting_scheme="logit_normal"), n,
+                              torch.Generator().manual_seed(0))
     torch.testing.assert_close(high, flow.shifted(flux, math.exp(1.15)))
     plain = SD3.sample_sigmas(_schedule(SD3, shift=1.0), n, torch.Generator().manual_seed(0))
     assert torch.equal(plain, flux)
     uniform = FLUX.sample_sigmas(_schedule(FLUX, weighting_scheme="uniform"), n, torch.Generator().manual_seed(0))
+    assert torch.equal(FLUX.sample_sigmas(_schedule(FLUX), n, torch.Generator().manual_seed(0)), uniform)
     assert abs(uniform.mean().item() - 0.5) < 0.01 and abs(uniform.std().item() - (1 / 12) ** 0.5) < 0.01
     mode = FLUX.sample_sigmas(_schedule(FLUX, weighting_scheme="mode"), n, torch.Generator().manual_seed(0))
     assert mode.min() >= 1e-3 and mode.max() <= 1  # u reaches 1 there: the index is clamped to the grid

@@ -43,7 +43,9 @@ from torch import Tensor
 
 from lora_dpo.models.families.family import Family
 
-WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")  # the examples' --weighting_scheme
+# the examples' --weighting_scheme ("none" is their name for uniform sampling: `compute_density_for_timestep_sampling`
+# draws torch.rand for it)
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "uniform", "sigma_sqrt", "cosmap")
 SAMPLING_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 
 
@@ -89,6 +91,7 @@ class FlowFamily(Family):
 
     flow_matching = True
     denoiser_folder = "transformer"
+    default_weighting_scheme = "logit_normal"  # the family's LoRA example's --weighting_scheme default
 
     # ---- noise, timesteps and the target -----------------------------------------------------------------
     def timestep_scale(self, schedule: FlowSchedule) -> float:
@@ -113,8 +116,9 @@ class FlowFamily(Family):
             values.update(shift=math.exp(resolution_mu(tokens, values)), use_dynamic_shifting=False)
         if "shift" in overrides:
             values.update(shift=float(overrides["shift"]), use_dynamic_shifting=False)
-        sampling = {k: overrides[k] for k in SAMPLING_KEYS if k in overrides}
-        scheme = sampling.get("weighting_scheme", "logit_normal")
+        sampling = {"weighting_scheme": self.default_weighting_scheme,
+                    **{k: overrides[k] for k in SAMPLING_KEYS if k in overrides}}
+        scheme = sampling["weighting_scheme"]
         if scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"{self.label}: weighting_scheme {scheme!r}: choose one of {', '.join(WEIGHTING_SCHEMES)}")
         return FlowSchedule(FlowMatchEulerDiscreteScheduler.from_config(values), **sampling)

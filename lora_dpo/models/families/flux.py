@@ -16,16 +16,18 @@ Where the numbers come from:
   scheduler/scheduler_config.json, as its hub duplicates show it): shift 3.0, use_dynamic_shifting true,
   base_shift 0.5, max_shift 1.15, base_image_seq_len 256, max_image_seq_len 4096. schnell: shift 1.0, no dynamic
   shifting.
-- Training sigmas: train_dreambooth_lora_flux.py (diffusers @58eb52c) draws u logit-normal and indexes the
+- Training sigmas: train_dreambooth_lora_flux.py (diffusers @58eb52c) draws u with `--weighting_scheme` default
+  "none" (L543-548: uniform sampling, uniform loss; so do its flux2 / klein / kontext siblings) and indexes the
   scheduler's training grid (L1766-1779). With dev's use_dynamic_shifting the grid is unshifted
   (`FlowMatchEulerDiscreteScheduler.__init__` applies `shift` only without dynamic shifting), so the example trains
-  on sigma = the logit-normal draw itself, at every resolution; the mu(image_seq_len) shift
+  on sigma = the uniform draw itself, at every resolution; the mu(image_seq_len) shift
   (`pipeline_flux.calculate_shift`) happens only in the pipeline's `set_timesteps`. `training_scheduler` follows the
   example; `{"shift_resolution": px}` opts into the inference shift.
 - denoise: train_dreambooth_lora_flux.py L1753-1812 and `FluxPipeline.__call__` (0.42.1 L846-851, L901-911):
   `_pack_latents`, `_prepare_latent_image_ids` (h/2 x w/2 ids), text ids zeros (S, 3), `timestep = sigma`
-  (the pipeline passes t / 1000), guidance = `--guidance_scale` default 3.5 (the example's L497-501, "the FLUX.1
-  dev variant is a guidance distilled model") when `guidance_embeds`, `_unpack_latents`.
+  (the pipeline passes t / 1000), guidance 1.0 when `guidance_embeds`: what every command of the example's
+  README_flux.md sets (`--guidance_scale=1`, L105, L159, L230), as kohya's and ai-toolkit's FLUX LoRA trainers do
+  (the script's own default, L497-501, is 3.5); `_unpack_latents`.
 - encode_prompts: `FluxPipeline.encode_prompt` (pipeline_flux.py L217-265 T5, L267-310 CLIP pooler_output);
   max_sequence_length 512 (its default and maximum).
 - LoRA targets: train_dreambooth_lora_flux.py L1255-1270 (attention of both streams, which also matches the single
@@ -97,7 +99,8 @@ class FluxFamily(FlowFamily):
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
     default_resolution = 1024
     max_sequence_length = 512  # T5 tokens (FluxPipeline.encode_prompt's default and maximum)
-    guidance_scale = 3.5  # dev's guidance embedding at training time: the example's --guidance_scale default
+    guidance_scale = 1.0  # dev's guidance embedding at training time: README_flux.md's --guidance_scale=1
+    default_weighting_scheme = "none"  # uniform sigmas: the FLUX LoRA example's --weighting_scheme default
     default_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                               "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                               "ff_context.net.0.proj", "ff_context.net.2")

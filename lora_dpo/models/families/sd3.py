@@ -1,0 +1,205 @@
+"""SD3 / SD3.5 (MMDiT, rectified flow): `StableDiffusion3Pipeline`, `SD3Transformer2DModel`, three text encoders
+(CLIP-L and OpenCLIP bigG with projections, T5-XXL), a 16-channel VAE with shift and scaling factors.
+
+Where the numbers come from:
+- configs/sd3/transformer.json (SD3.5 Medium): SD3 Medium's transformer config as published in
+  stabilityai/stable-diffusion-3-medium-diffusers (24 layers, 24 heads of 64, caption_projection_dim 1536,
+  joint_attention_dim 4096, pooled_projection_dim 2048, patch 2, 16 channels) with SD3.5 Medium's changes as
+  diffusers' scripts/convert_sd3_to_diffusers.py (L296-320) derives them: qk_norm "rms_norm", pos_embed_max_size 384
+  ("sd3.5 2b use pos_embed_max_size=384"), dual_attention_layers 0..12 (the class's own comment,
+  diffusers/models/transformers/transformer_sd3.py L133-135).
+- configs/sd3/vae.json: SDXL's VAE config with latent_channels 16, no quant convs, scaling_factor 1.5305,
+  shift_factor 0.0609 (convert_sd3_to_diffusers.py L329-339).
+- configs/sd3/scheduler.json: FlowMatchEulerDiscreteScheduler, num_train_timesteps 1000, shift 3.0 (the hub
+  folder's scheduler config; the SD3 paper's shift for 1024 px, Esser et al. 2024 Sec. 5.3.2).
+- text encoders: CLIP-L and bigG are SDXL's (configs/sdxl), here both `CLIPTextModelWithProjection`; T5 v1.1 XXL
+  (google/t5-v1_1-xxl: d_model 4096, d_ff 10240, 64 heads of 64, 24 layers, vocab 32128, gated GELU).
+- encode_prompts: `StableDiffusion3Pipeline.encode_prompt` (diffusers 0.42.1 pipeline_stable_diffusion_3.py
+  L233-287 T5, L289-342 CLIP, L450-464 the concatenation); T5 max_sequence_length 256 is that method's default
+  (the DreamBooth example trains at 77, --max_sequence_length).
+- denoise: the pipeline's transformer call (L1074-1081) and the example's (train_dreambooth_lora_sd3.py L1800-1806):
+  `timestep` = sigma * 1000, the scheduler's own timesteps.
+- LoRA targets: train_dreambooth_lora_sd3.py L1250-1260 (attention of both streams; SD3.5's attn2 not included).
+- kohya names and metadata: sd-scripts (github.com/kohya-ss/sd-scripts @48d368f) networks/lora_sd3.py L231-236
+  (`lora_unet` prefix "make ComfyUI compatible", SAI MMDiT module names with "." -> "_"),
+  library/sai_model_spec.py L74, L202-203 (architecture "stable-diffusion-3-" + model type), library/sd3_utils.py
+  L53-60 (model type "5-medium" / "5-large" / "medium"), sd3_train_network.py L144 (that model type is
+  ss_base_model_version).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lora_dpo.models.families.flow import (
+    FlowFamily,
+    frozen,
+    tiny_flow_vae,
+    tiny_t5_config,
+    tiny_t5_tokenizer,
+)
+
+# The tiny base's transformer: SD3.5-style (qk RMS norm, a dual-attention first block), 2 blocks of 2 heads x 16.
+# joint_attention_dim: the T5's width (64), which CLIP-L + CLIP-G hidden states (32 + 32) are padded to;
+# pooled_projection_dim: both CLIPs' projections (32 + 32); caption_projection_dim must equal heads x head dim.
+TINY_SD3_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+    pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+TINY_SD3_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0)
+TINY_SD3_VAE_FACTORS = (1.5305, 0.0609)  # SD3's scaling and shift factors (the tiny VAE is not calibrated)
+
+# diffusers module name (in one joint block) -> the SAI MMDiT name sd-scripts and ComfyUI use
+_BLOCK_NAMES = {
+    "attn.to_q": "x_block.attn.qkv", "attn.to_k": "x_block.attn.qkv", "attn.to_v": "x_block.attn.qkv",
+    "attn.add_q_proj": "context_block.attn.qkv", "attn.add_k_proj": "context_block.attn.qkv",
+    "attn.add_v_proj": "context_block.attn.qkv", "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj", "attn2.to_q": "x_block.attn2.qkv", "attn2.to_k": "x_block.attn2.qkv",
+    "attn2.to_v": "x_block.attn2.qkv", "attn2.to_out.0": "x_block.attn2.proj", "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2", "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+}
+_QKV = {"to_q": 0, "to_k": 1, "to_v": 2, "add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2}
+
+
+class SD3Family(FlowFamily):
+    name = "sd3"
+    label = "SD3.5"
+    tiny_base = "tiny-sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_class = "SD3Transformer2DModel"
+    hub_ids = ("stabilityai/stable-diffusion-3.5-medium",)
+    default_resolution = 1024
+    max_sequence_length = 256  # T5 tokens (StableDiffusion3Pipeline.encode_prompt's default)
+    default_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                              "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+    modelspec_architecture = "stable-diffusion-3-5-medium"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    card_tags = ("sd3.5", "sd3.5-diffusers")
+
+    # ---- recognising a base ------------------------------------------------------------------------------
+    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
+        return model_index.get("_class_name") == self.pipeline_class
+
+    def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
+        if "_class_name" in config:
+            return config["_class_name"] == self.denoiser_class
+        return {"caption_projection_dim", "pooled_projection_dim", "joint_attention_dim"} <= set(config)
+
+    # ---- parts -------------------------------------------------------------------------------------------
+    def denoiser_from_config(self, config: Mapping[str, Any]) -> Any:
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel.from_config(dict(config))
+
+    def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """(CLIP-L, CLIP-G, T5 tokenizers), (CLIP-L, CLIP-G with projection, T5 encoder), frozen."""
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+        where = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        tokenizers = (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **where),
+                      CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **where),
+                      AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", **where))
+        encoders = frozen(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder", **kwargs),
+                          CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs),
+                          T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **kwargs))
+        return tokenizers, encoders
+
+    def tiny_denoiser_config(self) -> dict[str, Any]:
+        return dict(TINY_SD3_TRANSFORMER)
+
+    # ---- prompts and the denoiser ------------------------------------------------------------------------
+    def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],
+                       device: torch.device) -> tuple[Tensor, Tensor]:
+        """(B, 77 + T, D_t5) and pooled (B, P_l + P_g), as `StableDiffusion3Pipeline.encode_prompt`: each CLIP's
+        penultimate hidden state (B, 77, D_l) and (B, 77, D_g) concatenated on width, zero-padded to T5's width
+        D_t5, then the CLIP tokens and the T5 tokens (B, T, D_t5) concatenated on tokens; pooled = both CLIPs'
+        projected pooled outputs concatenated."""
+        hidden, pooled = [], []
+        for tokenizer, encoder in zip(tokenizers[:2], encoders[:2], strict=True):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(encoders[0].dtype))
+            pooled.append(out[0])  # text_embeds: the projected pooled output
+        clip = torch.cat(hidden, dim=-1)
+        ids = tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        t5 = encoders[2](ids)[0].to(encoders[2].dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def denoise(self, denoiser: Any, noisy: Tensor, timesteps: Tensor, embeds: Tensor, pooled: Tensor | None,
+                geometry: Tensor | None) -> Tensor:
+        """The velocity (B, 16, h, w) at timesteps sigma * 1000 (B,): the transformer patchifies itself."""
+        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False)[0]
+
+    # ---- the files people load ---------------------------------------------------------------------------
+    def _native(self, module: str) -> str:
+        match = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module.removeprefix("transformer."))
+        if not match or match.group(2) not in _BLOCK_NAMES:
+            raise ValueError(f"{self.label}: no kohya / ComfyUI name known for module {module!r}")
+        return f"joint_blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+
+    def kohya_module_name(self, module: str, config: Mapping[str, Any]) -> str:
+        """`lora_unet_joint_blocks_<i>_<SAI name>` as sd-scripts' lora_sd3 names it and ComfyUI maps it (its
+        `lora_unet_` + the checkpoint's `diffusion_model.` key): to_q, to_k and to_v all land in the one fused
+        `x_block_attn_qkv` (see `fused_slice`)."""
+        return "lora_unet_" + self._native(module).replace(".", "_")
+
+    def fused_slice(self, module: str, config: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        """Where this diffusers module's output rows sit in the fused SAI weight: (dim, offset, size), as ComfyUI's
+        `mmdit_to_diffusers` offsets (q at 0, k at H, v at 2H, H = heads x head dim); None if not fused. Exporting
+        to kohya format stacks the three LoRAs: down = cat(A_q, A_k, A_v) (3r rows), up = block-diagonal."""
+        last = module.rsplit(".", 1)[-1]
+        if last not in _QKV:
+            return None
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        return 0, _QKV[last] * width, width
+
+    def model_type(self, config: Mapping[str, Any]) -> str:
+        """sd-scripts' model type of an SD3 transformer config: "5-medium" (qk norm, dual attention), "5-large"
+        (qk norm only), "medium" (SD3 Medium), as library/sd3_utils.py L53-60 reads the checkpoint."""
+        if config.get("qk_norm"):
+            return "5-medium" if config.get("dual_attention_layers") else "5-large"
+        return "medium"
+
+    def modelspec_architecture_for(self, config: Mapping[str, Any]) -> str:
+        """`modelspec.architecture` (without `/lora`) for this transformer config (sai_model_spec L202-203)."""
+        return "stable-diffusion-3-" + self.model_type(config)
+
+    def base_model_version(self, prediction_type: str) -> str:
+        """ss_base_model_version of the shipped base (SD3.5 Medium); `model_type(config)` for another SD3."""
+        return "5-medium"
+
+
+FAMILY = SD3Family()
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
+    """A tiny `StableDiffusion3Pipeline` with random weights, offline: the tiny transformer, a 16-channel VAE
+    (64 px -> 8 x 8 latents -> 4 x 4 patches), tiny CLIP-L / CLIP-G (`CLIPTextModelWithProjection`, the demo
+    tokenizer) and a tiny T5 (its tokenizer built in code), the flow scheduler with SD3's shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from lora_dpo.models.tiny import tiny_text_config, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    clip_tokenizer, t5_tokenizer = tiny_tokenizer(), tiny_t5_tokenizer(SD3Family.max_sequence_length)
+    clip = CLIPTextConfig(**tiny_text_config(len(clip_tokenizer)))
+    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)
+    vae = tiny_flow_vae(*TINY_SD3_VAE_FACTORS)
+    t5 = T5EncoderModel(T5Config(**tiny_t5_config(len(t5_tokenizer), TINY_SD3_TRANSFORMER["joint_attention_dim"])))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SD3_SCHEDULER), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(clip), tokenizer=clip_tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer)

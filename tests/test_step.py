@@ -86,6 +86,37 @@ def test_metrics_exist_only_where_they_mean_something(run_and_batch, kind: str) 
     assert all(not value.requires_grad for value in out.metrics.values())
 
 
+
+def test_chosen_error_rose_counts_pairs_whose_preferred_image_the_policy_denoises_worse(run_and_batch) -> None:
+    """Likelihood displacement: the fraction of pairs with e_w > r_w, from the step's own errors. A fresh adapter
+    (lora_B zero) is the reference: none rose. A random lora_B: the count of the errors the step computes itself."""
+    from lora_dpo.models import adapters_disabled
+    from lora_dpo.step import _errors, sample_noise
+
+    run, batch = run_and_batch
+    cfg = ObjectiveRecipe(beta=5000.0)
+    with torch.no_grad():
+        fresh = dpo_step(run.unet, run.base, batch, cfg, torch.Generator().manual_seed(0))
+    assert fresh.metrics["chosen_error_rose"].item() == 0.0
+    lora_b = {name: p for name, p in run.unet.named_parameters() if "lora_B" in name}
+    saved = {name: p.detach().clone() for name, p in lora_b.items()}
+    try:
+        with torch.no_grad():
+            for p in lora_b.values():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+            out = dpo_step(run.unet, run.base, batch, cfg, torch.Generator().manual_seed(0))
+            noise, timesteps = sample_noise(run.base, batch.latents_w, torch.Generator().manual_seed(0))
+            model_w = _errors(run.unet, run.base, batch, noise, timesteps, True).chunk(2)[0]
+            with adapters_disabled(run.unet):
+                ref_w = _errors(run.unet, run.base, batch, noise, timesteps, True).chunk(2)[0]
+        rose = (model_w > ref_w).float().mean()
+        assert 0 < rose < 1  # the seed gives a mixed batch, so the test can tell a count from a constant
+        assert torch.equal(out.metrics["chosen_error_rose"], rose)
+    finally:
+        with torch.no_grad():
+            for name, p in lora_b.items():
+                p.copy_(saved[name])
+
 # --------------------------------------------------------------------------------------------------
 # The memory savings change nothing: the step against the step as it was (policy first, then the reference; peft
 # casting every LoRA input to fp32; every saved tensor kept as autograd made it)

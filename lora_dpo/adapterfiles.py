@@ -115,6 +115,17 @@ def refuse_other_family(metadata: Mapping[str, str], tensors: Mapping[str, Any],
                            "was made for")
 
 
+def refuse_for_base(path: Path, base: str) -> None:
+    """`refuse_other_family` from the base's config alone, before its weights load; a base whose config cannot be
+    read here (a hub id offline) is left to the checks after loading."""
+    try:
+        config = denoiser_config(base)
+    except (models.ModelError, OSError, ValueError):
+        return
+    tensors, metadata = read_file(path)
+    refuse_other_family(metadata, tensors, config, base, str(path))
+
+
 def denoiser_config(name: str) -> dict[str, Any]:
     """A base's denoiser config, no weights: a built-in tiny base's constant, a known hub id's shipped config, a
     single file's config folder, else the pipeline's `model_index.json` says which subfolder (`unet` or

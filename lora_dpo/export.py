@@ -344,6 +344,7 @@ def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dt
         raise AdapterError(f"--format {fmt} --out {out_dir}: write a checkpoint with --format single-file and an --out "
                            "ending in .safetensors, a pipeline folder with --format diffusers and any other --out")
     path = resolve_adapter_file(source)
+    adapterfiles.refuse_for_base(path, base)  # another family's adapter: refused before the base loads
     try:
         torch_dtype = models.STORAGE_DTYPES[dtype]
         pipe = (models.single_file_pipeline(Path(base), torch_dtype) if models.is_single_file(base)

@@ -35,7 +35,8 @@ BUILD = {"sd3": (SD3, build_tiny_sd3_pipeline), "flux": (FLUX, build_tiny_flux_p
 # FLUX: the default targets (single blocks' q, k, v: 3 of linear1's 4 parts) plus proj_mlp (all 4) and proj_out,
 # proj_mlp at another rank (a different scale: folded into its B in the fused file)
 TARGETS = {"sd3": (list(SD3.default_target_modules), {}),
-           "flux": ([*FLUX.default_target_modules, "proj_mlp", "single_transformer_blocks.0.proj_out"], {"proj_mlp": 2})}
+           "flux": ([*FLUX.default_target_modules, "proj_mlp", "single_transformer_blocks.0.proj_out"],
+                    {"proj_mlp": 2})}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -223,12 +224,19 @@ def test_kohya_file_reads_back_split_and_loads(name: str, bases: dict[str, Path]
     adapter = export.read_adapter(adapters[name])
     back = export.read_adapter(kohya_files[name])
     assert set(back.modules) == set(adapter.modules) and not back.unmatched
-    for module in adapter.modules:
+    folded = 0
+    for module in adapter.modules:  # the same A; B and alpha the same, or the scale folded into B (alpha = rank)
         assert back.ranks[module] == adapter.ranks[module]
-        assert back.alphas[module] == pytest.approx(adapter.alphas[module])
-        for part in ("lora_A", "lora_B"):
-            torch.testing.assert_close(back.weights[f"{module}.{part}.weight"],
-                                       adapter.weights[f"{module}.{part}.weight"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(back.weights[f"{module}.lora_A.weight"], adapter.weights[f"{module}.lora_A.weight"],
+                                   rtol=0, atol=1e-6)
+        scale = adapter.alphas[module] / adapter.ranks[module]
+        if back.alphas[module] != pytest.approx(adapter.alphas[module]):
+            assert back.alphas[module] == back.ranks[module]
+            scale, folded = 1.0, folded + 1
+        torch.testing.assert_close(back.weights[f"{module}.lora_B.weight"] * scale,
+                                   adapter.weights[f"{module}.lora_B.weight"] * adapter.alphas[module]
+                                   / adapter.ranks[module], rtol=0, atol=1e-6)
+    assert folded == (4 if name == "flux" else 0)  # linear1's q, k, v (scale 2) beside proj_mlp (scale 4)
     transformer = _transformer(name, bases)
     export.load_adapter(transformer, kohya_files[name])
     torch.testing.assert_close(_out(name, transformer), _out(name, _stock(name, bases, adapters[name])),

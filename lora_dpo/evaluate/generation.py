@@ -102,6 +102,8 @@ def load_pipeline(base: str, adapter: Path | None, device: torch.device, dtype: 
     from diffusers import DiffusionPipeline
 
     source = models.resolve_base(base)
+    if adapter is not None:  # another family's adapter: refused before the base loads
+        adapterfiles.refuse_for_base(adapter_file(adapter), source)
     online = not hub.is_hub_id(source) or hub.prepare()
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases know only that

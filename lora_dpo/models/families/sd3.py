@@ -155,7 +155,12 @@ class SD3Family(FlowFamily):
     def kohya_module_name(self, module: str, config: Mapping[str, Any]) -> str:
         """`lora_unet_joint_blocks_<i>_<SAI name>` as sd-scripts' lora_sd3 names it and ComfyUI maps it (its
         `lora_unet_` + the checkpoint's `diffusion_model.` key): to_q, to_k and to_v all land in the one fused
-        `x_block_attn_qkv` (see `fused_slice`)."""
+        `x_block_attn_qkv` (see `fused_slice`). The last block's `norm1_context.linear` has none here: its original
+        weight stores (shift, scale), diffusers' (scale, shift) (ComfyUI's `swap_scale_shift`)."""
+        last = config.get("num_layers", 0) - 1
+        if module.removeprefix("transformer.") == f"transformer_blocks.{last}.norm1_context.linear":
+            raise ValueError(f"{self.label}: no kohya / ComfyUI name for module {module!r} (its halves are swapped "
+                             "in the original layout)")
         return "lora_unet_" + self._native(module).replace(".", "_")
 
     def fused_slice(self, module: str, config: Mapping[str, Any]) -> tuple[int, int, int] | None:

@@ -300,9 +300,9 @@ def test_inspect_names_family_and_base(name: str, bases: dict[str, Path], adapte
 # The card
 
 
-def test_card_snippet_and_tags_name_the_family(bases: dict[str, Path], adapters: dict[str, Path],
+def test_card_and_push_folder_name_the_family(bases: dict[str, Path], adapters: dict[str, Path],
                                                tmp_path: Path) -> None:
-    from lora_dpo import card
+    from lora_dpo import card, publish
 
     for name, (family, _) in BUILD.items():
         folder = tmp_path / name
@@ -314,6 +314,9 @@ def test_card_snippet_and_tags_name_the_family(bases: dict[str, Path], adapters:
         assert f"pipe = {family.pipeline_class}.from_pretrained(" in text and "pipe.load_lora_weights(" in text
         assert all(f"- {tag}" in text for tag in family.card_tags)
         assert "| ComfyUI, Forge |" in text and "AUTOMATIC1111" not in text
+        kohya_file = publish.prepare(folder, f"you/{name}-dpo")  # what `push` uploads: the kohya file beside
+        assert kohya_file.name == card.kohya_file(folder) and export.read_adapter(kohya_file).modules
+        assert f"`{kohya_file.name}` (kohya format)" in (folder / card.CARD_FILE).read_text()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -419,6 +419,10 @@ def test_comfy_transformer_map_agrees_with_the_families(bases: dict[str, Path]) 
         config = adapterfiles.denoiser_config(str(bases[name]))
         for key, (target, rows) in comfy_transformer_map(family, config).items():
             module = key.removesuffix(".weight")
+            if module == f"transformer_blocks.{config['num_layers'] - 1}.norm1_context.linear" and family is SD3:
+                with pytest.raises(ValueError, match="swapped"):  # ComfyUI maps it with swap_scale_shift
+                    family.kohya_module_name(module, config)
+                continue
             assert family.kohya_module_name(module, config) == "lora_unet_" + target[len("diffusion_model."):
                                                                                     -len(".weight")].replace(".", "_")
             assert family.fused_slice(module, config) == rows, key

@@ -144,19 +144,22 @@ def _read_json_list(path: Path) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
-def _files_section(folder: Path, ref: str, name: str, hashes: dict[str, str]) -> list[str]:
+def _files_section(folder: Path, ref: str, name: str, hashes: dict[str, str],
+                   flow: bool = False) -> list[str]:
     """Which file is for which tool: the diffusers file, and the kohya file when present (push writes it); then
-    each file's own sha256."""
+    each file's own sha256. `flow`: a flow-matching base (SD3, FLUX), which A1111 does not run."""
     kohya_name = kohya_file(folder)
+    tools = "ComfyUI, Forge" if flow else "ComfyUI, AUTOMATIC1111, Forge, SD.Next"
     if (folder / kohya_name).is_file():
-        webui_row = f"| ComfyUI, AUTOMATIC1111, Forge, SD.Next | `{kohya_name}` (kohya format): put it in the " \
-                    "tool's LoRA folder |"
+        webui_row = f"| {tools} | `{kohya_name}` (kohya format): put it in the tool's LoRA folder |"
     else:
-        webui_row = (f"| ComfyUI, AUTOMATIC1111, Forge, SD.Next | the kohya format: `lora-dpo export {ref} --format "
-                     f"kohya --out {name}{KOHYA_SUFFIX}`, then put the file in the tool's LoRA folder |")
+        webui_row = (f"| {tools} | the kohya format: `lora-dpo export {ref} --format kohya --out "
+                     f"{name}{KOHYA_SUFFIX}`, then put the file in the tool's LoRA folder |")
+    why = ("ComfyUI reads the diffusers file's layers but not its alpha (it applies them at alpha = rank): use the "
+           "kohya file there, whose alpha it reads." if flow else
+           "ComfyUI does not apply the diffusers file's attention layers: use the kohya file there.")
     lines = ["| tool | file |", "|---|---|",
-             f"| diffusers (`load_lora_weights`, the snippet above) | `{ADAPTER_FILE}` |", webui_row, "",
-             "ComfyUI does not apply the diffusers file's attention layers: use the kohya file there.", ""]
+             f"| diffusers (`load_lora_weights`, the snippet above) | `{ADAPTER_FILE}` |", webui_row, "", why, ""]
     if hashes:  # two files, two hashes: each named with its file (training prints the diffusers file's)
         lines += ["sha256 of each file's bytes (`sha256sum` prints the same):", "",
                   *(f"- `{file}`: `{sha}`" for file, sha in hashes.items()), ""]
@@ -164,13 +167,16 @@ def _files_section(folder: Path, ref: str, name: str, hashes: dict[str, str]) ->
 
 
 def _snippet(base: str, adapter_ref: str, family: models.Family | None) -> str:
+    # a flow family's own pipeline class (SD3, FLUX: bf16, what they are released in); a UNet base's any
+    flow = family is not None and family.flow_matching
+    pipeline, half = (family.pipeline_class, "bfloat16") if flow else ("DiffusionPipeline", "float16")
     return "\n".join([
         "```python",
         "import torch",
-        "from diffusers import DiffusionPipeline",
+        f"from diffusers import {pipeline}",
         "",
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
-        f"pipe = DiffusionPipeline.from_pretrained({base!r}, torch_dtype=torch.float16 if device == \"cuda\" "
+        f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.{half} if device == \"cuda\" "
         "else torch.float32).to(device)",
         f"pipe.load_lora_weights({adapter_ref!r})",
         'image = pipe("a fox in the snow, watercolour").images[0]',
@@ -216,7 +222,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         f"A LoRA adapter for `{base}`{base_note}, aligned to human preferences with "
         f"{METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
         "", "## Use it", "", _snippet(models.base_location(base), ref, family), "",
-        *_files_section(folder, ref, name, hashes),
+        *_files_section(folder, ref, name, hashes, bool(family and family.flow_matching)),
         "## Training", "",
         "| setting | value |", "|---|---|",
         f"| objective | `{obj.kind}`, beta {obj.beta:g} (loss `-log sigmoid(-beta/2 x ((e_w - r_w) - (e_l - r_l)))`, "

@@ -20,20 +20,22 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lora_dpo import __version__, card, files, hub, kohya, models, webui
+from lora_dpo import __version__, adapterfiles, card, files, kohya, models, webui
+from lora_dpo.adapterfiles import (  # noqa: F401 (read here by callers: export.read_file, ...)
+    ADAPTER_FILE,
+    LORA_SUFFIXES,
+    AdapterError,
+    detect_format,
+    read_file,
+    resolve_adapter_file,
+)
 from lora_dpo.recipe import ModelRecipe, Recipe
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-LORA_SUFFIXES = (".lora_A.weight", ".lora_down.weight")  # peft/diffusers and kohya down-projections
 Format = Literal["diffusers", "kohya"]
 MERGE_FORMATS = ("diffusers", "single-file")  # a pipeline folder, or one original-layout checkpoint file
 DIFFUSERS_CONFIG_KEY = "lora_adapter_metadata"  # where diffusers keeps the peft LoraConfig in the header
-
-
-class AdapterError(models.ModelError):
-    """An adapter file that cannot be read, written or applied; the message names it and says what to do."""
 
 
 @dataclass
@@ -65,52 +67,6 @@ lora_state_dict = models.lora_state_dict  # the names the trainer, tests and thi
 # Reading
 
 
-def resolve_adapter_file(source: str | Path) -> Path:
-    """A folder (its pytorch_lora_weights.safetensors, or its only .safetensors), a file, or a hub model id."""
-    path = Path(source)
-    if path.is_dir():
-        candidates = [path / ADAPTER_FILE] if (path / ADAPTER_FILE).is_file() else sorted(path.glob("*.safetensors"))
-        if len(candidates) != 1:
-            raise AdapterError(f"{source}: expected {ADAPTER_FILE} or exactly one .safetensors file in this folder, "
-                               f"found {len(candidates)}; pass the file itself")
-        return candidates[0]
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise AdapterError(f"{source}: only .safetensors adapters are read (pickled .bin/.pt files can run code)")
-        return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        raise AdapterError(f"{source}: no such file or folder (and not a hub id like owner/name)")
-    from huggingface_hub import hf_hub_download
-
-    online = hub.prepare()
-    try:
-        return Path(hf_hub_download(str(source), ADAPTER_FILE))
-    except Exception as err:
-        if not online:
-            raise hub.unavailable(str(source), "the adapter") from None
-        raise AdapterError(f"{source}: not a local file or folder, and no {ADAPTER_FILE} could be fetched from the "
-                           f"hub ({type(err).__name__}); check the path or the id and your network") from None
-
-
-def read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-            metadata = dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as err:
-        raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None
-    if not any(k.endswith(LORA_SUFFIXES) for k in tensors):
-        raise AdapterError(f"{path}: holds no LoRA weights ({len(tensors)} tensors, none named *.lora_A.weight or "
-                           "*.lora_down.weight): a full model or another kind of file, not an adapter")
-    return tensors, metadata
-
-
-def detect_format(tensors: dict[str, Tensor]) -> Format:
-    return "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors) else "diffusers"
-
-
 def _pattern_value(patterns: dict[str, Any], module: str) -> Any:
     """peft's rank/alpha pattern lookup: a key matches a module name that ends with it (regex, dot-separated)."""
     for key, value in (patterns or {}).items():
@@ -119,22 +75,24 @@ def _pattern_value(patterns: dict[str, Any], module: str) -> Any:
     return None
 
 
-def _diffusers_lora_config(metadata: dict[str, str]) -> dict[str, Any]:
-    """The UNet's peft LoraConfig from diffusers' header key (prefixed `unet.`); {} when absent."""
+def _diffusers_lora_config(metadata: dict[str, str], prefix: str = "unet") -> dict[str, Any]:
+    """The denoiser's peft LoraConfig from diffusers' header key (prefixed `unet.` / `transformer.`); {} if absent."""
     raw = json.loads(metadata.get(DIFFUSERS_CONFIG_KEY) or "{}")
-    return {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
+    return {k.removeprefix(prefix + "."): v for k, v in raw.items() if k.startswith(prefix + ".")}
 
 
 def _from_diffusers(tensors: dict[str, Tensor], metadata: dict[str, str], source: str) -> Adapter:
-    unet = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
+    prefix = adapterfiles.denoiser_prefix(tensors)  # `unet.` or `transformer.`: the denoiser's keys
+    unet = {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
     others = len(tensors) - len(unet)
     if others:
-        log.warning("%s: %d text-encoder tensors left out (lora-dpo adapters act on the UNet only)", source, others)
+        log.warning("%s: %d text-encoder tensors left out (lora-dpo adapters act on the denoiser only)", source,
+                    others)
     odd = [k for k in unet if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if odd:
         raise AdapterError(f"{source}: {odd[0]} is not a plain LoRA weight (DoRA, LoRA bias and old attention-"
                            "processor files are not supported); convert it to peft's lora_A/lora_B layout first")
-    config = _diffusers_lora_config(metadata)
+    config = _diffusers_lora_config(metadata, prefix)
     alphas: dict[str, float] = {}
     for key in unet:
         if not key.endswith(".lora_A.weight"):
@@ -156,13 +114,21 @@ def read_adapter(source: str | Path, config: Any = None, base: str | None = None
     else the base named by `base`, else the base recorded in the file's metadata."""
     path = resolve_adapter_file(source)
     tensors, metadata = read_file(path)
-    if detect_format(tensors) == "diffusers":
+    kohya_file = detect_format(tensors) == "kohya"
+    config = base_config(metadata, base, str(source)) if config is None and kohya_file else config
+    if config is not None:  # another family's adapter: one line naming both, before any layer is compared
+        adapterfiles.refuse_other_family(metadata, tensors, config, base or "the given base", str(source))
+    if not kohya_file:
         return _from_diffusers(tensors, metadata, str(source))
     unet_tensors = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
     if len(unet_tensors) < len(tensors):
-        log.warning("%s: text-encoder layers left out (lora-dpo adapters act on the UNet only)", source)
-    config = config if config is not None else base_config(metadata, base, str(source))
-    weights, alphas, unmatched = kohya.from_kohya(unet_tensors, kohya.name_table(skeleton(config)))
+        log.warning("%s: text-encoder layers left out (lora-dpo adapters act on the denoiser only)", source)
+    family = models.denoiser_family(dict(config))
+    if adapterfiles.uses_unet_names(family):
+        weights, alphas, unmatched = kohya.from_kohya(unet_tensors, kohya.name_table(skeleton(config)))
+    else:  # the family's own names, fused layers split back into their modules
+        table = adapterfiles.name_table(family, dict(config), skeleton(config))
+        weights, alphas, unmatched = adapterfiles.from_kohya(unet_tensors, table)
     return Adapter(weights, alphas, metadata, str(source), unmatched)
 
 
@@ -170,9 +136,8 @@ def base_config(metadata: dict[str, str], base: str | None, source: str) -> dict
     """The UNet config an adapter is meant for: `base` if given, else the base or the family in its metadata."""
     name = base or metadata.get("lora_dpo.base_model")
     if name:
-        return models.base_unet_config(name)
-    family = models.family_of_metadata(metadata.get("modelspec.architecture", "") + " "
-                                       + metadata.get("ss_base_model_version", ""))
+        return adapterfiles.denoiser_config(name)
+    family = adapterfiles.adapter_family(metadata)
     if family is not None:
         return family.shipped_config(family.denoiser_folder)
     raise AdapterError(f"{source}: the file does not say which base it is for; pass --base (a diffusers folder or "
@@ -233,11 +198,12 @@ def load_adapter(unet: Any, source: str | Path, base: str | None = None, adapter
     """Load an adapter (folder, file or hub id; diffusers or kohya format) into a diffusers UNet, after checking
     it fits. `base` names the UNet's base in errors (default: the folder it was loaded from)."""
     base = base or getattr(unet.config, "_name_or_path", None) or "the given UNet"
-    adapter = read_adapter(source, config=unet.config)
+    adapter = read_adapter(source, config=unet.config, base=base)
     check_fits(adapter, unet, base)
-    payload = {f"unet.{k}": v for k, v in adapter.weights.items()}
-    metadata = {f"unet.{k}": v for k, v in lora_config_dict(adapter).items()}
-    unet.load_lora_adapter(payload, prefix="unet", metadata=metadata, adapter_name=adapter_name)
+    prefix = models.denoiser_family(dict(unet.config)).denoiser_folder  # `unet` or `transformer`
+    payload = {f"{prefix}.{k}": v for k, v in adapter.weights.items()}
+    metadata = {f"{prefix}.{k}": v for k, v in lora_config_dict(adapter).items()}
+    unet.load_lora_adapter(payload, prefix=prefix, metadata=metadata, adapter_name=adapter_name)
     return adapter
 
 
@@ -278,7 +244,7 @@ def _carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 def _webui_metadata(adapter: Adapter, config: Any, name: str, tensors: dict[str, Tensor]) -> dict[str, str]:
     """sd-scripts' keys (A1111/Forge show and sort by them) plus model-spec, over what the adapter carried."""
-    spec = models.denoiser_family(dict(config)).webui_spec()  # what the base's family says of itself
+    spec = models.denoiser_family(dict(config)).webui_spec(dict(config))  # what the base's family says of itself
     return webui.kohya_metadata(_carried_metadata(adapter.metadata), spec, name, adapter.base, adapter.weights,
                                 adapter.alphas, tensors)
 
@@ -311,8 +277,12 @@ def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.floa
 
 
 def write_kohya(adapter: Adapter, out: Path, config: Any, dtype: torch.dtype = torch.float16) -> Path:
-    namer = models.denoiser_family(dict(config)).kohya_namer(dict(config))  # SGM or diffusers names: its choice
-    tensors = kohya.to_kohya(adapter.weights, adapter.alphas, namer, dtype)
+    family = models.denoiser_family(dict(config))
+    if adapterfiles.uses_unet_names(family):  # SGM or diffusers names: its choice
+        tensors = kohya.to_kohya(adapter.weights, adapter.alphas, family.kohya_namer(dict(config)), dtype)
+    else:  # the original checkpoint's names, fused layers as one LoRA each
+        table = adapterfiles.name_table(family, dict(config), skeleton(config))
+        tensors = adapterfiles.to_kohya(adapter.weights, adapter.alphas, table, dtype)
     return _write_atomic(tensors, _webui_metadata(adapter, config, out.stem, tensors), out)
 
 
@@ -321,12 +291,13 @@ def export_adapter(source: str | Path, out: Path, fmt: Format, dtype: str = "fp1
     which must fit the adapter (checked on a meta-device UNet: no weights loaded)."""
     if dtype not in models.STORAGE_DTYPES:
         raise AdapterError(f"--dtype {dtype}: choose one of {', '.join(models.STORAGE_DTYPES)}")
-    adapter = read_adapter(source, base=base)
+    _, metadata = read_file(resolve_adapter_file(source))
+    config = base_config(metadata, base, str(source)) if fmt == "kohya" else None
+    adapter = read_adapter(source, config=config, base=base)  # another family's base: refused here
     if fmt == "diffusers":
         return write_diffusers(adapter, out, models.STORAGE_DTYPES[dtype])
     if fmt != "kohya":
         raise AdapterError(f"--format {fmt}: choose diffusers or kohya")
-    config = base_config(adapter.metadata, base, str(source))
     check_fits(adapter, skeleton(config), base or adapter.base)
     return write_kohya(adapter, out, config, models.STORAGE_DTYPES[dtype])
 
@@ -373,14 +344,24 @@ def merge_adapter(source: str | Path, base: str, scale: float, out_dir: Path, dt
         raise AdapterError(f"--format {fmt} --out {out_dir}: write a checkpoint with --format single-file and an --out "
                            "ending in .safetensors, a pipeline folder with --format diffusers and any other --out")
     path = resolve_adapter_file(source)
+    adapterfiles.refuse_for_base(path, base)  # another family's adapter: refused before the base loads
     try:
         torch_dtype = models.STORAGE_DTYPES[dtype]
         pipe = (models.single_file_pipeline(Path(base), torch_dtype) if models.is_single_file(base)
                 else DiffusionPipeline.from_pretrained(models.resolve_base(base), torch_dtype=torch_dtype))
     except (OSError, ValueError) as err:
         raise AdapterError(f"{base}: cannot load the base pipeline: {str(err).splitlines()[0]}") from None
-    check_fits(read_adapter(path, config=pipe.unet.config), pipe.unet, base)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="merged")
+    family = models.pipeline_family(pipe)
+    denoiser = getattr(pipe, family.denoiser_folder)
+    if fmt == "single-file" and not adapterfiles.uses_unet_names(family):
+        raise AdapterError(f"--format single-file: no original {family.label} checkpoint layout is written yet; "
+                           "merge with --format diffusers (a pipeline folder)")
+    adapter = read_adapter(path, config=denoiser.config, base=base)
+    check_fits(adapter, denoiser, base)
+    if adapterfiles.uses_unet_names(family):
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="merged")
+    else:  # either format, fused kohya layers split back: loaded as peft layers into the transformer
+        load_adapter(denoiser, path, base=base, adapter_name="merged")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["merged"])
     pipe.unload_lora_weights()
     if fmt == "single-file":
@@ -423,14 +404,15 @@ def inspect_adapter(source: str | Path) -> dict[str, Any]:
         alphas = sorted({round(float(tensors[f"{n}.alpha"].float().reshape(-1)[0]), 6) if f"{n}.alpha" in tensors
                          else int(v.shape[0]) for n, v in layers.items()})
     else:
-        config = _diffusers_lora_config(meta)
+        config = _diffusers_lora_config(meta, adapterfiles.denoiser_prefix(tensors))
         alphas = sorted({config["lora_alpha"], *config.get("alpha_pattern", {}).values()} if config else ranks)
     width = {int(v.shape[1]) for n, v in layers.items() if n.replace(".", "_").endswith("attn2_to_k")}
     arch = next((_architecture(w) for w in width), None)
     targets = json.loads(meta["lora_dpo.target_modules"]) if "lora_dpo.target_modules" in meta else sorted(
         {_leaf(n) for n in layers})
+    family = adapterfiles.adapter_family(meta)
     info: dict[str, Any] = {
-        "file": str(path), "format": fmt,
+        "file": str(path), "format": fmt, "family": family.label if family else arch or "unknown",
         "base_model": meta.get("lora_dpo.base_model") or meta.get("ss_sd_model_name") or "unknown",
         "base_location": meta.get("lora_dpo.base_location") or meta.get("lora_dpo.base_model") or "unknown",
         "architecture": meta.get("modelspec.architecture") or meta.get("ss_base_model_version") or arch or "unknown",

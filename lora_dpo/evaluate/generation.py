@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from lora_dpo import files, hub, models
+from lora_dpo import adapterfiles, export, files, hub, models
 from lora_dpo.evaluate.errors import EvalError
 from lora_dpo.export import ADAPTER_FILE
 
@@ -102,6 +102,8 @@ def load_pipeline(base: str, adapter: Path | None, device: torch.device, dtype: 
     from diffusers import DiffusionPipeline
 
     source = models.resolve_base(base)
+    if adapter is not None:  # another family's adapter: refused before the base loads
+        adapterfiles.refuse_for_base(adapter_file(adapter), source)
     online = not hub.is_hub_id(source) or hub.prepare()
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases know only that
@@ -115,13 +117,29 @@ def load_pipeline(base: str, adapter: Path | None, device: torch.device, dtype: 
     if not hasattr(pipe, "load_lora_weights"):
         raise EvalError(f"--base {base!r}: {type(pipe).__name__} does not take LoRA adapters; lora-dpo evaluates "
                         "SD 1.5 and SDXL text-to-image pipelines")
+    if adapter is not None:
+        check_adapter_family(pipe, adapter, base)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if adapter is None:
         return pipe
     file = adapter_file(adapter)
-    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER_NAME)
+    family = models.family_of_pipeline(pipe.config)
+    if family is None or adapterfiles.uses_unet_names(family):
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER_NAME)
+    else:  # either format (fused kohya layers split back), checked against the base, into the transformer
+        export.load_adapter(getattr(pipe, family.denoiser_folder), file, base=base, adapter_name=ADAPTER_NAME)
     return pipe
+
+
+def check_adapter_family(pipe: Any, adapter: Path, base: str) -> None:
+    """One line when the adapter is for another family than the base pipeline's (before any weight is loaded)."""
+    family = models.family_of_pipeline(pipe.config)
+    if family is not None:
+        file = adapter_file(adapter)
+        tensors, metadata = export.read_file(file)
+        adapterfiles.refuse_other_family(metadata, tensors, getattr(pipe, family.denoiser_folder).config, base,
+                                         str(file))
 
 
 def _use_scale(pipe: Any, scale: float | None) -> None:
@@ -158,9 +176,18 @@ def open_generation(base: str, adapter: Path | None, *, steps: int, guidance_sca
     sha = "" if adapter is None else files.sha256(adapter_file(adapter))  # the file's bytes, as training prints
     gen = Generation(base=base, adapter_sha256=sha, scheduler=type(pipe.scheduler).__name__, steps=steps,
                      guidance_scale=float(guidance_scale),
-                     resolution=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                     resolution=resolution or native_resolution(pipe),
                      precision=precision)
     return pipe, gen
+
+
+def native_resolution(pipe: Any) -> int:
+    """The pipeline's default image size in pixels: its denoiser's sample size (FLUX's pipeline keeps its own) times
+    the VAE's factor."""
+    family = models.family_of_pipeline(pipe.config)
+    denoiser = getattr(pipe, family.denoiser_folder if family else "unet")
+    size = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+    return int(size * pipe.vae_scale_factor)
 
 
 def generate_or_reuse(pipe: Any, prompt: str, seed: int, variant: str, gen: Generation, path: Path) -> bool:

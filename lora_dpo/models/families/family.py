@@ -185,10 +185,20 @@ class Family(ABC):
     def base_model_version(self, prediction_type: str) -> str:
         """sd-scripts' `ss_base_model_version` for a base of this family."""
 
-    def webui_spec(self) -> BaseSpec:
-        """What the webui header keys say of this family (`webui` itself decides nothing about families)."""
-        return BaseSpec(self.modelspec_architecture, self.kohya_implementation, self.default_resolution,
-                        self.base_model_version)
+    def webui_spec(self, config: Mapping[str, Any] | None = None) -> BaseSpec:
+        """What the webui header keys say of this family (`webui` itself decides nothing about families), for one
+        denoiser config when given (FLUX dev vs schnell)."""
+        architecture = self.modelspec_architecture if config is None else self.modelspec_architecture_for(config)
+        return BaseSpec(architecture, self.kohya_implementation, self.default_resolution, self.base_model_version)
+
+    def modelspec_architecture_for(self, config: Mapping[str, Any]) -> str:
+        """`modelspec.architecture` (without `/lora`) of a base with this denoiser config."""
+        return self.modelspec_architecture
+
+    def fused_slice(self, module: str, config: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        """Where this diffusers module's output rows sit in the fused weight its kohya name stands for: (dim,
+        offset, size); None: the module is a weight of its own in the file people load (every UNet family)."""
+        return None
 
     def kohya_namer(self, config: Mapping[str, Any]) -> Callable[[str], str]:
         """`kohya_module_name` for one denoiser config."""

@@ -106,11 +106,15 @@ class FluxFamily(FlowFamily):
                               "ff_context.net.0.proj", "ff_context.net.2")
     modelspec_architecture = "flux-1-dev"
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
+    kohya_implementation = modelspec_implementation  # BFL / SAI module names in the kohya file
+    metadata_markers = ("flux-1", "flux1")  # modelspec.architecture / ss_base_model_version of its adapters
     card_tags = ("flux", "flux-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------
     def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
-        return model_index.get("_class_name") == self.pipeline_class
+        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
+        transformer = list(model_index.get("transformer") or [None])
+        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
 
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         if "_class_name" in config:

@@ -81,11 +81,15 @@ class SD3Family(FlowFamily):
                               "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
     modelspec_architecture = "stable-diffusion-3-5-medium"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    kohya_implementation = modelspec_implementation  # BFL / SAI module names in the kohya file
+    metadata_markers = ("stable-diffusion-3",)  # modelspec.architecture / ss_base_model_version of its adapters
     card_tags = ("sd3.5", "sd3.5-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------
     def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
-        return model_index.get("_class_name") == self.pipeline_class
+        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
+        transformer = list(model_index.get("transformer") or [None])
+        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
 
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         if "_class_name" in config:
@@ -151,7 +155,12 @@ class SD3Family(FlowFamily):
     def kohya_module_name(self, module: str, config: Mapping[str, Any]) -> str:
         """`lora_unet_joint_blocks_<i>_<SAI name>` as sd-scripts' lora_sd3 names it and ComfyUI maps it (its
         `lora_unet_` + the checkpoint's `diffusion_model.` key): to_q, to_k and to_v all land in the one fused
-        `x_block_attn_qkv` (see `fused_slice`)."""
+        `x_block_attn_qkv` (see `fused_slice`). The last block's `norm1_context.linear` has none here: its original
+        weight stores (shift, scale), diffusers' (scale, shift) (ComfyUI's `swap_scale_shift`)."""
+        last = config.get("num_layers", 0) - 1
+        if module.removeprefix("transformer.") == f"transformer_blocks.{last}.norm1_context.linear":
+            raise ValueError(f"{self.label}: no kohya / ComfyUI name for module {module!r} (its halves are swapped "
+                             "in the original layout)")
         return "lora_unet_" + self._native(module).replace(".", "_")
 
     def fused_slice(self, module: str, config: Mapping[str, Any]) -> tuple[int, int, int] | None:

@@ -1,0 +1,163 @@
+"""Test helpers for the flow families' adapter files: the registry with SD3 and FLUX in it (while this branch does not
+register them yet), and a re-implementation of the key maps ComfyUI builds for their models (ComfyUI itself cannot
+be installed here).
+
+ComfyUI (github.com/comfyanonymous/ComfyUI, read at 41444b5 and the index's later copies of the same files):
+- comfy/lora.py `model_lora_keys_unet`: for every `diffusion_model.<k>.weight` of the model's state dict, the key
+  `lora_unet_<k with . -> _>` (the generic kohya spelling; Forge's copy of this code maps SD3 through it alone); for
+  `model_base.SD3` every key of `utils.mmdit_to_diffusers` as `transformer.<diffusers name>` (and
+  `base_model.model.`, `lora_transformer_`, `lycoris_`); for `model_base.Flux` every key of `utils.flux_to_diffusers`
+  as `transformer.<diffusers name>` (and `lycoris_`, `lora_transformer_`); a target is a key or (key, (dim, offset,
+  size)): the rows of a fused weight.
+- comfy/utils.py `mmdit_to_diffusers`: in joint block i, `attn.to_q/k/v` -> `joint_blocks.i.x_block.attn.qkv` at
+  rows 0, H, 2H (H = `depth` x 64, the hidden size), `attn.add_q/k/v_proj` -> `context_block.attn.qkv` likewise,
+  `attn.to_out.0` -> `x_block.attn.proj`, `attn.to_add_out` -> `context_block.attn.proj`, `ff.net.0.proj` /
+  `ff.net.2` -> `x_block.mlp.fc1` / `fc2`, `ff_context.*` -> `context_block.mlp.*`, `norm1.linear` /
+  `norm1_context.linear` -> `x_block` / `context_block.adaLN_modulation.1`.
+- comfy/utils.py `flux_to_diffusers`: double block i: q/k/v -> `double_blocks.i.img_attn.qkv` (rows 0, H, 2H),
+  add_q/k/v -> `txt_attn.qkv`, `attn.to_out.0` -> `img_attn.proj`, `attn.to_add_out` -> `txt_attn.proj`,
+  `ff.net.0.proj` / `ff.net.2` -> `img_mlp.0` / `img_mlp.2`, `ff_context.*` -> `txt_mlp.*`, `norm1.linear` /
+  `norm1_context.linear` -> `img_mod.lin` / `txt_mod.lin`; single block i: q/k/v -> `single_blocks.i.linear1` (rows
+  0, H, 2H), `proj_mlp` -> `linear1` rows 3H..7H, `proj_out` -> `linear2`, `norm.linear` -> `modulation.lin`.
+- comfy/weight_adapter/lora.py `LoRAAdapter`: `<key>.lora_up.weight` / `.lora_down.weight` (or `.lora_B.weight` /
+  `.lora_A.weight`), alpha from `<key>.alpha` (comfy/lora.py `load_lora`, for every spelling), the delta
+  `(alpha / down.shape[0] if alpha else 1.0) * up @ down`, added to the target (its rows, for a fused target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from lora_dpo.models import families as registry
+from lora_dpo.models.families import flux, sd3
+
+FLOW = (sd3.FAMILY, flux.FAMILY)
+Target = tuple[str, tuple[int, int, int] | None]
+
+SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+             "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+             "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+             "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1"}
+FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+               "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+               "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
+FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+
+
+def register() -> None:
+    """SD3 and FLUX in the registry, first (SD 1.5 claims any UNet-less config without micro-conditioning), unless
+    they are there already."""
+    if all(family in registry.FAMILIES for family in FLOW):
+        return
+    registry.FAMILIES = (*FLOW, *registry.FAMILIES)
+    for family in FLOW:
+        registry.TINY_BASES[family.tiny_base] = family
+        registry.KNOWN_BASES.update({hub_id: family for hub_id in family.hub_ids})
+
+
+@contextlib.contextmanager
+def registered() -> Iterator[None]:
+    """`register` for the duration of a test module; the registry as it was afterwards."""
+    saved, tiny, known = registry.FAMILIES, dict(registry.TINY_BASES), dict(registry.KNOWN_BASES)
+    register()
+    try:
+        yield
+    finally:
+        registry.FAMILIES = saved
+        registry.TINY_BASES.clear()
+        registry.TINY_BASES.update(tiny)
+        registry.KNOWN_BASES.clear()
+        registry.KNOWN_BASES.update(known)
+
+
+def _qkv(prefix: str, fused: str, names: tuple[str, ...], hidden: int) -> dict[str, Target]:
+    return {f"{prefix}.{name}.weight": (fused + ".weight", (0, i * hidden, hidden)) for i, name in enumerate(names)}
+
+
+def comfy_transformer_map(family: Any, config: dict[str, Any]) -> dict[str, Target]:
+    """`mmdit_to_diffusers` / `flux_to_diffusers` for the weights: diffusers `<module>.weight` -> the original
+    key (under `diffusion_model.`) and its rows (None: the whole weight)."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    out: dict[str, Target] = {}
+    if family is sd3.FAMILY:
+        for i in range(config["num_layers"]):
+            block, to = f"transformer_blocks.{i}", f"diffusion_model.joint_blocks.{i}"
+            out |= _qkv(f"{block}.attn", f"{to}.x_block.attn.qkv", ("to_q", "to_k", "to_v"), hidden)
+            out |= _qkv(f"{block}.attn", f"{to}.context_block.attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                        hidden)
+            out |= {f"{block}.{k}.weight": (f"{to}.{v}.weight", None) for k, v in SD3_BLOCK.items()}
+        return out
+    for i in range(config["num_layers"]):
+        block, to = f"transformer_blocks.{i}", f"diffusion_model.double_blocks.{i}"
+        out |= _qkv(f"{block}.attn", f"{to}.img_attn.qkv", ("to_q", "to_k", "to_v"), hidden)
+        out |= _qkv(f"{block}.attn", f"{to}.txt_attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj"), hidden)
+        out |= {f"{block}.{k}.weight": (f"{to}.{v}.weight", None) for k, v in FLUX_DOUBLE.items()}
+    for i in range(config["num_single_layers"]):
+        block, to = f"single_transformer_blocks.{i}", f"diffusion_model.single_blocks.{i}"
+        out |= _qkv(f"{block}.attn", f"{to}.linear1", ("to_q", "to_k", "to_v"), hidden)
+        out[f"{block}.proj_mlp.weight"] = (f"{to}.linear1.weight", (0, 3 * hidden, 4 * hidden))
+        out |= {f"{block}.{k}.weight": (f"{to}.{v}.weight", None) for k, v in FLUX_SINGLE.items()}
+    return out
+
+
+def original_state(family: Any, transformer: Any) -> dict[str, torch.Tensor]:
+    """The transformer's mapped weights in the original layout (`diffusion_model.` keys), fused rows assembled."""
+    params = dict(transformer.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, (target, rows) in comfy_transformer_map(family, dict(transformer.config)).items():
+        if key not in params:  # SD3's last block has no context output layers (context_pre_only)
+            continue
+        if rows is None:
+            state[target] = params[key].clone()
+        else:
+            pieces.setdefault(target, []).append((rows[1], params[key]))
+    for target, parts in pieces.items():
+        state[target] = torch.cat([w for _, w in sorted(parts, key=lambda p: p[0])])
+    return state
+
+
+def comfy_key_map(family: Any, original: dict[str, Any], config: dict[str, Any]) -> dict[str, Target]:
+    """`model_lora_keys_unet` for the model: the generic `lora_unet_` names and the `transformer.` names."""
+    key_map: dict[str, Target] = {}
+    for key in original:
+        if key.startswith("diffusion_model.") and key.endswith(".weight"):
+            key_map["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = (key, None)
+    for key, target in comfy_transformer_map(family, config).items():
+        key_map["transformer." + key.removesuffix(".weight")] = target
+    return key_map
+
+
+def comfy_apply(lora: dict[str, torch.Tensor], key_map: dict[str, Target], original: dict[str, torch.Tensor],
+                strength: float = 1.0) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """ComfyUI's `load_lora` + `LoRAAdapter.calculate_weight` on the original weights: the patched copy, and the
+    file's keys it did not load (ComfyUI logs them as "lora key not loaded")."""
+    patched = {k: v.clone() for k, v in original.items()}
+    loaded: set[str] = set()
+    for name, (target, rows) in key_map.items():
+        for up_key, down_key in ((f"{name}.lora_up.weight", f"{name}.lora_down.weight"),
+                                 (f"{name}.lora_B.weight", f"{name}.lora_A.weight")):
+            if up_key not in lora:
+                continue
+            up, down = lora[up_key].float(), lora[down_key].float()
+            alpha = lora.get(f"{name}.alpha")
+            scale = alpha.item() / down.shape[0] if alpha is not None else 1.0
+            weight = patched[target] if rows is None else patched[target].narrow(rows[0], rows[1], rows[2])
+            weight += strength * scale * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+            loaded |= {up_key, down_key} | ({f"{name}.alpha"} if alpha is not None else set())
+            break
+    return patched, set(lora) - loaded
+
+
+def back_to_diffusers(family: Any, transformer: Any, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The diffusers state dict with the mapped weights taken from `original` (the inverse of `original_state`)."""
+    state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    for key, (target, rows) in comfy_transformer_map(family, dict(transformer.config)).items():
+        if key not in state:
+            continue
+        state[key] = original[target] if rows is None else original[target].narrow(rows[0], rows[1], rows[2])
+    return state

@@ -44,9 +44,12 @@ def train(
     try:
         overrides = [*(set_ or []), *(["output.overwrite=true"] if overwrite else [])]
         loaded = recipe_module.load(recipe, overrides)
+        _quiet_imports()
+        from lora_dpo import models
+
+        models.check_recipe_keys(loaded.model)  # another family's [model] keys: before the hub or any folder
         hub.preflight_model(loaded.model)
         logging.basicConfig(level=logging.INFO, format="lora-dpo: %(message)s")
-        _quiet_imports()
         from lora_dpo.train import train as run_training
 
         run_training(loaded, recipe, resume)

@@ -97,10 +97,13 @@ class FluxFamily(FlowFamily):
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
+    # its double blocks: BFL's flux1-dev.safetensors keeps them bare, ComfyUI's checkpoints under the UNet prefix
+    checkpoint_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")
     default_resolution = 1024
     max_sequence_length = 512  # T5 tokens (FluxPipeline.encode_prompt's default and maximum)
     guidance_scale = 1.0  # dev's guidance embedding at training time: README_flux.md's --guidance_scale=1
     default_weighting_scheme = "none"  # uniform sigmas: the FLUX LoRA example's --weighting_scheme default
+    own_recipe_keys = (*FlowFamily.own_recipe_keys, "guidance")  # and dev's guidance embedding's input
     default_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                               "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                               "ff_context.net.0.proj", "ff_context.net.2")
@@ -133,6 +136,9 @@ class FluxFamily(FlowFamily):
         encoders = frozen(CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
                           T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **kwargs))
         return tokenizers, encoders
+
+    def tiny_pipeline(self, seed: int = 0) -> Any:
+        return build_tiny_flux_pipeline(seed)
 
     def tiny_denoiser_config(self) -> dict[str, Any]:
         return dict(TINY_FLUX_TRANSFORMER)

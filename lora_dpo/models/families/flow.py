@@ -94,6 +94,14 @@ class FlowFamily(Family):
     default_weighting_scheme = "logit_normal"  # the family's LoRA example's --weighting_scheme default
     own_recipe_keys = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "shift")  # sigma's density, shift
 
+    def text_width(self, config: Mapping[str, Any]) -> int:
+        """D of the prompt embeddings: the transformer's joint attention width (T5-XXL's 4096)."""
+        return config["joint_attention_dim"]
+
+    def pooled_width(self, config: Mapping[str, Any]) -> int:
+        """P of the pooled CLIP embedding its time-text embedding reads."""
+        return config["pooled_projection_dim"]
+
     def tiny_pipeline(self, seed: int = 0) -> Any:
         """Its tiny pipeline with random weights, built offline in code (each family's `build_tiny_*_pipeline`)."""
         raise NotImplementedError

@@ -157,6 +157,10 @@ class FluxFamily(FlowFamily):
                            return_tensors="pt").input_ids.to(device)
         return t5(ids, output_hidden_states=False)[0].to(t5.dtype), pooled
 
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        """The VAE's 16 channels: the transformer takes them packed 2 x 2 into `in_channels` (64)."""
+        return config["in_channels"] // 4
+
     def timestep_scale(self, schedule: FlowSchedule) -> float:
         """FLUX's transformer takes sigma (t / 1000) and scales it by 1000 itself."""
         return 1.0

@@ -58,6 +58,7 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
 
     lora_bytes = 4 * lora_params
     row(f"UNet weights, {dtype} ({m.base_params / 1e6:,.1f} M parameters)", m.base_bytes, m.base_bytes, size)
+    row("4-bit NF4 base: its Linear weights at ~0.52 bytes each", -off.quantized_saving, -on.quantized_saving, size)
     row("LoRA weights, fp32", lora_bytes, lora_bytes, size)
     row(f"optimizer state, {optimizer} (AdamW 32-bit: {size(optimizer_bytes(m.lora_numels, 'adamw'))})",
         off.optimizer_state, on.optimizer_state, size)

@@ -58,7 +58,7 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
 
     lora_bytes = 4 * lora_params
     row(f"UNet weights, {dtype} ({m.base_params / 1e6:,.1f} M parameters)", m.base_bytes, m.base_bytes, size)
-    row("4-bit NF4 base: its Linear weights at ~0.52 bytes each", -off.quantized_saving, -on.quantized_saving, size)
+    row("NF4 base: its Linear weights at ~0.52 bytes", -off.quantized_saving, -on.quantized_saving, size)
     row("LoRA weights, fp32", lora_bytes, lora_bytes, size)
     row(f"optimizer state, {optimizer} (AdamW 32-bit: {size(optimizer_bytes(m.lora_numels, 'adamw'))})",
         off.optimizer_state, on.optimizer_state, size)
@@ -153,8 +153,7 @@ def floor_table(recipe: Recipe, resolutions: list[int], gpus: list[Gpu]) -> str:
     SDXL's: the bare step's live tensors, bf16 everywhere (bf16 adapters, CPU autocast's bf16 norms), no optimizer
     state or carried gradients, traced the same way; with NF4 less the same 4-bit saving the plan takes off."""
     arch = architecture(recipe.model)
-    rows = ["| px | ckpt | NF4 | peak (GiB) | floor (GiB) | peak / floor | card needs (GiB) | TFLOP per pair | "
-            + " | ".join(g.name for g in gpus) + " |", "|" + "---|" * (8 + len(gpus))]
+    found = []
     for resolution in resolutions:
         variant = dataclasses.replace(recipe, data=replace(recipe.data, resolution=resolution))
         for checkpointing in (False, True):
@@ -162,11 +161,15 @@ def floor_table(recipe: Recipe, resolutions: list[int], gpus: list[Gpu]) -> str:
             bare = measure_step(arch, replace(setting.key, lora_fp32=False, cuda_autocast=False)).peak
             for nf4 in (False, True):
                 est = estimate(arch, replace(setting, base_4bit=nf4))
-                floor = bare - est.quantized_saving  # an uncached step's encoders come on top of it
-                cells = [f"yes: {seconds_per_pair(est.total_flops, setting.key.batch_size, gpu) * 1e3:,.0f} ms"
-                         if est.required <= gpu.memory_gib * GiB else "no" for gpu in gpus]
-                rows.append(f"| {resolution} | {'on' if checkpointing else 'off'} | {'yes' if nf4 else 'no'} | "
-                            f"{est.peak / GiB:.2f} | {floor / GiB:.2f} | {est.peak / floor:.2f}x | "
-                            f"{est.required / GiB:.1f} | {est.total_flops / setting.key.batch_size / 1e12:.1f} | "
-                            + " | ".join(cells) + " |")
+                found.append((resolution, checkpointing, nf4, est, bare - est.quantized_saving))
+    unit, name = (GiB, "GiB") if max(row[3].peak for row in found) >= GiB else (2**20, "MiB")
+    rows = [f"| px | ckpt | NF4 | peak ({name}) | floor ({name}) | peak / floor | card needs (GiB) | TFLOP per pair | "
+            + " | ".join(g.name for g in gpus) + " |", "|" + "---|" * (8 + len(gpus))]
+    for resolution, checkpointing, nf4, est, floor in found:
+        batch = est.setting.key.batch_size
+        cells = [f"yes: {seconds_per_pair(est.total_flops, batch, gpu) * 1e3:,.0f} ms"
+                 if est.required <= gpu.memory_gib * GiB else "no" for gpu in gpus]
+        rows.append(f"| {resolution} | {'on' if checkpointing else 'off'} | {'yes' if nf4 else 'no'} | "
+                    f"{est.peak / unit:.2f} | {floor / unit:.2f} | {est.peak / floor:.2f}x | "
+                    f"{est.required / GiB:.1f} | {est.total_flops / batch / 1e12:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -84,9 +84,9 @@ def single_file_family(path: Path) -> Family:
                          "text-to-image checkpoints (epsilon or v-prediction): pass one of those")
     family = family_of_checkpoint(keys)  # a flow transformer's file may keep it without the UNet prefix
     if family is None and not any(k.startswith(UNET_PREFIX) for k in keys):
-        raise ModelError(f"[model].base = {str(path)!r}: no {UNET_PREFIX}* keys ({found(keys)}): not a "
-                         "checkpoint of a known base family in the original single-file layout (an adapter, a lone "
-                         "UNet or VAE?); pass a full checkpoint or a diffusers folder")
+        raise ModelError(f"[model].base = {str(path)!r}: no {UNET_PREFIX}* keys ({found(keys)}): not a Stable "
+                         "Diffusion or FLUX checkpoint in the original single-file layout (an adapter, a lone UNet "
+                         "or VAE?); pass a full checkpoint or a diffusers folder")
     if family is None:
         raise ModelError(f"[model].base = {str(path)!r}: no known base family ({', '.join(f.label for f in FAMILIES)}) "
                          f"has these keys ({found(keys)}); pass a diffusers folder instead")
@@ -99,7 +99,7 @@ def found(keys: list[str], shown: int = 4) -> str:
     prefixes = list(dict.fromkeys(".".join(k.split(".")[:3 if k.startswith(UNET_PREFIX) else 2]) + ".*"
                                   for k in sorted(keys)))
     listed = ", ".join(prefixes[:shown]) + (f" and {len(prefixes) - shown} more" if len(prefixes) > shown else "")
-    return f"{len(keys)} keys: {listed}" if keys else "no keys at all"
+    return f"{len(keys)} key{'s' if len(keys) > 1 else ''}: {listed}" if keys else "no keys at all"
 
 
 def scheduler_overrides(path: Path) -> dict[str, Any]:

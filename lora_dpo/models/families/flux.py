@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_dpo.models.families.family import TextPart
 from lora_dpo.models.families.flow import (
     FlowFamily,
     FlowSchedule,
@@ -99,6 +100,9 @@ class FluxFamily(FlowFamily):
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
     # its double blocks: BFL's flux1-dev.safetensors keeps them bare, ComfyUI's checkpoints under the UNet prefix
     checkpoint_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")
+    metadata_markers = ("flux-1", "flux1")  # modelspec.architecture, ss_base_model_version
+    text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),
+                  TextPart("tokenizer_2", "text_encoder_2", "T5EncoderModel", "T5TokenizerFast"))
     default_resolution = 1024
     max_sequence_length = 512  # T5 tokens (FluxPipeline.encode_prompt's default and maximum)
     guidance_scale = 1.0  # dev's guidance embedding at training time: README_flux.md's --guidance_scale=1

@@ -147,7 +147,8 @@ def shipped_config_folder(family: Family) -> Path:
         config = family.shipped_config(part.encoder)
         index[part.encoder] = ["transformers", config["architectures"][0]]
         index[part.tokenizer] = ["transformers", part.tokenizer_class]
-        files[f"{part.encoder}/config.json"] = {"model_type": "clip_text_model", **config}
+        kind = "t5" if part.encoder_class.startswith("T5") else "clip_text_model"  # transformers' config class
+        files[f"{part.encoder}/config.json"] = {"model_type": kind, **config}
     for relative, content in {**files, "model_index.json": index}.items():  # the index last: it marks "done"
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_text(json.dumps(content, indent=1))

@@ -136,10 +136,53 @@ def test_what_to_change_lowers_the_need_step_by_step(tiny_recipe) -> None:
     # rank and resolution come last but one and last; each change keeps the ones before it
     big = plan.Setting.from_recipe(replace(replace(recipe, "lora", rank=64), "data", resolution=1024), False)
     changes = list(plan.estimates._changes(big, recompute=0.24))
-    assert [what.split(" ")[0] for what, _, _ in changes] == [
+    assert [what.split(" ")[0] for what, *_ in changes] == [
         "gradient", "cache", "LoRA", "8-bit", "4-bit", "resolution", "resolution", "resolution", "resolution"]
-    last = changes[-1][2]
+    last = big
+    for *_, apply in changes:
+        last = apply(last)
     assert (last.key.resolution, last.key.lora.rank, last.key.checkpointing, last.cached) == (256, 8, True, True)
+
+
+def test_the_fewest_changes_that_fit_are_one_set_line(tiny_recipe) -> None:
+    """`fix`: the ladder's changes less each one the rest fit without; every one left is needed."""
+    made = plan.make_plan(tiny_recipe(train={"optimizer": "adamw", "gradient_checkpointing": False},
+                                      lora={"rank": 64, "alpha": 64.0}))
+    nf4 = plan.estimate(made.arch, dataclasses.replace(made.off.setting, base_4bit=True)).required
+    memory = (nf4 + made.off.required) / 2 / GiB  # NF4 alone fits it, the recipe as it stands does not
+    fix = made.fix(memory)
+    assert fix and fix[-1].estimate.required <= memory * GiB
+    ladder = [change.recipe for change in made.ladder(memory)]
+    assert [change.recipe for change in fix] == [text for text in ladder if text in {c.recipe for c in fix}]
+    start = made.choice(memory).setting
+    steps = {text: apply for _, _, text, apply in plan.estimates._changes(start, made.recompute)}
+    for left_out in fix:  # minimal: without any one of them it no longer fits
+        setting = start
+        for change in fix:
+            setting = setting if change is left_out else steps[change.recipe](setting)
+        assert plan.estimate(made.arch, setting).required > memory * GiB, left_out.what
+    assert made.fix(0.1) is None  # under the CUDA context alone: nothing is enough
+
+
+def test_an_nf4_recipe_is_planned_with_its_4bit_base(tiny_recipe) -> None:
+    plain, nf4 = (plan.make_plan(tiny_recipe(model={"quantize": q})) for q in ("none", "nf4"))
+    assert nf4.off.setting.base_4bit and not plain.off.setting.base_4bit
+    assert nf4.off.peak == plain.off.peak - nf4.off.quantized_saving and nf4.off.quantized_saving > 0
+
+
+def test_the_floor_table_sets_each_peak_beside_the_bare_steps() -> None:
+    """`plan --floor --resolutions`: checkpointing off / on x NF4 off / on per resolution, the floor traced as
+    docs/performance.md traced SDXL's (bf16 adapters, CPU autocast's norms), its ratio and the GPUs."""
+    result = CliRunner().invoke(app, ["plan", str(ROOT / "recipes" / "tiny.toml"), "--gpu", "8GB", "--floor",
+                                      "--resolutions", "64", "--set", "train.mixed_precision=bf16"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| 64 |")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["off", "no"], ["off", "yes"], ["on", "no"], ["on", "yes"]]
+    for row in rows:
+        peak, floor, ratio = (float(cell.rstrip("x")) for cell in row.split(" | ")[3:6])
+        assert floor <= peak and ratio == pytest.approx(peak / floor, abs=0.011) and row.endswith("ms |")
+    result = CliRunner().invoke(app, ["plan", str(ROOT / "recipes" / "tiny.toml"), "--floor"])
+    assert result.exit_code == 2 and "--floor needs --resolutions" in result.output
 
 
 def test_gpu_names() -> None:

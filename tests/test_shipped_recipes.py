@@ -137,3 +137,42 @@ def test_the_turbo_recipe_trains_and_samples_as_turbo(tiny_base_dir: Path, picka
     weights = load_file(train(settings))
     assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
     assert (tmp_path / "turbo" / "samples" / "step-000002.png").is_file()
+
+
+FLOW_RECIPES = ("sd35m_pickapic.toml", "flux_pickapic.toml")
+
+
+def _tiny_of_its_family(name: str) -> str:
+    """The built-in tiny base of the recipe's base's family, through the registry (no family named here)."""
+    from lora_dpo import models
+
+    family = models.family_of_base_name(tomllib.loads((RECIPES / name).read_text())["model"]["base"])
+    assert family is not None and family.flow_matching, name
+    return family.tiny_base
+
+
+@pytest.mark.parametrize("name", FLOW_RECIPES)
+def test_a_shipped_flow_recipe_trains_on_its_familys_tiny_base(name: str, pickapic_shapes: Path,
+                                                                tmp_path: Path) -> None:
+    """Each flow recipe's own settings (its [model] flow keys, NF4, 8-bit AdamW, bf16, accumulation 16, rank 32 on
+    its targets) train a few steps on the tiny base of its family. Needs the flow training path (tiny-sd3 /
+    tiny-flux built, `load_base` and the step reading the flow keys)."""
+    settings = shipped(name, _tiny_of_its_family(name), pickapic_shapes, tmp_path, "flow",
+                       train={"max_steps": 2, "checkpoint_every": 0}, sample={"every": 0})
+    assert (settings.train.optimizer, settings.train.mixed_precision) == ("adamw8bit", "bf16")
+    assert settings.train.gradient_accumulation == 16 and settings.model.timestep_sampling == "logit_normal"
+    weights = load_file(train(settings))
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)
+
+
+@pytest.mark.parametrize("name", FLOW_RECIPES)
+def test_a_shipped_flow_recipe_is_planned_on_its_familys_tiny_base(name: str) -> None:
+    """The planner traces the family's own step (its noising, target and denoiser call) on fake tensors."""
+    from lora_dpo import plan
+
+    raw = tomllib.loads((RECIPES / name).read_text())
+    raw["model"]["base"] = _tiny_of_its_family(name)
+    raw["data"] |= {"resolution": 64, "cache": "unused", "streaming": False}
+    built = plan.make_plan(recipe.from_dict(raw, name))
+    assert built.on.step.lora_numels and 0 < built.on.peak < built.off.peak + built.off.optimizer_state
+    assert built.on.unet_flops > built.off.unet_flops  # checkpointing recomputes

@@ -99,7 +99,7 @@ def test_the_architecture_comes_from_the_keys(tmp_path: Path) -> None:
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1)}, str(tmp_path / "lora.safetensors"))
     assert models.single_file_family(tmp_path / "sd15.safetensors").name == "sd15"
     assert models.single_file_family(tmp_path / "xl.safetensors").name == "sdxl"
-    with pytest.raises(models.ModelError, match="not a Stable Diffusion checkpoint"):
+    with pytest.raises(models.ModelError, match=r"keys \(1 key: lora_unet_x\.lora_down\.\*\): not a Stable Diffusion"):
         models.single_file_family(tmp_path / "lora.safetensors")
     # no config folder beside it: the shipped SD 1.5 configs, written as a diffusers config folder
     folder = models.config_folder(tmp_path / "sd15.safetensors")

@@ -95,6 +95,7 @@ def build_cache(recipe: Recipe, out: Path, *, shard_size: int = 512, dtype: str 
     """Encode every pair of the recipe's data once into `out`; returns the manifest. Resumes a partial build of the
     same settings; refuses a folder that holds another cache."""
 
+    models.check_recipe_keys(recipe.model)  # another family's [model] keys: refused before any pair is read
     cfg, seed = recipe.data, recipe.train.seed
     if cfg.streaming:
         raise data.DataError("[data].streaming = true: a cache encodes every pair once, so it reads the whole split "

@@ -44,9 +44,12 @@ def train(
     try:
         overrides = [*(set_ or []), *(["output.overwrite=true"] if overwrite else [])]
         loaded = recipe_module.load(recipe, overrides)
+        _quiet_imports()
+        from lora_dpo import models
+
+        models.check_recipe_keys(loaded.model)  # another family's [model] keys: before the hub or any folder
         hub.preflight_model(loaded.model)
         logging.basicConfig(level=logging.INFO, format="lora-dpo: %(message)s")
-        _quiet_imports()
         from lora_dpo.train import train as run_training
 
         run_training(loaded, recipe, resume)
@@ -103,6 +106,9 @@ def plan(
     ranks: Annotated[str | None, typer.Option(help="With --resolutions: also print a Markdown table of these LoRA "
                                               "ranks (e.g. 8,64) x resolutions x GPUs.")] = None,
     resolutions: Annotated[str | None, typer.Option(help="Resolutions of that table, e.g. 512,768,1024.")] = None,
+    floor: Annotated[bool, typer.Option(help="With --resolutions: also print a Markdown table of checkpointing off "
+                                        "and on x NF4 base off and on at those resolutions, each peak beside the "
+                                        "memory floor (the bare bf16 step) and the GPUs it fits.")] = False,
 ) -> None:
     """Predict the memory and time of a training step on each GPU, and what to change when it does not fit.
     Needs no GPU, no weights, no download: the step is traced on fake tensors from the model's config."""
@@ -116,11 +122,15 @@ def plan(
         gpus = [planner.find_gpu(name) for name in gpu] if gpu else list(planner.GPUS)
         table = [planner.parse_list(name, text) for name, text in (("--ranks", ranks), ("--resolutions", resolutions))
                  if text]
-        if len(table) == 1:
+        if floor and not resolutions:
+            raise planner.PlanError("--floor needs --resolutions, e.g. --floor --resolutions 512,1024")
+        if len(table) == 1 and not (floor and not ranks):
             raise planner.PlanError("--ranks and --resolutions go together, e.g. --ranks 8,64 --resolutions 512,1024")
         typer.echo(planner.render(planner.make_plan(loaded), gpus))
-        if table:
+        if len(table) == 2:
             typer.echo("\n" + planner.grid(loaded, table[0], table[1], gpus))
+        if floor:
+            typer.echo("\n" + planner.floor_table(loaded, table[-1], gpus))
         if measure:
             import torch
 

@@ -4,6 +4,7 @@ without its weights, and a denoiser built from a config (random weights or none,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,13 +15,16 @@ import torch
 from lora_dpo import hub
 from lora_dpo.models.families import (
     FAMILIES,
+    FAMILY_RECIPE_KEYS,
     KNOWN_BASES,
     TINY_BASES,
     Family,
     denoiser_family,
     family_named,
+    family_of_base_name,
     family_of_denoiser,
     family_of_pipeline,
+    recipe_key_owners,
 )
 from lora_dpo.models.parts import BaseModel, ModelError
 from lora_dpo.models.single_file import (
@@ -28,10 +32,11 @@ from lora_dpo.models.single_file import (
     is_single_file,
     load_single_file_parts,
     scheduler_overrides,
+    single_file_family,
     tokenizer_source,
 )
 from lora_dpo.models.tiny import resolve_base
-from lora_dpo.recipe import ModelRecipe
+from lora_dpo.recipe import ModelRecipe, RecipeError
 
 
 def read_pipeline_json(source: str, filename: str, revision: str | None = None) -> dict[str, Any]:
@@ -84,6 +89,49 @@ def base_family(source: str, index: dict[str, Any], revision: str | None = None)
     return family
 
 
+def _unset(value: object) -> str:
+    """How `--set` writes a key's default back: none, [], false."""
+    return {None: "none", (): "[]", False: "false"}.get(value, repr(value))  # type: ignore[call-overload]
+
+
+def refuse_foreign_keys(cfg: ModelRecipe, family: Family) -> None:
+    """One line naming every `[model]` key set away from its default that `family` does not read (another family's
+    own key: a DDPM schedule's on a flow-matching base, a flow schedule's on a UNet base), the families that read
+    it, and how to unset it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelRecipe)}
+    found = [key for key in FAMILY_RECIPE_KEYS
+             if key not in family.own_recipe_keys and getattr(cfg, key) != defaults[key]]
+    if found:
+        raise RecipeError("; ".join(
+            f"[model].{key} = {_value(getattr(cfg, key))}: the base {cfg.base!r} is {family.label}, which does not "
+            f"read it (a key of {' and '.join(f.label for f in recipe_key_owners(key))} bases); remove it from the "
+            f"recipe (--set model.{key}={_unset(defaults[key])})" for key in found))
+
+
+def _value(value: object) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def recipe_base_family(cfg: ModelRecipe) -> Family | None:
+    """The family of `[model].base` from what is on this machine, no download: a tiny base's or a known hub id's
+    name, a single file's header, a local folder's `model_index.json`; None for another hub id (`load_base` then
+    knows it once it has read that id's `model_index.json`, still before any weight)."""
+    family = family_of_base_name(cfg.base)
+    if family is None and is_single_file(cfg.base):
+        family = single_file_family(Path(cfg.base))
+    elif family is None and (Path(cfg.base) / "model_index.json").is_file():
+        family = base_family(cfg.base, read_pipeline_json(cfg.base, "model_index.json"))
+    return family
+
+
+def check_recipe_keys(cfg: ModelRecipe) -> None:
+    """`refuse_foreign_keys` for the base's family where it is known without a download (`recipe_base_family`):
+    what `train`, `cache` and `plan` run before anything loads."""
+    family = recipe_base_family(cfg)
+    if family is not None:
+        refuse_foreign_keys(cfg, family)
+
+
 def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: torch.dtype = torch.float32,
               vae_dtype: torch.dtype = torch.float32, with_unet: bool = True) -> BaseModel:
     """Load the base pipeline's parts, frozen. `with_encoders=False` skips the VAE and text encoders (training
@@ -103,6 +151,7 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
         raise ModelError(f"{source}: the pipeline has no {', '.join(missing)}; lora-dpo needs an SD 1.5 or "
                          "SDXL text-to-image pipeline")
     family = family or base_family(source, index, cfg.revision)
+    refuse_foreign_keys(cfg, family)  # a hub id's family is known from here on, still before any weight
     common = {"revision": cfg.revision}
     online = not (hub.is_hub_id(source) or (cfg.vae and hub.is_hub_id(cfg.vae))) or hub.prepare()
     try:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lora_dpo.files import cache_home
-from lora_dpo.models.families import Family, family_of_checkpoint, family_of_pipeline
+from lora_dpo.models.families import FAMILIES, Family, family_of_checkpoint, family_of_pipeline
 from lora_dpo.models.parts import ModelError
 
 log = logging.getLogger(__name__)
@@ -78,19 +78,28 @@ def single_file_family(path: Path) -> Family:
     """The checkpoint's family, from its header alone; a checkpoint of a kind lora-dpo cannot train is refused by
     name."""
     keys, conv_in = _header(path)
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        raise ModelError(f"[model].base = {str(path)!r}: no {UNET_PREFIX}* keys: not a Stable Diffusion checkpoint "
-                         "in the original single-file layout (an adapter, a lone UNet or VAE?); pass a full "
-                         "checkpoint or a diffusers folder")
     refusal = _refusal(keys, conv_in)
     if refusal:
         raise ModelError(f"[model].base = {str(path)!r}: {refusal}; lora-dpo trains SD 1.5 and SDXL base "
                          "text-to-image checkpoints (epsilon or v-prediction): pass one of those")
-    family = family_of_checkpoint(keys)
+    family = family_of_checkpoint(keys)  # a flow transformer's file may keep it without the UNet prefix
+    if family is None and not any(k.startswith(UNET_PREFIX) for k in keys):
+        raise ModelError(f"[model].base = {str(path)!r}: no {UNET_PREFIX}* keys ({found(keys)}): not a Stable "
+                         "Diffusion or FLUX checkpoint in the original single-file layout (an adapter, a lone UNet "
+                         "or VAE?); pass a full checkpoint or a diffusers folder")
     if family is None:
-        raise ModelError(f"[model].base = {str(path)!r}: no known base family has these keys; pass a diffusers "
-                         "folder instead")
+        raise ModelError(f"[model].base = {str(path)!r}: no known base family ({', '.join(f.label for f in FAMILIES)}) "
+                         f"has these keys ({found(keys)}); pass a diffusers folder instead")
     return family
+
+
+def found(keys: list[str], shown: int = 4) -> str:
+    """What a checkpoint holds, for a message: its key count and first key prefixes (two name parts, a UNet's
+    three), e.g. `12 keys: lora_unet_down.*, ...`."""
+    prefixes = list(dict.fromkeys(".".join(k.split(".")[:3 if k.startswith(UNET_PREFIX) else 2]) + ".*"
+                                  for k in sorted(keys)))
+    listed = ", ".join(prefixes[:shown]) + (f" and {len(prefixes) - shown} more" if len(prefixes) > shown else "")
+    return f"{len(keys)} key{'s' if len(keys) > 1 else ''}: {listed}" if keys else "no keys at all"
 
 
 def scheduler_overrides(path: Path) -> dict[str, Any]:
@@ -138,7 +147,8 @@ def shipped_config_folder(family: Family) -> Path:
         config = family.shipped_config(part.encoder)
         index[part.encoder] = ["transformers", config["architectures"][0]]
         index[part.tokenizer] = ["transformers", part.tokenizer_class]
-        files[f"{part.encoder}/config.json"] = {"model_type": "clip_text_model", **config}
+        kind = "t5" if part.encoder_class.startswith("T5") else "clip_text_model"  # transformers' config class
+        files[f"{part.encoder}/config.json"] = {"model_type": kind, **config}
     for relative, content in {**files, "model_index.json": index}.items():  # the index last: it marks "done"
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_text(json.dumps(content, indent=1))

@@ -23,7 +23,8 @@ The modules, each importing only those listed before it:
   fp32 norms, and the one cache of traced UNets and steps.
 - `estimates`: from measurements to a plan: `Setting`, `optimizer_bytes`, `Estimate`, `estimate`, the changes
   that make a step fit, `Plan`, `make_plan`, `seconds_per_pair`, and the trainer's `resolve_checkpointing`.
-- `report`: the plan as text (`render`) and the rank x resolution table (`grid`).
+- `report`: the plan as text (`render`), the rank x resolution table (`grid`) and the memory floor table
+  (`floor_table`).
 - `measure`: the real step on a device, against the plan: `measure_real_step`, `compare_on_device`.
 """
 
@@ -44,7 +45,7 @@ from lora_dpo.plan.estimates import (
 from lora_dpo.plan.gpus import CONTEXT_GIB, FRAGMENTATION, GPUS, GiB, Gpu, PlanError, find_gpu, parse_list, required
 from lora_dpo.plan.measure import RealMeasure, compare_on_device, measure_real_step
 from lora_dpo.plan.probe import StepProbe, cpu_attention_flops
-from lora_dpo.plan.report import grid, render
+from lora_dpo.plan.report import floor_table, grid, render
 from lora_dpo.plan.trace import EncodeMeasure, StepKey, StepMeasure, measure_encode, measure_step
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "cpu_attention_flops",
     "estimate",
     "find_gpu",
+    "floor_table",
     "grid",
     "make_plan",
     "measure_encode",

@@ -42,12 +42,25 @@ class Architecture:
 
 
 def architecture(model: ModelRecipe) -> Architecture:
-    """`tiny` / `tiny-sd15`, a known hub id (shipped configs), a single-file checkpoint (its config folder), or a
+    """The base's architecture, once its family has refused the `[model]` keys it does not read (known from the
+    name, header or folder first: before any config is read)."""
+    models.check_recipe_keys(model)
+    arch = _architecture(model)
+    models.refuse_foreign_keys(model, arch.family)
+    return arch
+
+
+def _architecture(model: ModelRecipe) -> Architecture:
+    """A tiny base (constants), a known hub id (shipped configs), a single-file checkpoint (its config folder), or a
     local folder / hub id whose configs are read (KBs only)."""
     if model.base in models.TINY_BASES:
         import transformers
 
         family = models.TINY_BASES[model.base]
+        parts = family.tiny_plan_parts()
+        if parts is not None:  # a family with tiny parts of its own (a 16-channel VAE, a T5, a flow scheduler)
+            vae, scheduler, params, tokens = parts
+            return Architecture(model.base, family.tiny_denoiser_config(), vae, scheduler, params, tokens)
         config = transformers.CLIPTextConfig(**models.tiny_text_config())
         params = tuple(_count_params(lambda part=part: getattr(transformers, part.encoder_class)(config))
                        for part in family.text_parts)
@@ -91,12 +104,17 @@ def _read_architecture(model: ModelRecipe) -> Architecture:
 
     import transformers
 
-    unet = read(model.base, "unet/config.json")
+    index = read(model.base, "model_index.json", needed=False) or {}
+    family = models.family_of_pipeline(index)
+    unet = read(model.base, f"{family.denoiser_folder if family else 'unet'}/config.json")
     vae = read(model.vae, "config.json") if model.vae else read(model.base, "vae/config.json")
-    family = models.family_of_denoiser(unet)
-    folders = [part.encoder for part in family.text_parts] if family else []
+    family = family or models.family_of_denoiser(unet)
+    # the text encoders its index lists (a part saved as [null, null] is absent), else its family's
+    folders = sorted(k for k, v in index.items() if k.startswith("text_encoder") and v and v[0] is not None)
+    folders = folders or ([part.encoder for part in family.text_parts] if family else [])
     encoders = [read(model.base, f"{name}/config.json", needed=False) for name in folders]
     params = tuple(
         _count_params(lambda c=c: getattr(transformers, c["architectures"][0])(transformers.AutoConfig.for_model(**c)))
         for c in encoders if c)
-    return Architecture(model.base, unet, vae, read(model.base, "scheduler/scheduler_config.json"), params)
+    tokens = family.shipped_config("text")["max_length"] if family else 77  # what its pipeline pads prompts to
+    return Architecture(model.base, unet, vae, read(model.base, "scheduler/scheduler_config.json"), params, tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,7 +40,7 @@ class Setting:
         key = StepKey(recipe.data.resolution, train.batch_size, recipe.lora, recipe.objective, train.mixed_precision,
                       checkpointing)
         return cls(key, train.optimizer, train.gradient_accumulation, recipe.model.vae_dtype,
-                   cached=recipe.data.cache is not None)
+                   cached=recipe.data.cache is not None, base_4bit=recipe.model.quantize == "nf4")
 
     def with_key(self, **changes: Any) -> Setting:
         return replace(self, key=replace(self.key, **changes))
@@ -119,32 +119,37 @@ class Change:
     what: str
     cost: str
     estimate: Estimate
+    recipe: str = ""  # what to set for it: `--set` text (a cache: also the command that writes it)
 
 
 LOWER_RESOLUTIONS = (768, 512, 384, 256)  # the last resort, tried in turn
 
 
-def _changes(setting: Setting, recompute: float) -> Iterator[tuple[str, str, Setting]]:
-    """What to change when a step does not fit, cheapest first; each applied on top of the ones before."""
+Apply = Callable[[Setting], Setting]
+
+
+def _changes(setting: Setting, recompute: float) -> Iterator[tuple[str, str, str, Apply]]:
+    """What to change when a step does not fit, cheapest first: (what, cost, what to set, the change itself)."""
     key = setting.key
     if not key.checkpointing:
-        setting = setting.with_key(checkpointing=True)
-        yield ("gradient checkpointing on", f"+{recompute:.0%} compute per step", setting)
+        yield ("gradient checkpointing on", f"+{recompute:.0%} compute per step", "train.gradient_checkpointing=true",
+               lambda s: s.with_key(checkpointing=True))
     if not setting.cached:
-        setting = replace(setting, cached=True)
-        yield "cache latents and prompt embeddings", "one encoding pass over the data, before training", setting
+        yield ("cache latents and prompt embeddings", "one encoding pass over the data, before training",
+               "data.cache=FOLDER (written by `lora-dpo cache`)", lambda s: replace(s, cached=True))
     if key.lora.rank > 8:
-        setting = setting.with_key(lora=replace(key.lora, rank=8, alpha=key.lora.alpha * 8 / key.lora.rank))
-        yield f"LoRA rank {key.lora.rank} -> 8", "a smaller adapter", setting
+        alpha = key.lora.alpha * 8 / key.lora.rank
+        yield (f"LoRA rank {key.lora.rank} -> 8", "a smaller adapter", f"lora.rank=8 --set lora.alpha={alpha:g}",
+               lambda s: s.with_key(lora=replace(s.key.lora, rank=8, alpha=alpha)))
     if setting.optimizer == "adamw":
-        setting = replace(setting, optimizer="adamw8bit")
-        yield "8-bit AdamW (train.optimizer = \"adamw8bit\")", "none measurable", setting
+        yield ("8-bit AdamW (train.optimizer = \"adamw8bit\")", "none measurable", "train.optimizer=adamw8bit",
+               lambda s: replace(s, optimizer="adamw8bit"))
     if not setting.base_4bit:
-        setting = replace(setting, base_4bit=True)
-        yield "4-bit NF4 base (QLoRA)", "slower matmuls (weights dequantised on the fly)", setting
+        yield ("4-bit NF4 base (QLoRA)", "slower matmuls (weights dequantised on the fly)", "model.quantize=nf4",
+               lambda s: replace(s, base_4bit=True))
     for resolution in (r for r in LOWER_RESOLUTIONS if r < key.resolution):
-        setting = setting.with_key(resolution=resolution)
-        yield f"resolution {key.resolution} -> {resolution} px", "images below the base's native size", setting
+        yield (f"resolution {key.resolution} -> {resolution} px", "images below the base's native size",
+               f"data.resolution={resolution}", lambda s, r=resolution: s.with_key(resolution=r))
 
 
 @dataclass
@@ -176,10 +181,34 @@ class Plan:
     def ladder(self, memory_gib: float) -> list[Change]:
         """Changes, cheapest first, each on top of the ones before, until the step fits `memory_gib`."""
         changes: list[Change] = []
-        for what, cost, setting in _changes(self.choice(memory_gib).setting, self.recompute):
-            changes.append(Change(what, cost, estimate(self.arch, setting)))
+        setting = self.choice(memory_gib).setting
+        for what, cost, text, apply in _changes(setting, self.recompute):
+            setting = apply(setting)
+            changes.append(Change(what, cost, estimate(self.arch, setting), text))
             if changes[-1].estimate.required <= memory_gib * GiB:
                 break
+        return changes
+
+    def fix(self, memory_gib: float) -> list[Change] | None:
+        """The fewest of the ladder's changes that still fit `memory_gib`: the ladder's, less each earlier change
+        the last ones fit without (tried latest first); None when even the whole ladder does not fit."""
+        start, fits = self.choice(memory_gib).setting, (lambda est: est.required <= memory_gib * GiB)
+        ladder = self.ladder(memory_gib)
+        steps = list(_changes(start, self.recompute))[:len(ladder)]
+        if not ladder or not fits(ladder[-1].estimate):
+            return None
+        kept = list(range(len(steps)))
+        for index in reversed(kept[:-1]):
+            trial = [i for i in kept if i != index]
+            setting = start
+            for i in trial:
+                setting = steps[i][3](setting)
+            if fits(estimate(self.arch, setting)):
+                kept = trial
+        setting, changes = start, []
+        for i in kept:
+            setting = steps[i][3](setting)
+            changes.append(Change(steps[i][0], steps[i][1], estimate(self.arch, setting), steps[i][2]))
         return changes
 
 

@@ -12,6 +12,7 @@ from lora_dpo import models
 from lora_dpo.plan.bases import architecture
 from lora_dpo.plan.estimates import Plan, Setting, estimate, optimizer_bytes, seconds_per_pair
 from lora_dpo.plan.gpus import CONTEXT_GIB, FRAGMENTATION, GiB, Gpu, find_gpu
+from lora_dpo.plan.trace import measure_step
 from lora_dpo.recipe import Recipe
 
 
@@ -57,6 +58,7 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
 
     lora_bytes = 4 * lora_params
     row(f"UNet weights, {dtype} ({m.base_params / 1e6:,.1f} M parameters)", m.base_bytes, m.base_bytes, size)
+    row("NF4 base: its Linear weights at ~0.52 bytes", -off.quantized_saving, -on.quantized_saving, size)
     row("LoRA weights, fp32", lora_bytes, lora_bytes, size)
     row(f"optimizer state, {optimizer} (AdamW 32-bit: {size(optimizer_bytes(m.lora_numels, 'adamw'))})",
         off.optimizer_state, on.optimizer_state, size)
@@ -107,6 +109,9 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
             lines.append(f"  {change.what:<44} card needs {size(est.required):>6} {unit_name}, "
                          f"{est.total_flops / key.batch_size / flop:.1f} {flop_name}/pair; cost: {change.cost}"
                          + (f"; fits {', '.join(fit)}" if fit else ""))
+        fix = plan.fix(smallest.memory_gib)
+        lines.append(f"to fit {smallest.name}: " + (" ".join(f"--set {c.recipe}" for c in fix) + f" (card needs "
+                     f"{size(fix[-1].estimate.required)} {unit_name})" if fix else "no change above is enough"))
     lines += ["", f"planned in {plan.seconds:.0f} s: lora_dpo.step.dpo_step and backward traced on fake tensors; "
                   f"allowance not calibrated on a GPU yet (README, `plan --measure`)"]
     if recipe.train.compile:  # fake tensors cannot run compiled kernels: the trace is of the eager step
@@ -138,4 +143,33 @@ def grid(recipe: Recipe, ranks: list[int], resolutions: list[int], gpus: list[Gp
             rows.append(f"| {rank} | {resolution} | {' / '.join(f'{e.required / GiB:.1f}' for e, _ in options)} | "
                         f"{off.total_flops / batch / 1e12:.1f} / {on.total_flops / batch / 1e12:.1f} | "
                         + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def floor_table(recipe: Recipe, resolutions: list[int], gpus: list[Gpu]) -> str:
+    """A Markdown table, resolution x checkpointing off / on x NF4 base off / on (the recipe's rank, data cached or
+    not as it says): the plan's peak, the floor, their ratio, what a card needs, and per GPU whether it fits with
+    its floor time per pair at 100 % of the card's peak. The floor is measured as docs/performance.md measured
+    SDXL's: the bare step's live tensors, bf16 everywhere (bf16 adapters, CPU autocast's bf16 norms), no optimizer
+    state or carried gradients, traced the same way; with NF4 less the same 4-bit saving the plan takes off."""
+    arch = architecture(recipe.model)
+    found = []
+    for resolution in resolutions:
+        variant = dataclasses.replace(recipe, data=replace(recipe.data, resolution=resolution))
+        for checkpointing in (False, True):
+            setting = Setting.from_recipe(variant, checkpointing)
+            bare = measure_step(arch, replace(setting.key, lora_fp32=False, cuda_autocast=False)).peak
+            for nf4 in (False, True):
+                est = estimate(arch, replace(setting, base_4bit=nf4))
+                found.append((resolution, checkpointing, nf4, est, bare - est.quantized_saving))
+    unit, name = (GiB, "GiB") if max(row[3].peak for row in found) >= GiB else (2**20, "MiB")
+    rows = [f"| px | ckpt | NF4 | peak ({name}) | floor ({name}) | peak / floor | card needs (GiB) | TFLOP per pair | "
+            + " | ".join(g.name for g in gpus) + " |", "|" + "---|" * (8 + len(gpus))]
+    for resolution, checkpointing, nf4, est, floor in found:
+        batch = est.setting.key.batch_size
+        cells = [f"yes: {seconds_per_pair(est.total_flops, batch, gpu) * 1e3:,.0f} ms"
+                 if est.required <= gpu.memory_gib * GiB else "no" for gpu in gpus]
+        rows.append(f"| {resolution} | {'on' if checkpointing else 'off'} | {'yes' if nf4 else 'no'} | "
+                    f"{est.peak / unit:.2f} | {floor / unit:.2f} | {est.peak / floor:.2f}x | "
+                    f"{est.required / GiB:.1f} | {est.total_flops / batch / 1e12:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -1,8 +1,9 @@
 """Other tools' names for what recipe keys do: the flags of diffusers' Diffusion-DPO examples
-(`examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py` and its SD 1.5 sibling) and sd-scripts'
-common keys (its `--config_file` TOML takes the same names). A recipe key written under such a name, in any section
-or none, is answered with the key that does its job here ("`max_train_steps` is `[train].max_steps` here") instead
-of a nearest-spelling guess (`max_bad_steps`). `lora-dpo recipe-doc --other-tools` prints the table.
+(`examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py` and its SD 1.5 sibling) and of its SD3 /
+FLUX LoRA examples (`examples/dreambooth/train_dreambooth_lora_sd3.py`, `..._flux.py`: the flow keys), and
+sd-scripts' common keys (its `--config_file` TOML takes the same names). A recipe key written under such a name, in
+any section or none, is answered with the key that does its job here ("`max_train_steps` is `[train].max_steps`
+here") instead of a nearest-spelling guess (`max_bad_steps`). `lora-dpo recipe-doc --other-tools` prints the table.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ OTHER_TOOLS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "vae": ("[model].vae", (SD_SCRIPTS,), ""),
     "no_half_vae": ('[model].vae_dtype = "no"', (SD_SCRIPTS,), "the default: the VAE stays in fp32"),
     "zero_terminal_snr": ("[model].rescale_betas_zero_snr = true", (SD_SCRIPTS,), ""),
+    "weighting_scheme": ("[model].timestep_sampling", (DIFFUSERS,),
+                         "flow bases; the SD3 / FLUX LoRA examples' flag: logit_normal, mode, uniform (`none`)"),
+    "logit_mean": ("[model].logit_mean", (DIFFUSERS,), "flow bases, the SD3 / FLUX LoRA examples' flag"),
+    "logit_std": ("[model].logit_std", (DIFFUSERS,), "flow bases, the SD3 / FLUX LoRA examples' flag"),
+    "mode_scale": ("[model].mode_scale", (DIFFUSERS,), "flow bases, the SD3 / FLUX LoRA examples' flag"),
+    "guidance_scale": ("[model].guidance", BOTH, "FLUX.1 dev's guidance embedding while training (the FLUX training "
+                       "scripts' flag); the samples' guidance is [sample].guidance_scale"),
+    "discrete_flow_shift": ("[model].shift", (SD_SCRIPTS,), "flow bases: a static timestep shift"),
     "rank": ("[lora].rank", (DIFFUSERS,), ""),
     "network_dim": ("[lora].rank", (SD_SCRIPTS,), ""),
     "network_alpha": ("[lora].alpha", (SD_SCRIPTS,), ""),

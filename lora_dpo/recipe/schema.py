@@ -83,6 +83,27 @@ class ModelRecipe:
         "turbo base: `enforce_zero_terminal_snr`); also for bases trained that way. On by itself for a base whose "
         "scheduler config sets it, or a single file with ComfyUI's `v_pred` and `ztsnr` keys.",
     )
+    timestep_sampling: Literal["logit_normal", "uniform", "mode"] | None = _f(
+        None,
+        "Flow-matching bases (SD3.5, FLUX.1): the density training draws sigma from, as diffusers' examples' "
+        "`--weighting_scheme`: `logit_normal` (sigmoid of a normal draw, Esser et al. 2024), `uniform`, or `mode` "
+        "(Esser et al.'s mode density). None: the family's (SD3.5: logit_normal; FLUX.1: uniform, as diffusers' "
+        "FLUX LoRA example).")
+    logit_mean: float | None = _f(None, "Flow-matching bases, `logit_normal`: the normal draw's mean (None: 0.0, "
+                                        "diffusers' examples).")
+    logit_std: float | None = _f(None, "Flow-matching bases, `logit_normal`: the normal draw's standard deviation "
+                                       "(None: 1.0, diffusers' examples).", min=0.0)
+    mode_scale: float | None = _f(None, "Flow-matching bases, `mode`: its scale (None: 1.29, diffusers' "
+                                        "examples).")
+    shift: float | None = _f(
+        None,
+        "Flow-matching bases: a static timestep shift s' = shift s / (1 + (shift - 1) s) of the training sigmas "
+        "(Esser et al. 2024, Sec. 5.3.2); None: the base's scheduler config (SD3.5: 3.0; FLUX.1 dev: dynamic "
+        "shifting, so training sigmas are unshifted, as diffusers' FLUX example).", min=0.0)
+    guidance: float | None = _f(
+        None,
+        "FLUX.1 dev: what its guidance embedding is fed while training (policy and reference alike); None: 1.0, "
+        "what diffusers' FLUX README commands, kohya's docs, ai-toolkit and SimpleTuner train with.", min=0.0)
     quantize: Literal["none", "nf4"] = _f(
         "none",
         "`nf4`: store the frozen UNet's linear layers in 4-bit NormalFloat (bitsandbytes, QLoRA-style) and train "

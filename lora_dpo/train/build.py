@@ -65,6 +65,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     problem = warmup_problem(cfg)  # a schedule's meaning changed: refused before anything is written or loaded
     if problem:
         raise RecipeError(problem)
+    models.check_recipe_keys(recipe.model)  # another family's [model] keys (a DDPM schedule's on a flow base, ...)
     files.make_folder(run_dir)
     files.remove_temporaries(run_dir)  # what a killed write left behind
     if (run_dir / ADAPTER_FILE).exists() and not (recipe.output.overwrite or resume):

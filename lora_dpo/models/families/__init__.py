@@ -2,7 +2,8 @@
 names a family; code asks a base's family (`family_of_pipeline`, `family_of_denoiser`, `family_named`).
 
 Modules, in import order: `family` (the `Family` interface and `DdpmFamily`, what the UNet families share),
-`clip` (CLIP encoders in the original single-file layout), `sdxl`, `sd15`; this registry last.
+`clip` (CLIP encoders in the original single-file layout), `sdxl`, `sd15`, `flow` (what SD3 and FLUX share),
+`sd3`, `flux`; this registry last.
 
 A new family: one module here with one `Family` instance, its configs in `configs/<name>/`, its entry in
 `FAMILIES`.
@@ -13,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from lora_dpo.models.families import sd15, sdxl
+from lora_dpo.models.families import flux, sd3, sd15, sdxl
 from lora_dpo.models.families.family import CONFIGS, DdpmFamily, Family, TextPart
 from lora_dpo.models.parts import ModelError
 
 # Every family, in the order they are asked: a family whose single files, pipelines or configs another one's would
 # also match comes after that one (SD 1.x, whose files every original-layout checkpoint resembles, last).
-FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd15.FAMILY)
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, sd15.FAMILY)
 DEFAULT_FAMILY = sdxl.FAMILY  # what `bench` and the GPU check run when nothing names a base
 TINY_BASES: dict[str, Family] = {family.tiny_base: family for family in FAMILIES}  # `[model].base` -> its family
 KNOWN_BASES: dict[str, Family] = {hub_id: family for family in FAMILIES for hub_id in family.hub_ids}
@@ -71,11 +72,20 @@ def family_of_metadata(text: str) -> Family | None:
     return next((family for family in FAMILIES if family.owns_metadata(text)), None)
 
 
+def recipe_key_owners(key: str) -> tuple[Family, ...]:
+    """The families that read the `[model]` key `key` among the keys only some read (`Family.own_recipe_keys`)."""
+    return tuple(family for family in FAMILIES if key in family.own_recipe_keys)
+
+
+# every `[model]` key that only some families read, in the order the families list them
+FAMILY_RECIPE_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for family in FAMILIES for k in family.own_recipe_keys))
+
+
 def family_of_base_name(name: str) -> Family | None:
     """The family of a built-in tiny base or a known hub id, from the name alone (no config read), or None."""
     return TINY_BASES.get(name) or KNOWN_BASES.get(name)
 
 
-__all__ = ["CONFIGS", "DEFAULT_FAMILY", "FAMILIES", "KNOWN_BASES", "TINY_BASES", "DdpmFamily", "Family", "TextPart",
-           "denoiser_family", "family_named", "family_of_base_name", "family_of_checkpoint", "family_of_denoiser",
-           "family_of_metadata", "family_of_pipeline", "pipeline_family"]
+__all__ = ["CONFIGS", "DEFAULT_FAMILY", "FAMILIES", "FAMILY_RECIPE_KEYS", "KNOWN_BASES", "TINY_BASES", "DdpmFamily",
+           "Family", "TextPart", "denoiser_family", "family_named", "family_of_base_name", "family_of_checkpoint",
+           "family_of_denoiser", "family_of_metadata", "family_of_pipeline", "pipeline_family", "recipe_key_owners"]

@@ -55,6 +55,9 @@ class Family(ABC):
     unwatermarked: Mapping[str, Any] = {}  # what turns its pipeline's invisible watermark off (training grids)
     tiny_folder: str = ""  # its tiny base's cache folder (bump its version when the tiny weights change)
     tiny_shipped_sha256: str = ""  # set: the tiny base ships in `assets/<tiny_folder>` with this `folder_sha256`
+    # the `[model]` keys of the recipe that only some families read, and this family's among them: a key another
+    # family owns, set away from its default, is refused before anything loads (`models.refuse_foreign_keys`)
+    own_recipe_keys: tuple[str, ...] = ()
 
     # ---- recognising a base ------------------------------------------------------------------------------
     @abstractmethod
@@ -105,6 +108,12 @@ class Family(ABC):
     @abstractmethod
     def tiny_denoiser_config(self) -> dict[str, Any]:
         """Its tiny base's denoiser config (a copy), as a constant: the planner reads it without building."""
+
+    def tiny_plan_parts(self) -> tuple[dict[str, Any], dict[str, Any], tuple[int, ...], int] | None:
+        """What the planner needs of its tiny base besides the denoiser: (VAE config, scheduler config, text
+        encoders' parameter counts, prompt tokens the denoiser reads); None: the UNet families' shared tiny parts
+        (`models.tiny`)."""
+        return None
 
     def build_pipeline(self, denoiser: Any, vae: Any, scheduler: Any, tokenizers: tuple[Any, ...],
                        encoders: tuple[Any, ...], **extra: Any) -> Any:
@@ -225,6 +234,7 @@ class DdpmFamily(Family):
     denoiser_class = "UNet2DConditionModel"
     denoiser_folder = "unet"
     prediction_types = ("epsilon", "v_prediction")  # what the step knows how to train (`target`)
+    own_recipe_keys = ("timesteps", "rescale_betas_zero_snr")  # a DDPM schedule's: a distilled base's steps, zero SNR
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (the recipe's default)
     tiny_unet: Mapping[str, Any]  # its tiny base's UNet config
 

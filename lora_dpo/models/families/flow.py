@@ -92,6 +92,29 @@ class FlowFamily(Family):
     flow_matching = True
     denoiser_folder = "transformer"
     default_weighting_scheme = "logit_normal"  # the family's LoRA example's --weighting_scheme default
+    own_recipe_keys = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "shift")  # sigma's density, shift
+
+    def text_width(self, config: Mapping[str, Any]) -> int:
+        """D of the prompt embeddings: the transformer's joint attention width (T5-XXL's 4096)."""
+        return config["joint_attention_dim"]
+
+    def pooled_width(self, config: Mapping[str, Any]) -> int:
+        """P of the pooled CLIP embedding its time-text embedding reads."""
+        return config["pooled_projection_dim"]
+
+    def tiny_pipeline(self, seed: int = 0) -> Any:
+        """Its tiny pipeline with random weights, built offline in code (each family's `build_tiny_*_pipeline`)."""
+        raise NotImplementedError
+
+    def tiny_plan_parts(self) -> tuple[dict[str, Any], dict[str, Any], tuple[int, ...], int]:
+        """From its tiny pipeline (built in a second: tiny parts, no warm-up): the VAE's and the scheduler's configs,
+        the text encoders' parameter counts, and the prompt tokens of the shipped `text.json` (the tiny tokenizers
+        pad to the real bases' lengths)."""
+        pipe = self.tiny_pipeline()
+        encoders = [getattr(pipe, name) for name in sorted(vars(pipe)) if name.startswith("text_encoder")]
+        params = tuple(sum(p.numel() for p in encoder.parameters()) for encoder in encoders if encoder is not None)
+        return (dict(pipe.vae.config), dict(pipe.scheduler.config), params,
+                int(self.shipped_config("text")["max_length"]))
 
     # ---- noise, timesteps and the target -----------------------------------------------------------------
     def timestep_scale(self, schedule: FlowSchedule) -> float:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_dpo.models.families.family import TextPart
 from lora_dpo.models.families.flow import (
     FlowFamily,
     FlowSchedule,
@@ -97,10 +98,16 @@ class FluxFamily(FlowFamily):
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
+    # its double blocks: BFL's flux1-dev.safetensors keeps them bare, ComfyUI's checkpoints under the UNet prefix
+    checkpoint_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")
+    metadata_markers = ("flux-1", "flux1")  # modelspec.architecture, ss_base_model_version
+    text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),
+                  TextPart("tokenizer_2", "text_encoder_2", "T5EncoderModel", "T5TokenizerFast"))
     default_resolution = 1024
     max_sequence_length = 512  # T5 tokens (FluxPipeline.encode_prompt's default and maximum)
     guidance_scale = 1.0  # dev's guidance embedding at training time: README_flux.md's --guidance_scale=1
     default_weighting_scheme = "none"  # uniform sigmas: the FLUX LoRA example's --weighting_scheme default
+    own_recipe_keys = (*FlowFamily.own_recipe_keys, "guidance")  # and dev's guidance embedding's input
     default_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                               "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                               "ff_context.net.0.proj", "ff_context.net.2")
@@ -138,6 +145,9 @@ class FluxFamily(FlowFamily):
                           T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **kwargs))
         return tokenizers, encoders
 
+    def tiny_pipeline(self, seed: int = 0) -> Any:
+        return build_tiny_flux_pipeline(seed)
+
     def tiny_denoiser_config(self) -> dict[str, Any]:
         return dict(TINY_FLUX_TRANSFORMER)
 
@@ -154,6 +164,10 @@ class FluxFamily(FlowFamily):
         ids = t5_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                            return_tensors="pt").input_ids.to(device)
         return t5(ids, output_hidden_states=False)[0].to(t5.dtype), pooled
+
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        """The VAE's 16 channels: the transformer takes them packed 2 x 2 into `in_channels` (64)."""
+        return config["in_channels"] // 4
 
     def timestep_scale(self, schedule: FlowSchedule) -> float:
         """FLUX's transformer takes sigma (t / 1000) and scales it by 1000 itself."""

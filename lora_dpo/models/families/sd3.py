@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_dpo.models.families.family import TextPart
 from lora_dpo.models.families.flow import (
     FlowFamily,
     frozen,
@@ -75,6 +76,12 @@ class SD3Family(FlowFamily):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_class = "SD3Transformer2DModel"
     hub_ids = ("stabilityai/stable-diffusion-3.5-medium",)
+    # its MMDiT's joint blocks in Stability's single files (sd3.5_medium.safetensors; ComfyUI's `SD3` model detection)
+    checkpoint_markers = ("model.diffusion_model.joint_blocks.",)
+    metadata_markers = ("stable-diffusion-3", "5-medium", "5-large")  # modelspec.architecture, ss_base_model_version
+    text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
+                  TextPart("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
+                  TextPart("tokenizer_3", "text_encoder_3", "T5EncoderModel", "T5TokenizerFast"))
     default_resolution = 1024
     max_sequence_length = 256  # T5 tokens (StableDiffusion3Pipeline.encode_prompt's default)
     default_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -114,6 +121,9 @@ class SD3Family(FlowFamily):
                           CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs),
                           T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **kwargs))
         return tokenizers, encoders
+
+    def tiny_pipeline(self, seed: int = 0) -> Any:
+        return build_tiny_sd3_pipeline(seed)
 
     def tiny_denoiser_config(self) -> dict[str, Any]:
         return dict(TINY_SD3_TRANSFORMER)

@@ -114,7 +114,6 @@ class FluxFamily(FlowFamily):
     modelspec_architecture = "flux-1-dev"
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
     kohya_implementation = modelspec_implementation  # BFL / SAI module names in the kohya file
-    metadata_markers = ("flux-1", "flux1")  # modelspec.architecture / ss_base_model_version of its adapters
     card_tags = ("flux", "flux-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------

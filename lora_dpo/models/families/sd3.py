@@ -89,7 +89,6 @@ class SD3Family(FlowFamily):
     modelspec_architecture = "stable-diffusion-3-5-medium"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     kohya_implementation = modelspec_implementation  # BFL / SAI module names in the kohya file
-    metadata_markers = ("stable-diffusion-3",)  # modelspec.architecture / ss_base_model_version of its adapters
     card_tags = ("sd3.5", "sd3.5-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------

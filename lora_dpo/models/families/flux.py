@@ -111,6 +111,7 @@ class FluxFamily(FlowFamily):
                               "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                               "ff_context.net.0.proj", "ff_context.net.2")
     modelspec_architecture = "flux-1-dev"
+    metadata_markers = ("flux-1", "flux1")  # modelspec (dev, schnell) / sd-scripts' ss_base_model_version
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
     card_tags = ("flux", "flux-diffusers")
 

@@ -87,6 +87,7 @@ class SD3Family(FlowFamily):
     default_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                               "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
     modelspec_architecture = "stable-diffusion-3-5-medium"
+    metadata_markers = ("stable-diffusion-3", "5-medium", "5-large")  # modelspec / sd-scripts' model types
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     card_tags = ("sd3.5", "sd3.5-diffusers")
 

@@ -113,7 +113,7 @@ def test_training_from_the_cache_matches_live_training_on_a_flow_base(
     for field in ("latents_w", "latents_l", "prompt_embeds", "pooled", "labels"):
         torch.testing.assert_close(getattr(cached_first, field), getattr(live_first, field), rtol=1e-5, atol=1e-5)
     fit(run)
-    assert [h["step"] for h in run.history] == [h["step"] for h in live_run.history] == [1, 2, 3, 4]
+    assert [h["step"] for h in run.history] == [h["step"] for h in live_run.history]
     for mine, theirs in zip(run.history, live_run.history, strict=True):
         for key in ("loss", "val_loss", "val_reward_accuracy", "model_w", "ref_l"):
             if key in theirs:

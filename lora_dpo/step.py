@@ -263,7 +263,7 @@ def _stack(a: Tensor | None, b: Tensor | None, pair: bool) -> Tensor | None:
 def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: Tensor, timesteps: Tensor,
             pair: bool, dtype: torch.dtype | None = None) -> Tensor:
     """Per-image mean squared denoising error over (C, h, w): shape (2B,) with the loser, else (B,). `dtype`: the
-    UNet's weights' (its conv_in's, never quantised); None: read here."""
+    denoiser's base weights' (`weights_dtype`); None: read here."""
     dtype = weights_dtype(unwrap(unet)) if dtype is None else dtype
     latents = _stack(batch.latents_w, batch.latents_l, pair)
     repeat = 2 if pair else 1

@@ -175,3 +175,19 @@ def test_random_batches_have_the_flow_families_shapes() -> None:
         assert batch.latents_w.shape == (2, 16, 8, 8) and batch.time_ids_w is None
         assert batch.prompt_embeds.shape == (2, TOKENS[name], 64) and batch.pooled.shape == (2, family.pooled_width(
             config))
+
+
+def test_the_built_in_flow_bases_are_built_cold_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[model].base = "tiny-sd3"` / `"tiny-flux"`: built once into the cache home from the family's tiny builder
+    (random weights: no DDPM warm-up), then loaded as their stock pipelines."""
+    import json
+
+    monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
+    for name in ("sd3", "flux"):
+        family = models.family_named(name)
+        folder = models.resolve_base(family.tiny_base)
+        assert folder == str(tmp_path / family.tiny_folder) == str(models.tiny_base_path(name))
+        assert json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == PIPELINES[name]
+        base = models.load_base(recipe.ModelRecipe(base=family.tiny_base))
+        assert base.family is family and len(base.text_encoders) == len(family.text_parts)
+        assert type(base.unet).__name__ == family.denoiser_class

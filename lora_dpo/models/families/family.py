@@ -158,12 +158,12 @@ class Family(ABC):
         family whose pipeline returns packed tokens unpacks them here)."""
         return latents
 
+    @abstractmethod
     def recipe_overrides(self, cfg: Any, config: Mapping[str, Any],
                          file_overrides: Mapping[str, Any]) -> dict[str, Any]:
         """What `training_scheduler` is given: from the base's scheduler config, a single file's marker keys
         (`file_overrides`) and the recipe's [model] (`cfg`, a `ModelRecipe`). DDPM: the prediction type and zero
         terminal SNR; flow: the sampling density, shift and guidance."""
-        raise NotImplementedError
 
     uses_geometry: bool = False  # SDXL: the denoiser reads the geometry (B, 6); others: never stored or passed
 

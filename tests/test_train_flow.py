@@ -120,6 +120,25 @@ def test_training_from_the_cache_matches_live_training_on_a_flow_base(
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (mine["step"], key)
 
 
+def test_the_cache_command_and_a_cached_bf16_run_on_a_flow_base(tiny_sd3_base_dir: Path, shapes_jsonl: Path,
+                                                               tmp_path: Path) -> None:
+    """`lora-dpo cache` then `lora-dpo train` from it, both real subprocesses, in bf16 (the cache stores fp16)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.toml"
+    path.write_text(f'[model]\nbase = "{tiny_sd3_base_dir}"\n[data]\nsource = "{shapes_jsonl}"\nresolution = 64\n'
+                    f'val_pairs = 4\ncache = "{tmp_path / "cache"}"\n[train]\nmax_steps = 2\nbatch_size = 2\n'
+                    f'mixed_precision = "bf16"\nnum_threads = 1\n[output]\ndir = "{tmp_path}"\nname = "cached"\n')
+    for command in ("cache", "train"):
+        done = subprocess.run([sys.executable, "-m", "lora_dpo", command, str(path)], cwd=Path(__file__).parent.parent,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "VAE and text encoders not loaded" in done.stdout + done.stderr
+    weights = load_file(tmp_path / "cached" / ADAPTER_FILE)
+    assert weights and all(k.startswith("transformer.") for k in weights)
+
+
 def test_a_flow_dpo_step_is_the_dpo_loss_of_velocity_errors_by_hand(tiny_flow_base: tuple[str, Path], tiny_recipe,
                                                                      tmp_path: Path) -> None:
     """One `step.dpo_step` on a real batch against its re-implementation here: the same noise and sigma for both

@@ -210,6 +210,8 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
     name = folder.resolve().name
     ref = adapter_ref or str(folder.resolve())
     cfg, lora, obj = recipe.train, recipe.lora, recipe.objective
+    # [lora].target_modules unset: the family's default, as the adapter's header recorded it
+    targets = lora.target_modules or json.loads(header.get("lora_dpo.target_modules", "[]"))
     base_note = "" if is_hub_id(base) else " (a local base: put its hub id or folder in the snippet)"
     effective = cfg.batch_size * cfg.gradient_accumulation
     hashes = _file_hashes(folder)
@@ -232,7 +234,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         f"| held-out set | {_heldout(recipe, metrics)} |",
         f"| steps | {metrics.get('steps', cfg.max_steps)} optimizer steps x {effective} pairs per device |",
         f"| learning rate | {cfg.learning_rate:g}, `{cfg.lr_schedule}` schedule, {cfg.warmup_steps} warmup steps |",
-        f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(f'`{t}`' for t in lora.target_modules)} |",
+        f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(f'`{t}`' for t in targets)} |",
         f"| noise schedule | `{header.get('modelspec.prediction_type', 'epsilon')}` prediction"  # the base's
         f"{', zero terminal SNR' if header.get('lora_dpo.zero_terminal_snr') == 'true' else ''} |",
         f"| precision, seed | `{cfg.mixed_precision}`, {cfg.seed} |",

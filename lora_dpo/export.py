@@ -227,7 +227,7 @@ def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, famil
     stamp = {"lora_dpo.version": __version__, "lora_dpo.base_model": recipe.model.base,
              "lora_dpo.base_location": models.base_location(recipe.model.base),
              "lora_dpo.rank": str(recipe.lora.rank), "lora_dpo.alpha": repr(recipe.lora.alpha),
-             "lora_dpo.target_modules": json.dumps(list(recipe.lora.target_modules)),
+             "lora_dpo.target_modules": json.dumps(list(models.target_modules(recipe.lora, family))),
              "lora_dpo.objective": recipe.objective.kind, "lora_dpo.beta": repr(recipe.objective.beta),
              "lora_dpo.steps": str(metrics.get("steps", "")), "lora_dpo.dataset": recipe.data.source,
              "lora_dpo.fingerprint": recipe.fingerprint(), "lora_dpo.recipe": json.dumps(recipe.to_dict()),
@@ -258,18 +258,18 @@ def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], out: Pat
     return out
 
 
-def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.float32,
-                    extra_metadata: dict[str, str] | None = None) -> Path:
-    """diffusers' own writer (so `load_lora_weights` reads it as its own, alpha included), then our metadata. The
-    UNet pipelines' LoRA loader writes it (every UNet family's pipeline has the same `save_lora_weights`)."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
+def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.float32, extra_metadata: dict[str, str]
+                    | None = None, family: models.Family = models.DEFAULT_FAMILY) -> Path:
+    """diffusers' own writer, the family's `lora_writer` (so `load_lora_weights` reads it as its own, alpha
+    included: `unet.` or `transformer.` keys), then our metadata."""
     scratch = files.temporary(out.with_name(out.name + ".diffusers"))  # diffusers writes a folder
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            scratch, unet_lora_layers={k: v.to(dtype).contiguous() for k, v in adapter.weights.items()},
-            unet_lora_adapter_metadata=lora_config_dict(adapter), weight_name=out.name, safe_serialization=True)
+        family.lora_writer().save_lora_weights(
+            scratch, **{f"{family.denoiser_folder}_lora_layers": {k: v.to(dtype).contiguous()
+                                                                  for k, v in adapter.weights.items()},
+                        f"{family.denoiser_folder}_lora_adapter_metadata": lora_config_dict(adapter)},
+            weight_name=out.name, safe_serialization=True)
         tensors, metadata = read_file(scratch / out.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -312,12 +312,12 @@ def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipelin
     scale = lora_config.lora_alpha / lora_config.r  # peft's uniform scale; kohya alpha = scale x module rank
     alphas = {k.removesuffix(".lora_A.weight"): scale * v.shape[0] for k, v in weights.items()
               if k.endswith(".lora_A.weight")}
-    stamp = training_metadata(recipe, metrics, run_dir.name, models.denoiser_family(unet.config))
+    stamp = training_metadata(recipe, metrics, run_dir.name, family := models.denoiser_family(unet.config))
     # all three written before any is published (a full disk leaves none); renamed in reverse order on exit, the
     # adapter last: an adapter on disk always has its recipe and metrics beside it
     with (files.atomic_file(run_dir / ADAPTER_FILE) as adapter_tmp, files.atomic_file(run_dir / "recipe.toml") as
           recipe_tmp, files.atomic_file(run_dir / "metrics.json") as metrics_tmp):
-        write_diffusers(Adapter(weights, alphas, source=str(run_dir)), adapter_tmp, extra_metadata=stamp)
+        write_diffusers(Adapter(weights, alphas, source=str(run_dir)), adapter_tmp, torch.float32, stamp, family)
         recipe_tmp.write_text(recipe.to_toml(), encoding="utf-8")
         # the file's own hash lives beside it, not in its header (which it would change); renaming keeps the bytes
         own = {"adapter_file": ADAPTER_FILE, "adapter_sha256": files.sha256(adapter_tmp)}

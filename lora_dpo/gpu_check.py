@@ -383,10 +383,10 @@ def run_suite(arch: str, recipe: Recipe, resolution: int | None = None, steps: i
     started = time.perf_counter()
     checks = [_run(suite, item, check, device) for item, check in ITEMS]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux reports KiB
-    lora = suite.recipe.lora
+    lora, family = suite.recipe.lora, models.TINY_BASES["tiny"] if arch == "tiny" else models.family_named(arch)
     settings = {"arch": arch, "model": f"{arch} (random weights)", "resolution": resolution,
                 "pairs_per_micro_batch": suite.recipe.train.batch_size, "lora_rank": lora.rank,
-                "lora_targets": list(lora.target_modules), "steps": steps, "warmup": warmup,
+                "lora_targets": list(models.target_modules(lora, family)), "steps": steps, "warmup": warmup,
                 "max_memory_gb": max_memory_gb, "plan_fragmentation": plan.FRAGMENTATION}
     versions = {name: metadata.version(name) for name in ("diffusers", "peft", "accelerate", "bitsandbytes")}
     return {"suite": "gpu", "settings": settings,

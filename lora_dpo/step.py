@@ -119,7 +119,7 @@ def build_policy(unet: Any, lora: LoraRecipe, seed: int, *, precision: str, quan
     if lora_fp32:
         config = models.add_lora(unet, lora)
     else:
-        config = models.lora_config(lora)
+        config = models.lora_config(lora, models.denoiser_family(unet.config))
         unet.add_adapter(config)
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -188,13 +188,15 @@ def encode_batch(base: BaseModel, batch: PreferenceBatch, device: torch.device) 
 
 def random_batch(unet_config: Mapping[str, Any], pairs: int, resolution: int, device: torch.device | str,
                  dtype: torch.dtype, generator: torch.Generator | None = None, latent_factor: int = 8,
-                 tokens: int = 77) -> EncodedBatch:
+                 tokens: int | None = None) -> EncodedBatch:
     """What `encode_batch` hands the step, of the denoiser's shapes (its family reads them from its config):
-    latents (B, C, R/f, R/f) in float32, prompt embeddings (B, tokens, D) and, where the family's denoiser reads
-    them, pooled (B, P) in the encoders' dtype and time ids (B, 6). Random from `generator`; without one,
-    uninitialised (the planner's fake tensors have shapes, not values)."""
+    latents (B, C, R/f, R/f) in float32, prompt embeddings (B, tokens, D) (None: the family's `prompt_tokens`:
+    77 for CLIP, 333 SD3, 512 FLUX) and, where the family's denoiser reads them, pooled (B, P) in the encoders'
+    dtype and time ids (B, 6). Random from `generator`; without one, uninitialised (the planner's fake tensors
+    have shapes, not values)."""
     family = models.denoiser_family(unet_config)
     size = resolution // latent_factor
+    tokens = family.prompt_tokens if tokens is None else tokens
 
     def tensor(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         if generator is None:
@@ -246,6 +248,12 @@ def unwrap(unet: Any) -> Any:
     return inner
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the denoiser's base weights: its first floating parameter's (a UNet's conv_in, never quantised;
+    FLUX's first is a linear layer, whose NF4 weight is packed uint8 but whose bias is the base's dtype)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def _stack(a: Tensor | None, b: Tensor | None, pair: bool) -> Tensor | None:
     if a is None:
         return None
@@ -255,8 +263,8 @@ def _stack(a: Tensor | None, b: Tensor | None, pair: bool) -> Tensor | None:
 def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: Tensor, timesteps: Tensor,
             pair: bool, dtype: torch.dtype | None = None) -> Tensor:
     """Per-image mean squared denoising error over (C, h, w): shape (2B,) with the loser, else (B,). `dtype`: the
-    UNet's weights' (its conv_in's, never quantised); None: read here."""
-    dtype = next(unwrap(unet).parameters()).dtype if dtype is None else dtype
+    denoiser's base weights' (`weights_dtype`); None: read here."""
+    dtype = weights_dtype(unwrap(unet)) if dtype is None else dtype
     latents = _stack(batch.latents_w, batch.latents_l, pair)
     repeat = 2 if pair else 1
     noise, timesteps = noise.repeat(repeat, 1, 1, 1), timesteps.repeat(repeat)
@@ -273,7 +281,7 @@ def _errors(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, noise: 
         # reads them embeds them sinusoidally and casts the result itself, as under autocast.
         noisy, embeds = noisy.to(dtype), embeds.to(dtype)
         pooled = None if pooled is None else pooled.to(dtype)
-    prediction = family.denoise(unet, noisy, timesteps, embeds, pooled, time_ids)
+    prediction = family.denoise(unet, noisy, timesteps, embeds, pooled, time_ids, scheduler)
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
@@ -316,7 +324,7 @@ def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: O
     `forward_autocast`: the autocast the wrapper runs the UNet's forward under (accelerate's), if not on here."""
     objective = OBJECTIVES[cfg.kind]
     inner = unwrap(unet)
-    dtype = next(inner.parameters()).dtype  # conv_in's: never quantised
+    dtype = weights_dtype(inner)
     noise, timesteps = sample_noise(base, batch.latents_w, generator)
     ref_w = ref_l = None
     if objective.needs_reference:

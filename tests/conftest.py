@@ -1,5 +1,5 @@
-"""Shared tiny fixtures: tiny SDXL- and SD 1.5-architecture bases with random weights and a generated preference
-set. Everything is built offline; nothing touches a hub."""
+"""Shared tiny fixtures: tiny SDXL-, SD 1.5-, SD3- and FLUX-architecture bases with random weights and a generated
+preference set. Everything is built offline; nothing touches a hub."""
 
 from __future__ import annotations
 
@@ -68,6 +68,28 @@ def tiny_sd15_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lora_dpo.models import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("tiny_sd15") / "base", warmup_steps=0, arch="sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD3-architecture base (`StableDiffusion3Pipeline`: CLIP x2 + T5, a 16-channel VAE), random weights."""
+    from lora_dpo.models import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_sd3") / "base", warmup_steps=0, arch="sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX.1-dev-architecture base (`FluxPipeline`: CLIP + T5, guidance embedding), random weights."""
+    from lora_dpo.models import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_flux") / "base", warmup_steps=0, arch="flux")
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def tiny_flow_base(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(family name, tiny flow base folder), once per flow family; each base built once per session."""
+    return request.param, request.getfixturevalue(f"tiny_{request.param}_base_dir")
 
 
 @pytest.fixture(params=["sdxl", "sd15"])

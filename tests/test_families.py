@@ -141,14 +141,17 @@ def test_every_family_owns_its_own_configs_bases_and_names() -> None:
             assert models.family_of_metadata(text) is family
         text = family.shipped_config("text")
         assert len(text["hidden_sizes"]) == len(family.text_parts) == len(text["encoder_params"])
-        # a flow transformer reads T5's width (CLIP's hidden states padded to it); a UNet the CLIPs' concatenated
-        assert family.text_width(family.shipped_config(family.denoiser_folder)) == text.get(
-            "embed_width", sum(text["hidden_sizes"]))
+        # CLIP widths concatenated (SDXL), or T5's that the CLIPs are padded to (SD3, FLUX: `embed_width`)
+        width = text.get("embed_width", sum(text["hidden_sizes"]))
+        assert family.text_width(family.shipped_config(family.denoiser_folder)) == width
+        assert family.prompt_tokens == text["max_length"]
         assert family.pooled_width(family.shipped_config(family.denoiser_folder)) == text["pooled_dim"]
     hub_ids = [hub_id for family in models.FAMILIES for hub_id in family.hub_ids]
     assert len(hub_ids) == len(set(hub_ids)) == len(models.KNOWN_BASES)
     unet_families = [family for family in models.FAMILIES if isinstance(family, models.families.DdpmFamily)]
-    assert all(family.default_target_modules == schema.LoraRecipe().target_modules for family in unet_families)
+    # [lora].target_modules unset (None) is the family's; the UNet families' is what the key defaulted to before
+    assert schema.LoraRecipe().target_modules is None
+    assert all(family.default_target_modules == ("to_q", "to_k", "to_v", "to_out.0") for family in unet_families)
     default_base = schema.ModelRecipe().base  # the recipe's default base is a known one
     assert models.family_of_base_name(default_base) is models.DEFAULT_FAMILY
     with pytest.raises(models.ModelError, match="architecture 'sd21' is not known; known: sdxl, sd3, flux, sd15"):

@@ -53,6 +53,7 @@ from lora_dpo.models.lora import (
     lora_parameters,
     lora_state_dict,
     quantize_nf4,
+    target_modules,
 )
 from lora_dpo.models.original import checkpoint_state, write_checkpoint
 from lora_dpo.models.parts import (
@@ -96,7 +97,6 @@ __all__ = [
     "is_single_file", "load_base", "lora_config", "lora_parameters", "lora_state_dict", "pipeline_family",
     "quantize_nf4",
     "read_pipeline_json", "recipe_base_family", "refuse_foreign_keys", "resolve_base", "scheduler_overrides",
-    "shipped_config", "single_file_family",
-    "single_file_pipeline", "tiny_base_path", "tiny_text_config", "tiny_tokenizer", "unet_from_config",
-    "warm_up_tiny_base", "write_checkpoint",
+    "shipped_config", "single_file_family", "single_file_pipeline", "target_modules", "tiny_base_path",
+    "tiny_text_config", "tiny_tokenizer", "unet_from_config", "warm_up_tiny_base", "write_checkpoint",
 ]

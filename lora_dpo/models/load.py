@@ -61,7 +61,8 @@ def read_pipeline_json(source: str, filename: str, revision: str | None = None) 
 
 def training_schedule(config: dict[str, Any], cfg: ModelRecipe, overrides: dict[str, Any]) -> dict[str, Any]:
     """The training scheduler's prediction type and zero-SNR setting: the base's scheduler config, then a
-    single file's marker keys (`overrides`); zero terminal SNR when the config, the file or the recipe asks."""
+    single file's marker keys (`overrides`); zero terminal SNR when the config, the file or the recipe asks.
+    (A DDPM family's `recipe_overrides`; what the adapter's metadata records of any base.)"""
     zero_snr = bool(config.get("rescale_betas_zero_snr") or overrides.get("rescale_betas_zero_snr")
                     or cfg.rescale_betas_zero_snr)
     return {"prediction_type": overrides.get("prediction_type", config.get("prediction_type", "epsilon")),
@@ -148,8 +149,8 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
     if with_encoders:
         missing += [part for part in ("vae", "text_encoder", "tokenizer") if part not in index]
     if missing:
-        raise ModelError(f"{source}: the pipeline has no {', '.join(missing)}; lora-dpo needs an SD 1.5 or "
-                         "SDXL text-to-image pipeline")
+        raise ModelError(f"{source}: the pipeline has no {', '.join(missing)}; lora-dpo needs a text-to-image "
+                         f"pipeline of {', '.join(f.label for f in FAMILIES)}")
     family = family or base_family(source, index, cfg.revision)
     refuse_foreign_keys(cfg, family)  # a hub id's family is known from here on, still before any weight
     common = {"revision": cfg.revision}
@@ -158,9 +159,9 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
         overrides = scheduler_overrides(single) if single else {}  # the file's v_pred / ztsnr keys
         # the scheduler's JSON (any scheduler class reads any config); the family builds the training scheduler
         config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler", **common)
-        try:
-            scheduler = family.training_scheduler(config, training_schedule(config, cfg, overrides))
-        except ModelError as err:
+        try:  # DDPM: prediction type and zero SNR; flow: the recipe's sampling, shift and guidance
+            scheduler = family.training_scheduler(config, family.recipe_overrides(cfg, config, overrides))
+        except (ModelError, ValueError) as err:
             raise ModelError(f"{source}: {err}") from None
         steps = scheduler.config.num_train_timesteps
         if any(t >= steps for t in cfg.timesteps):
@@ -226,11 +227,15 @@ def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
     config for the well-known hub ids (offline), the built-in tiny bases' constant, `unet/config.json` of a local
     folder, or the hub's."""
     if name in KNOWN_BASES:
-        return KNOWN_BASES[name].shipped_config("unet")
+        return KNOWN_BASES[name].shipped_config(KNOWN_BASES[name].denoiser_folder)
     if name in TINY_BASES:  # a constant, as the planner reads it: never a build (minutes) just for the blocks
         return TINY_BASES[name].tiny_denoiser_config()
     if is_single_file(name):
         return read_pipeline_json(str(config_folder(Path(name))), "unet/config.json")
-    return read_pipeline_json(resolve_base(name), "unet/config.json", revision)
+    source, folder = resolve_base(name), "unet"
+    if not (Path(source) / folder).is_dir():  # a transformer base (SD3, FLUX), or a hub id: its model_index says
+        family = family_of_pipeline(read_pipeline_json(source, "model_index.json", revision))
+        folder = family.denoiser_folder if family else folder
+    return read_pipeline_json(source, f"{folder}/config.json", revision)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_dpo.models.families import Family, denoiser_family
 from lora_dpo.models.parts import ModelError
 from lora_dpo.recipe import LoraRecipe
 
@@ -65,11 +66,17 @@ def _output_in_autocast_dtype(module: torch.nn.Module, args: tuple[Any, ...], ou
 # LoRA and the reference
 
 
-def lora_config(cfg: LoraRecipe) -> Any:
+def target_modules(cfg: LoraRecipe, family: Family) -> tuple[str, ...]:
+    """[lora].target_modules, or where the recipe leaves it unset the base family's `default_target_modules`."""
+    return family.default_target_modules if cfg.target_modules is None else tuple(cfg.target_modules)
+
+
+def lora_config(cfg: LoraRecipe, family: Family) -> Any:
+    """peft's LoraConfig of the recipe's [lora] on a denoiser of `family` (its default targets where unset)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), init_lora_weights=True)
+                      target_modules=list(target_modules(cfg, family)), init_lora_weights=True)
 
 
 class _CastOutsideAutocast:
@@ -89,11 +96,11 @@ def add_lora(unet: Any, cfg: LoraRecipe) -> Any:
     matmuls run in the autocast dtype on the input as it comes (`_CastOutsideAutocast`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    config = lora_config(cfg)
+    config = lora_config(cfg, denoiser_family(unet.config))
     try:
         unet.add_adapter(config)
     except ValueError as err:
-        raise ModelError(f"[lora].target_modules {list(cfg.target_modules)}: {err}") from None
+        raise ModelError(f"[lora].target_modules {list(config.target_modules)}: {err}") from None
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()

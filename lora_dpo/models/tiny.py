@@ -1,6 +1,7 @@
-"""The built-in tiny bases, one per family (`Family.tiny_base`: `tiny` is SDXL's, `tiny-sd15` SD 1.5's): pipelines
-small enough for a 2-core CPU, built from the family's tiny config with random weights, warmed up on the demo
-images, saved as ordinary diffusers folders and cached."""
+"""The built-in tiny bases, one per family (`Family.tiny_base`: `tiny` is SDXL's, `tiny-sd15` SD 1.5's, `tiny-sd3`
+and `tiny-flux` the flow families'): pipelines small enough for a 2-core CPU, built from the family's tiny config
+with random weights, warmed up on the demo images (the DDPM families'; the flow families' stay random), saved as
+ordinary diffusers folders and cached."""
 
 from __future__ import annotations
 
@@ -163,6 +164,9 @@ def build_tiny_pipeline(seed: int = 0, arch: str | Family = TINY_BASES["tiny"]) 
     from transformers import CLIPTextConfig
 
     family = tiny_family(arch)  # fails on an unknown arch before any weight is drawn
+    own = family.tiny_pipeline(seed)  # a flow family's: T5 encoders and a 16-channel VAE, its own builder
+    if own is not None:
+        return own
     denoiser_config = family.tiny_denoiser_config()
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
@@ -320,6 +324,10 @@ def build_tiny_base(out_dir: Path, warmup_steps: int = WARMUP_STEPS, seed: int =
     pipe = build_tiny_pipeline(seed, arch)  # first: an unknown arch must fail before `replace` deletes anything
     if replace and out_dir.exists():
         shutil.rmtree(out_dir)
+    family = tiny_family(arch)
+    if warmup_steps and not family.tiny_warm_up:  # the warm-up trains a DDPM UNet: a flow base stays random
+        log.info("%s: its tiny base is not warmed up (random weights)", family.label)
+        warmup_steps = 0
     if warmup_steps:
         warm_up_tiny_base(pipe, warmup_steps, seed, vae_steps=VAE_STEPS if vae_steps is None else vae_steps)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

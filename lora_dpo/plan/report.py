@@ -41,7 +41,8 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
         f"{plan.pairs:,} pairs; {hours:,.1f} h on an {yardstick.card} at 50 % of its peak (every GPU below)",
         "",
         f"{arch.name} ({recipe.model.base}): {key.batch_size} pair(s) per step at {key.resolution} px, LoRA rank "
-        f"{key.lora.rank} on {', '.join(key.lora.target_modules)} ({lora_params / 1e6:.2f} M parameters)",
+        f"{key.lora.rank} on {', '.join(models.target_modules(key.lora, arch.family))} "
+        f"({lora_params / 1e6:.2f} M parameters)",
         f"objective {key.objective.kind}, precision {key.precision}, {optimizer}, accumulation "
         f"{off.setting.accumulation}, gradient checkpointing {json.dumps(recipe.train.gradient_checkpointing)}; "
         + ("data cached" if off.setting.cached else "data encoded every step (VAE and text encoders on the GPU)"),

@@ -54,11 +54,12 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 class ModelRecipe:
     base: str = _f(
         "stabilityai/stable-diffusion-xl-base-1.0",
-        "Hub id or local diffusers folder of the base pipeline (SDXL or SD 1.5), a single-file checkpoint "
+        "Hub id or local diffusers folder of the base pipeline (SDXL, SD 1.5, SD3.5 or FLUX.1), a single-file "
+        "checkpoint "
         "(`model.safetensors`, what A1111/ComfyUI load; configs from a diffusers config folder beside it, else the "
         "shipped SDXL / SD 1.5 ones), or a built-in tiny base, built "
-        "and cached on first use (offline demo and tests): `tiny` (SDXL architecture) or `tiny-sd15` (SD 1.5 "
-        "architecture: one text encoder, no micro-conditioning).",
+        "and cached on first use (offline demo and tests): `tiny` (SDXL architecture), `tiny-sd15` (SD 1.5 "
+        "architecture: one text encoder, no micro-conditioning), `tiny-sd3` or `tiny-flux` (random weights).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base.")
     variant: str | None = _f(None, "Weight variant to download, e.g. `fp16` (halves the download).")
@@ -83,33 +84,37 @@ class ModelRecipe:
         "turbo base: `enforce_zero_terminal_snr`); also for bases trained that way. On by itself for a base whose "
         "scheduler config sets it, or a single file with ComfyUI's `v_pred` and `ztsnr` keys.",
     )
-    timestep_sampling: Literal["logit_normal", "uniform", "mode"] | None = _f(
-        None,
-        "Flow-matching bases (SD3.5, FLUX.1): the density training draws sigma from, as diffusers' examples' "
-        "`--weighting_scheme`: `logit_normal` (sigmoid of a normal draw, Esser et al. 2024), `uniform`, or `mode` "
-        "(Esser et al.'s mode density). None: the family's (SD3.5: logit_normal; FLUX.1: uniform, as diffusers' "
-        "FLUX LoRA example).")
-    logit_mean: float | None = _f(None, "Flow-matching bases, `logit_normal`: the normal draw's mean (None: 0.0, "
-                                        "diffusers' examples).")
-    logit_std: float | None = _f(None, "Flow-matching bases, `logit_normal`: the normal draw's standard deviation "
-                                       "(None: 1.0, diffusers' examples).", min=0.0)
-    mode_scale: float | None = _f(None, "Flow-matching bases, `mode`: its scale (None: 1.29, diffusers' "
-                                        "examples).")
-    shift: float | None = _f(
-        None,
-        "Flow-matching bases: a static timestep shift s' = shift s / (1 + (shift - 1) s) of the training sigmas "
-        "(Esser et al. 2024, Sec. 5.3.2); None: the base's scheduler config (SD3.5: 3.0; FLUX.1 dev: dynamic "
-        "shifting, so training sigmas are unshifted, as diffusers' FLUX example).", min=0.0)
-    guidance: float | None = _f(
-        None,
-        "FLUX.1 dev: what its guidance embedding is fed while training (policy and reference alike); None: 1.0, "
-        "what diffusers' FLUX README commands, kohya's docs, ai-toolkit and SimpleTuner train with.", min=0.0)
     quantize: Literal["none", "nf4"] = _f(
         "none",
         "`nf4`: store the frozen UNet's linear layers in 4-bit NormalFloat (bitsandbytes, QLoRA-style) and train "
         "the LoRA on top: SDXL's UNet weights shrink from 4.8 to 1.7 GiB (SD 1.5's, mostly convolutions, from 1.6 "
         "to 1.2); the adapter still loads on the full-precision base.",
         resume="warn")
+    # Flow-matching bases only (SD3, FLUX: docs/design/flow-dpo-defaults.md, sections 3 and 4); None: the family's
+    timestep_sampling: Literal["logit_normal", "uniform", "mode"] | None = _f(
+        None,
+        "Flow bases (SD3, FLUX): the density training draws sigma from, one draw per pair: `logit_normal` "
+        "(sigmoid of a normal draw; Esser et al. 2024), `uniform`, or `mode` (Esser et al.'s mode density). None: "
+        "the family's diffusers LoRA example's default: SD3 `logit_normal` (train_dreambooth_lora_sd3.py "
+        "--weighting_scheme), FLUX `uniform` (train_dreambooth_lora_flux.py's `none`). No source compares them for "
+        "DPO.")
+    logit_mean: float | None = _f(
+        None, "Flow bases, `logit_normal`: mean of the normal draw; None: 0.0 (the diffusers examples').")
+    logit_std: float | None = _f(
+        None, "Flow bases, `logit_normal`: standard deviation of the normal draw; None: 1.0 (the diffusers "
+        "examples').", min=0.0)
+    mode_scale: float | None = _f(
+        None, "Flow bases, `mode`: the density's scale; None: 1.29 (the diffusers examples').")
+    shift: float | None = _f(
+        None,
+        "Flow bases: a static timestep shift of the training sigmas, s' = shift s / (1 + (shift - 1) s) (SD3 "
+        "paper, Sec. 5.3.2); None: the base's scheduler config (SD3.5: 3.0; FLUX dev: dynamic shifting, so "
+        "training sigmas are unshifted, as diffusers' FLUX example draws them).", min=0.0)
+    guidance: float | None = _f(
+        None,
+        "FLUX dev: the value its guidance embedding is fed in training (policy and reference alike); None: 1.0, "
+        "as diffusers' README commands, kohya's docs, ai-toolkit and SimpleTuner train (diffusers' and kohya's "
+        "code default 3.5). A base without the embedding (schnell) ignores it.", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,12 @@ class LoraRecipe:
     rank: int = _f(8, "LoRA rank r (the diffusers DPO LoRA example uses 8).", min=1)
     alpha: float = _f(8.0, "LoRA alpha; the update is scaled by alpha / rank.", min=0.0)
     dropout: float = _f(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
-    target_modules: tuple[str, ...] = _f(
-        ("to_q", "to_k", "to_v", "to_out.0"),
-        "UNet module names (suffixes) that receive adapters: attention projections by default.",
+    target_modules: tuple[str, ...] | None = _f(
+        None,
+        "Denoiser module names (suffixes) that receive adapters. None: the base family's default: SDXL and SD 1.5 "
+        "`to_q`, `to_k`, `to_v`, `to_out.0` (the attention projections, as before this key defaulted to None); SD3 "
+        "the attention of both streams (diffusers' SD3 LoRA example); FLUX both streams' attention and "
+        "feed-forwards (diffusers' FLUX LoRA example).",
     )
 
 

@@ -33,7 +33,10 @@ def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None 
     base's marker keys change in it)."""
     if base.vae is None or not base.text_encoders:
         raise EvalError("[sample].every needs the base's VAE and text encoders in memory")
-    config = type(base.noise_scheduler).load_config(base.source, subfolder="scheduler", revision=revision)
+    import diffusers
+
+    # the scheduler's JSON (any scheduler class reads any config; a flow base's training schedule is no class's)
+    config = diffusers.DDPMScheduler.load_config(base.source, subfolder="scheduler", revision=revision)
     scheduler = models.inference_scheduler(config, base.scheduler_overrides)  # a v_pred file samples as v_pred
     # the family's pipeline class, its watermark off (the grids compare base and adapter pixel for pixel)
     pipe = base.family.build_pipeline(unet, base.vae, scheduler, base.tokenizers, base.text_encoders,
@@ -49,7 +52,7 @@ class TrainingSampler:
     def __init__(self, base: models.BaseModel, unet: Any, recipe: Recipe, prompts: Sequence[str],
                  out_dir: Path) -> None:
         self.cfg, self.resolution, self.out_dir = recipe.sample, recipe.data.resolution, out_dir
-        self.pipe = pipeline_from_parts(base, unet, recipe.model.revision)
+        self.pipe, self.pipe_family = pipeline_from_parts(base, unet, recipe.model.revision), base.family
         self.rows = [(prompt, seed) for prompt in prompts for seed in self.cfg.seeds]
         self.base_images: list[Image.Image] | None = None
 
@@ -65,6 +68,8 @@ class TrainingSampler:
             with torch.compiler.set_stance("force_eager"):
                 latents = generate(self.pipe, prompt, seed, self.cfg.steps, self.cfg.guidance_scale,
                                    self.resolution, output_type="latent")
+            # (B, C, h, w): FLUX's pipeline hands its latents back packed into tokens
+            latents = self.pipe_family.unpack_latents(latents, self.resolution, self.resolution)
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
             decoded = vae.decode(latents).sample.float()
@@ -76,7 +81,7 @@ class TrainingSampler:
         if not (final or step % self.cfg.every == 0):
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        unet = self.pipe.unet
+        unet = getattr(self.pipe, self.pipe_family.denoiser_folder)  # the UNet or transformer being trained
         was_training = unet.training
         unet.eval()
         try:

@@ -126,6 +126,20 @@ class Family(ABC):
         return getattr(diffusers, self.pipeline_class)(**{self.denoiser_folder: denoiser}, vae=vae,
                                                        scheduler=scheduler, **text, **self.pipeline_extras, **extra)
 
+    def tiny_pipeline(self, seed: int) -> Any | None:
+        """Its tiny base's pipeline with random weights, when the family builds its own (the flow families: T5
+        encoders, 16-channel VAEs); None: `models.tiny.build_tiny_pipeline` builds it from the shared CLIP and VAE
+        parts and `tiny_denoiser_config`."""
+        return None
+
+    tiny_warm_up: bool = True  # its tiny base is warmed up on the demo images (a DDPM warm-up; flow bases: cold)
+
+    def lora_writer(self) -> Any:
+        """The diffusers class whose `save_lora_weights` writes this family's adapter files: its pipeline's."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
     def original_text_state(self, encoders: tuple[Any, ...]) -> dict[str, Tensor]:
         """Its text encoders' weights under the original single-file layout's names (`lora-dpo merge --format
         single-file`)."""
@@ -141,9 +155,24 @@ class Family(ABC):
 
     @abstractmethod
     def denoise(self, denoiser: Any, noisy: Tensor, timesteps: Tensor, embeds: Tensor, pooled: Tensor | None,
-                geometry: Tensor | None) -> Tensor:
+                geometry: Tensor | None, schedule: Any = None) -> Tensor:
         """One denoiser call on noisy latents (B, C, h, w) -> the prediction (B, C, h, w) (a family that packs
-        latents into tokens unpacks its output here)."""
+        latents into tokens unpacks its output here). `schedule`: the training scheduler, for what else the
+        denoiser is fed in training (FLUX dev: the recipe's guidance); None: the family's defaults."""
+
+    prompt_tokens: int = 77  # S of the prompt embeddings (B, S, D) its encoders make: what `random_batch` fakes
+
+    def unpack_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """Its pipeline's `output_type="latent"` output -> VAE latents (B, C, h, w) of a height x width image (a
+        family whose pipeline returns packed tokens unpacks them here)."""
+        return latents
+
+    @abstractmethod
+    def recipe_overrides(self, cfg: Any, config: Mapping[str, Any],
+                         file_overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """What `training_scheduler` is given: from the base's scheduler config, a single file's marker keys
+        (`file_overrides`) and the recipe's [model] (`cfg`, a `ModelRecipe`). DDPM: the prediction type and zero
+        terminal SNR; flow: the sampling density, shift and guidance."""
 
     uses_geometry: bool = False  # SDXL: the denoiser reads the geometry (B, 6); others: never stored or passed
 
@@ -260,6 +289,21 @@ class DdpmFamily(Family):
                                                                                    **kwargs).requires_grad_(False)
                          for part in self.text_parts)
         return tokenizers, encoders
+
+    def recipe_overrides(self, cfg: Any, config: Mapping[str, Any],
+                         file_overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The prediction type (the config's, or a single file's `v_pred`) and zero terminal SNR when the config,
+        the file or the recipe asks."""
+        zero_snr = bool(config.get("rescale_betas_zero_snr") or file_overrides.get("rescale_betas_zero_snr")
+                        or cfg.rescale_betas_zero_snr)
+        return {"prediction_type": file_overrides.get("prediction_type", config.get("prediction_type", "epsilon")),
+                "rescale_betas_zero_snr": zero_snr}
+
+    def lora_writer(self) -> Any:
+        """Every UNet pipeline's `save_lora_weights` is this mixin's (`unet.` keys, one LoraConfig)."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
 
     def training_scheduler(self, config: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
         from diffusers import DDPMScheduler

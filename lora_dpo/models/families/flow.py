@@ -47,6 +47,8 @@ from lora_dpo.models.families.family import Family
 # draws torch.rand for it)
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "uniform", "sigma_sqrt", "cosmap")
 SAMPLING_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+# the recipe's [model].timestep_sampling -> the examples' weighting_scheme (their "none" is uniform sampling)
+SAMPLING_NAMES = {"logit_normal": "logit_normal", "uniform": "none", "mode": "mode"}
 
 
 @dataclass
@@ -61,6 +63,7 @@ class FlowSchedule:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    guidance: float | None = None  # FLUX dev's guidance-embedding input in training; None: the family's
 
     @property
     def config(self) -> Any:
@@ -102,15 +105,11 @@ class FlowFamily(Family):
         """P of the pooled CLIP embedding its time-text embedding reads."""
         return config["pooled_projection_dim"]
 
-    def tiny_pipeline(self, seed: int = 0) -> Any:
-        """Its tiny pipeline with random weights, built offline in code (each family's `build_tiny_*_pipeline`)."""
-        raise NotImplementedError
-
     def tiny_plan_parts(self) -> tuple[dict[str, Any], dict[str, Any], tuple[int, ...], int]:
         """From its tiny pipeline (built in a second: tiny parts, no warm-up): the VAE's and the scheduler's configs,
         the text encoders' parameter counts, and the prompt tokens of the shipped `text.json` (the tiny tokenizers
         pad to the real bases' lengths)."""
-        pipe = self.tiny_pipeline()
+        pipe = self.tiny_pipeline(0)
         encoders = [getattr(pipe, name) for name in sorted(vars(pipe)) if name.startswith("text_encoder")]
         params = tuple(sum(p.numel() for p in encoder.parameters()) for encoder in encoders if encoder is not None)
         return (dict(pipe.vae.config), dict(pipe.scheduler.config), params,
@@ -130,7 +129,7 @@ class FlowFamily(Family):
         follow inference; not what the diffusers example does)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        unknown = set(overrides) - {*SAMPLING_KEYS, "shift", "shift_resolution"}
+        unknown = set(overrides) - {*SAMPLING_KEYS, "shift", "shift_resolution", "guidance"}
         if unknown:
             raise ValueError(f"{self.label}: unknown scheduler override(s) {sorted(unknown)}")
         values = {k: v for k, v in dict(config).items() if not k.startswith("_")}
@@ -144,7 +143,21 @@ class FlowFamily(Family):
         scheme = sampling["weighting_scheme"]
         if scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"{self.label}: weighting_scheme {scheme!r}: choose one of {', '.join(WEIGHTING_SCHEMES)}")
-        return FlowSchedule(FlowMatchEulerDiscreteScheduler.from_config(values), **sampling)
+        guidance = None if overrides.get("guidance") is None else float(overrides["guidance"])
+        return FlowSchedule(FlowMatchEulerDiscreteScheduler.from_config(values), **sampling, guidance=guidance)
+
+    def recipe_overrides(self, cfg: Any, config: Mapping[str, Any],
+                         file_overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The recipe's flow keys ([model].timestep_sampling, logit_mean, logit_std, mode_scale, shift, guidance)
+        that are set; unset ones leave the family's default (its LoRA example's) or the base's scheduler config.
+        The DDPM keys (timesteps, rescale_betas_zero_snr) do not apply: the recipe's validation refuses them."""
+        overrides: dict[str, Any] = {}
+        if cfg.timestep_sampling is not None:
+            overrides["weighting_scheme"] = SAMPLING_NAMES[cfg.timestep_sampling]
+        for key in ("logit_mean", "logit_std", "mode_scale", "shift", "guidance"):
+            if getattr(cfg, key) is not None:
+                overrides[key] = getattr(cfg, key)
+        return overrides
 
     def sample_sigmas(self, schedule: FlowSchedule, count: int, generator: torch.Generator) -> Tensor:
         """`count` sigmas (count,) float32 on the generator's device, as the examples draw them: u from the

@@ -95,6 +95,8 @@ class FluxFamily(FlowFamily):
     name = "flux"
     label = "FLUX.1"
     tiny_base = "tiny-flux"
+    tiny_folder = "tiny-flux-v1"  # random weights, not warmed up (`tiny_warm_up`)
+    tiny_warm_up = False
     pipeline_class = "FluxPipeline"
     denoiser_class = "FluxTransformer2DModel"
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
@@ -105,6 +107,7 @@ class FluxFamily(FlowFamily):
                   TextPart("tokenizer_2", "text_encoder_2", "T5EncoderModel", "T5TokenizerFast"))
     default_resolution = 1024
     max_sequence_length = 512  # T5 tokens (FluxPipeline.encode_prompt's default and maximum)
+    prompt_tokens = max_sequence_length  # T5's alone (`encode_prompts`)
     guidance_scale = 1.0  # dev's guidance embedding at training time: README_flux.md's --guidance_scale=1
     default_weighting_scheme = "none"  # uniform sigmas: the FLUX LoRA example's --weighting_scheme default
     own_recipe_keys = (*FlowFamily.own_recipe_keys, "guidance")  # and dev's guidance embedding's input
@@ -150,6 +153,16 @@ class FluxFamily(FlowFamily):
     def tiny_denoiser_config(self) -> dict[str, Any]:
         return dict(TINY_FLUX_TRANSFORMER)
 
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        """The VAE's 16: the transformer's in_channels (64) are 2 x 2 packed latents."""
+        return config["in_channels"] // 4
+
+    def unpack_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """The pipeline's packed latent output (B, h/2 * w/2, 4C) -> (B, C, h, w) of a height x width image."""
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, height, width, 8)
+
     # ---- prompts and the denoiser ------------------------------------------------------------------------
     def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],
                        device: torch.device) -> tuple[Tensor, Tensor]:
@@ -164,22 +177,20 @@ class FluxFamily(FlowFamily):
                            return_tensors="pt").input_ids.to(device)
         return t5(ids, output_hidden_states=False)[0].to(t5.dtype), pooled
 
-    def latent_channels(self, config: Mapping[str, Any]) -> int:
-        """The VAE's 16 channels: the transformer takes them packed 2 x 2 into `in_channels` (64)."""
-        return config["in_channels"] // 4
-
     def timestep_scale(self, schedule: FlowSchedule) -> float:
         """FLUX's transformer takes sigma (t / 1000) and scales it by 1000 itself."""
         return 1.0
 
-    def guidance(self, denoiser: Any, count: int, device: torch.device) -> Tensor | None:
-        """The guidance embedding's input (count,) float32 for a guidance-distilled base (dev), None otherwise."""
+    def guidance(self, denoiser: Any, count: int, device: torch.device, value: float | None = None) -> Tensor | None:
+        """The guidance embedding's input (count,) float32 for a guidance-distilled base (dev), None otherwise:
+        `value` ([model].guidance), else the family's `guidance_scale`."""
         if not unwrapped_config(denoiser).guidance_embeds:
             return None
-        return torch.full((count,), self.guidance_scale, device=device, dtype=torch.float32)
+        scale = self.guidance_scale if value is None else value
+        return torch.full((count,), scale, device=device, dtype=torch.float32)
 
     def denoise(self, denoiser: Any, noisy: Tensor, timesteps: Tensor, embeds: Tensor, pooled: Tensor | None,
-                geometry: Tensor | None) -> Tensor:
+                geometry: Tensor | None, schedule: Any = None) -> Tensor:
         """The velocity (B, C, h, w): latents packed into (B, h/2 * w/2, 4C) tokens with their (h/2 * w/2, 3)
         position ids, text ids zeros (S, 3), timesteps = sigma (B,), dev's guidance; the output unpacked."""
         from diffusers import FluxPipeline
@@ -188,7 +199,8 @@ class FluxFamily(FlowFamily):
         packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
         img_ids = image_ids(height // 2, width // 2, noisy.device, embeds.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=embeds.dtype)
-        out = denoiser(hidden_states=packed, timestep=timesteps, guidance=self.guidance(denoiser, batch, noisy.device),
+        guidance = self.guidance(denoiser, batch, noisy.device, getattr(schedule, "guidance", None))
+        out = denoiser(hidden_states=packed, timestep=timesteps, guidance=guidance,
                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
                        return_dict=False)[0]
         # _unpack_latents takes pixel sizes and the VAE's factor; any factor f with (h f, w f) gives (h, w) back

@@ -65,7 +65,7 @@ class Sd15(DdpmFamily):
         return out.last_hidden_state, None
 
     def denoise(self, denoiser: Any, noisy: Tensor, timesteps: Tensor, embeds: Tensor, pooled: Tensor | None,
-                geometry: Tensor | None) -> Tensor:
+                geometry: Tensor | None, schedule: Any = None) -> Tensor:
         return denoiser(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=None).sample
 
     def kohya_module_name(self, module: str, config: Mapping[str, Any]) -> str:

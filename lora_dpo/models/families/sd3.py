@@ -73,6 +73,8 @@ class SD3Family(FlowFamily):
     name = "sd3"
     label = "SD3.5"
     tiny_base = "tiny-sd3"
+    tiny_folder = "tiny-sd3-v1"  # random weights, not warmed up (`tiny_warm_up`)
+    tiny_warm_up = False
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_class = "SD3Transformer2DModel"
     hub_ids = ("stabilityai/stable-diffusion-3.5-medium",)
@@ -84,6 +86,7 @@ class SD3Family(FlowFamily):
                   TextPart("tokenizer_3", "text_encoder_3", "T5EncoderModel", "T5TokenizerFast"))
     default_resolution = 1024
     max_sequence_length = 256  # T5 tokens (StableDiffusion3Pipeline.encode_prompt's default)
+    prompt_tokens = 77 + max_sequence_length  # CLIP's 77 then T5's (`encode_prompts`): 333
     default_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                               "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
     modelspec_architecture = "stable-diffusion-3-5-medium"
@@ -149,7 +152,7 @@ class SD3Family(FlowFamily):
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
     def denoise(self, denoiser: Any, noisy: Tensor, timesteps: Tensor, embeds: Tensor, pooled: Tensor | None,
-                geometry: Tensor | None) -> Tensor:
+                geometry: Tensor | None, schedule: Any = None) -> Tensor:
         """The velocity (B, 16, h, w) at timesteps sigma * 1000 (B,): the transformer patchifies itself."""
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
                         pooled_projections=pooled, return_dict=False)[0]

@@ -81,7 +81,7 @@ class Sdxl(DdpmFamily):
         return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
     def denoise(self, denoiser: Any, noisy: Tensor, timesteps: Tensor, embeds: Tensor, pooled: Tensor | None,
-                geometry: Tensor | None) -> Tensor:
+                geometry: Tensor | None, schedule: Any = None) -> Tensor:
         added = {"text_embeds": pooled, "time_ids": geometry}
         return denoiser(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
 

@@ -222,8 +222,10 @@ def _base_stamp(cfg: ModelRecipe) -> dict[str, str]:
         return {}
 
 
-def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, family: models.Family) -> dict[str, str]:
-    """What a trained adapter says about itself (safetensors metadata values are strings)."""
+def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, family: models.Family,
+                      config: Any) -> dict[str, str]:
+    """What a trained adapter says about itself (safetensors metadata values are strings); `config`: the denoiser's
+    (its model spec: FLUX dev or schnell)."""
     stamp = {"lora_dpo.version": __version__, "lora_dpo.base_model": recipe.model.base,
              "lora_dpo.base_location": models.base_location(recipe.model.base),
              "lora_dpo.rank": str(recipe.lora.rank), "lora_dpo.alpha": repr(recipe.lora.alpha),
@@ -232,7 +234,8 @@ def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, famil
              "lora_dpo.steps": str(metrics.get("steps", "")), "lora_dpo.dataset": recipe.data.source,
              "lora_dpo.fingerprint": recipe.fingerprint(), "lora_dpo.recipe": json.dumps(recipe.to_dict()),
              "lora_dpo.metrics": json.dumps(metrics)}
-    spec = webui.modelspec(family.modelspec_architecture, title, recipe.data.resolution, webui.IMPLEMENTATION_DIFFUSERS)
+    spec = webui.modelspec(family.modelspec_architecture_for(config), title, recipe.data.resolution,
+                           webui.IMPLEMENTATION_DIFFUSERS)
     return {**stamp, **spec, **_base_stamp(recipe.model)}
 
 
@@ -258,8 +261,8 @@ def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], out: Pat
     return out
 
 
-def write_diffusers(adapter: Adapter, out: Path, dtype: torch.dtype = torch.float32, extra_metadata: dict[str, str]
-                    | None = None, family: models.Family = models.DEFAULT_FAMILY) -> Path:
+def write_diffusers(adapter: Adapter, out: Path, family: models.Family, dtype: torch.dtype = torch.float32,
+                    extra_metadata: dict[str, str] | None = None) -> Path:
     """diffusers' own writer, the family's `lora_writer` (so `load_lora_weights` reads it as its own, alpha
     included: `unet.` or `transformer.` keys), then our metadata."""
     scratch = files.temporary(out.with_name(out.name + ".diffusers"))  # diffusers writes a folder
@@ -291,11 +294,14 @@ def export_adapter(source: str | Path, out: Path, fmt: Format, dtype: str = "fp1
     which must fit the adapter (checked on a meta-device UNet: no weights loaded)."""
     if dtype not in models.STORAGE_DTYPES:
         raise AdapterError(f"--dtype {dtype}: choose one of {', '.join(models.STORAGE_DTYPES)}")
-    _, metadata = read_file(resolve_adapter_file(source))
+    tensors, metadata = read_file(resolve_adapter_file(source))
     config = base_config(metadata, base, str(source)) if fmt == "kohya" else None
     adapter = read_adapter(source, config=config, base=base)  # another family's base: refused here
-    if fmt == "diffusers":
-        return write_diffusers(adapter, out, models.STORAGE_DTYPES[dtype])
+    if fmt == "diffusers":  # the family's writer: what its header names, else the kind of denoiser its keys name
+        prefix = adapterfiles.denoiser_prefix(tensors)
+        family = adapterfiles.adapter_family(metadata) or next(
+            f for f in models.FAMILIES if f.denoiser_folder == prefix)
+        return write_diffusers(adapter, out, family, models.STORAGE_DTYPES[dtype])
     if fmt != "kohya":
         raise AdapterError(f"--format {fmt}: choose diffusers or kohya")
     check_fits(adapter, skeleton(config), base or adapter.base)
@@ -312,12 +318,13 @@ def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipelin
     scale = lora_config.lora_alpha / lora_config.r  # peft's uniform scale; kohya alpha = scale x module rank
     alphas = {k.removesuffix(".lora_A.weight"): scale * v.shape[0] for k, v in weights.items()
               if k.endswith(".lora_A.weight")}
-    stamp = training_metadata(recipe, metrics, run_dir.name, family := models.denoiser_family(unet.config))
+    stamp = training_metadata(recipe, metrics, run_dir.name, family := models.denoiser_family(unet.config),
+                              unet.config)
     # all three written before any is published (a full disk leaves none); renamed in reverse order on exit, the
     # adapter last: an adapter on disk always has its recipe and metrics beside it
     with (files.atomic_file(run_dir / ADAPTER_FILE) as adapter_tmp, files.atomic_file(run_dir / "recipe.toml") as
           recipe_tmp, files.atomic_file(run_dir / "metrics.json") as metrics_tmp):
-        write_diffusers(Adapter(weights, alphas, source=str(run_dir)), adapter_tmp, torch.float32, stamp, family)
+        write_diffusers(Adapter(weights, alphas, source=str(run_dir)), adapter_tmp, family, torch.float32, stamp)
         recipe_tmp.write_text(recipe.to_toml(), encoding="utf-8")
         # the file's own hash lives beside it, not in its header (which it would change); renaming keeps the bytes
         own = {"adapter_file": ADAPTER_FILE, "adapter_sha256": files.sha256(adapter_tmp)}

@@ -1,6 +1,5 @@
-"""Test helpers for the flow families' adapter files: the registry with SD3 and FLUX in it (while this branch does not
-register them yet), and a re-implementation of the key maps ComfyUI builds for their models (ComfyUI itself cannot
-be installed here).
+"""Test helpers for the flow families' adapter files: a re-implementation of the key maps ComfyUI builds for their
+models (ComfyUI itself cannot be installed here).
 
 ComfyUI (github.com/comfyanonymous/ComfyUI, read at 41444b5 and the index's later copies of the same files):
 - comfy/lora.py `model_lora_keys_unet`: for every `diffusion_model.<k>.weight` of the model's state dict, the key
@@ -26,16 +25,12 @@ ComfyUI (github.com/comfyanonymous/ComfyUI, read at 41444b5 and the index's late
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from lora_dpo.models import families as registry
-from lora_dpo.models.families import flux, sd3
+from lora_dpo.models.families import sd3
 
-FLOW = (sd3.FAMILY, flux.FAMILY)
 Target = tuple[str, tuple[int, int, int] | None]
 
 SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
@@ -46,32 +41,6 @@ FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.pr
                "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
 FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
-
-
-def register() -> None:
-    """SD3 and FLUX in the registry, first (SD 1.5 claims any UNet-less config without micro-conditioning), unless
-    they are there already."""
-    if all(family in registry.FAMILIES for family in FLOW):
-        return
-    registry.FAMILIES = (*FLOW, *registry.FAMILIES)
-    for family in FLOW:
-        registry.TINY_BASES[family.tiny_base] = family
-        registry.KNOWN_BASES.update({hub_id: family for hub_id in family.hub_ids})
-
-
-@contextlib.contextmanager
-def registered() -> Iterator[None]:
-    """`register` for the duration of a test module; the registry as it was afterwards."""
-    saved, tiny, known = registry.FAMILIES, dict(registry.TINY_BASES), dict(registry.KNOWN_BASES)
-    register()
-    try:
-        yield
-    finally:
-        registry.FAMILIES = saved
-        registry.TINY_BASES.clear()
-        registry.TINY_BASES.update(tiny)
-        registry.KNOWN_BASES.clear()
-        registry.KNOWN_BASES.update(known)
 
 
 def _qkv(prefix: str, fused: str, names: tuple[str, ...], hidden: int) -> dict[str, Target]:

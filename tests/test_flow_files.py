@@ -19,7 +19,6 @@ from flow_helpers import (
     comfy_key_map,
     comfy_transformer_map,
     original_state,
-    registered,
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -37,12 +36,6 @@ BUILD = {"sd3": (SD3, build_tiny_sd3_pipeline), "flux": (FLUX, build_tiny_flux_p
 TARGETS = {"sd3": (list(SD3.default_target_modules), {}),
            "flux": ([*FLUX.default_target_modules, "proj_mlp", "single_transformer_blocks.0.proj_out"],
                     {"proj_mlp": 2})}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def flow_registered() -> Any:
-    with registered():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +236,18 @@ def test_kohya_file_reads_back_split_and_loads(name: str, bases: dict[str, Path]
                                rtol=0, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", BUILD)
+def test_export_to_diffusers_writes_the_familys_file(name: str, bases: dict[str, Path], adapters: dict[str, Path],
+                                                     kohya_files: dict[str, Path], tmp_path: Path) -> None:
+    """`lora-dpo export --format diffusers` of the ComfyUI file: `transformer.` keys, as the family's pipeline
+    writes them, and the stock pipeline loads it to the same output as the diffusers file it came from."""
+    out = export.export_adapter(kohya_files[name], tmp_path / "back.safetensors", "diffusers", dtype="fp32")
+    tensors, _ = export.read_file(out)
+    assert tensors and all(key.startswith("transformer.") for key in tensors)
+    torch.testing.assert_close(_out(name, _stock(name, bases, out)), _out(name, _stock(name, bases, adapters[name])),
+                               rtol=0, atol=1e-5)
+
 def test_a_fused_file_made_elsewhere_splits_into_full_rank_parts(bases: dict[str, Path], tmp_path: Path) -> None:
     """sd-scripts' way: one rank-r LoRA on the whole fused qkv (up not block-diagonal): each of q, k, v gets the
     whole down and its rows of up, alpha scaled to keep alpha / rank; the delta is the same."""
@@ -374,13 +379,13 @@ def sdxl_adapter(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
                               f"{module}.lora_B.weight": torch.randn(width, 4)}, {module: 4.0},
                              {"lora_dpo.base_model": str(tiny_base_dir),
                               "modelspec.architecture": models.family_named("sdxl").modelspec_architecture + "/lora"})
-    return export.write_diffusers(adapter, tmp_path_factory.mktemp("sdxl-adapter") / export.ADAPTER_FILE)
+    return export.write_diffusers(adapter, tmp_path_factory.mktemp("sdxl-adapter") / export.ADAPTER_FILE,
+                                  models.family_named("sdxl"))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    code = ("import sys; sys.path.insert(0, 'tests'); import flow_helpers; flow_helpers.register(); "
-            "from lora_dpo.cli import main; sys.argv[0] = 'lora-dpo'; main()")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lora_dpo", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
 
 
 def test_another_familys_adapter_is_refused_in_one_line(adapters: dict[str, Path], bases: dict[str, Path],

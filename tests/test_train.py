@@ -109,6 +109,26 @@ def test_resume_from_a_checkpoint_ends_with_the_same_adapter(tiny_recipe, tmp_pa
         torch.testing.assert_close(again[key.removeprefix("unet.")], value, rtol=0, atol=0)
 
 
+
+def test_a_checkpoint_that_lists_the_familys_default_targets_resumes_with_them_unset(tiny_recipe,
+                                                                                      tmp_path: Path) -> None:
+    """Checkpoints from before `[lora].target_modules` could be unset hold the list itself: resuming one with
+    today's unset default (the family's list) changes nothing; another list is still a changed recipe."""
+    cfg = tiny_recipe(train={"checkpoint_every": 2, "max_steps": 2}, output={"dir": str(tmp_path), "name": "old"})
+    train(cfg)
+    state_file = tmp_path / "old" / "checkpoint-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["recipe"]["lora"]["target_modules"] is None
+    longer = tiny_recipe(train={"checkpoint_every": 2, "max_steps": 3}, output={"dir": str(tmp_path), "name": "old"})
+    for listed, refused in ((["to_q", "to_k", "to_v", "to_out.0"], False), (["to_q", "to_k"], True)):
+        state["recipe"]["lora"]["target_modules"] = listed
+        state_file.write_text(json.dumps(state))
+        if refused:
+            with pytest.raises(RecipeError, match=r"\[lora\]\.target_modules"):
+                setup(longer, tmp_path / "old", resume="latest")
+        else:
+            assert setup(longer, tmp_path / "old", resume="latest").start_step == 2
+
 def test_a_compiled_run_resumes_bit_identical_to_the_uninterrupted_compiled_run(tiny_recipe, tmp_path: Path) -> None:
     """[train].compile = true: a real checkpoint at step 2 of 4, resumed in a fresh process's way (a new base, policy
     and compiled blocks, `setup(resume=...)`), ends with the adapter the uninterrupted compiled run ended with, bit

@@ -240,7 +240,7 @@ def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, which: str) -> Resume:
             log.warning("resuming %s, saved with a different recipe (fingerprint %s, now %s)", path,
                         state["fingerprint"], recipe.fingerprint())
         return Resume(path, state)
-    changed = recipe.resume_changes(saved)
+    changed = recipe.resume_changes(_saved_targets_as_unset(saved, recipe))
     if changed:
         raise RecipeError(f"--resume {path}: the recipe changed {', '.join(changed)} since this checkpoint was "
                           "saved, and that changes the run it would go on with; set it back to resume, or start a "
@@ -253,6 +253,17 @@ def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, which: str) -> Resume:
                     "the learning rate goes on from where that schedule is at step %d, not where it was", path,
                     saved["train"]["max_steps"], max_steps, recipe.train.lr_schedule, state["step"])
     return Resume(path, state)
+
+
+def _saved_targets_as_unset(saved: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """A checkpoint's recipe with `[lora].target_modules` unset where it lists what unset means for this base (its
+    family's default): checkpoints written before unset meant the family's default hold the list itself, and
+    resuming them with today's default changes nothing."""
+    family = models.recipe_base_family(recipe.model) if recipe.lora.target_modules is None else None
+    lora = saved.get("lora", {})
+    if family is None or tuple(lora.get("target_modules") or ()) != tuple(family.default_target_modules):
+        return saved
+    return {**saved, "lora": {**lora, "target_modules": None}}
 
 
 def _finished_steps(run_dir: Path) -> int | None:

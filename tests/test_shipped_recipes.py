@@ -155,8 +155,7 @@ def _tiny_of_its_family(name: str) -> str:
 def test_a_shipped_flow_recipe_trains_on_its_familys_tiny_base(name: str, pickapic_shapes: Path,
                                                                 tmp_path: Path) -> None:
     """Each flow recipe's own settings (its [model] flow keys, NF4, 8-bit AdamW, bf16, accumulation 16, rank 32 on
-    its targets) train a few steps on the tiny base of its family. Needs the flow training path (tiny-sd3 /
-    tiny-flux built, `load_base` and the step reading the flow keys)."""
+    its targets) train a few steps on the tiny base of its family (`tiny-sd3` / `tiny-flux`)."""
     settings = shipped(name, _tiny_of_its_family(name), pickapic_shapes, tmp_path, "flow",
                        train={"max_steps": 2, "checkpoint_every": 0}, sample={"every": 0})
     assert (settings.train.optimizer, settings.train.mixed_precision) == ("adamw8bit", "bf16")

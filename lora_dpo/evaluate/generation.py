@@ -116,7 +116,7 @@ def load_pipeline(base: str, adapter: Path | None, device: torch.device, dtype: 
         raise EvalError(f"--base {base!r}: cannot load the pipeline: {str(err).splitlines()[0]}") from None
     if not hasattr(pipe, "load_lora_weights"):
         raise EvalError(f"--base {base!r}: {type(pipe).__name__} does not take LoRA adapters; lora-dpo evaluates "
-                        "SD 1.5 and SDXL text-to-image pipelines")
+                        f"the text-to-image pipelines of {', '.join(f.label for f in models.FAMILIES)}")
     if adapter is not None:
         check_adapter_family(pipe, adapter, base)
     pipe.to(device)

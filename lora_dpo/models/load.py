@@ -223,16 +223,15 @@ def unet_from_config(config: Mapping[str, Any], dtype: torch.dtype = torch.float
 
 
 def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
-    """A base's UNet config without its weights (adapter formats need the architecture, not 5 GB): the shipped
-    config for the well-known hub ids (offline), the built-in tiny bases' constant, `unet/config.json` of a local
-    folder, or the hub's."""
+    """A base's denoiser config without its weights (adapter formats need the architecture, not 5 GB): the shipped
+    config for the well-known hub ids (offline), the built-in tiny bases' constant, else `unet/config.json` or
+    (a transformer base: its `model_index.json` says) `transformer/config.json` of a local folder, a single file's
+    config folder, or the hub's."""
     if name in KNOWN_BASES:
         return KNOWN_BASES[name].shipped_config(KNOWN_BASES[name].denoiser_folder)
     if name in TINY_BASES:  # a constant, as the planner reads it: never a build (minutes) just for the blocks
         return TINY_BASES[name].tiny_denoiser_config()
-    if is_single_file(name):
-        return read_pipeline_json(str(config_folder(Path(name))), "unet/config.json")
-    source, folder = resolve_base(name), "unet"
+    source, folder = (str(config_folder(Path(name))) if is_single_file(name) else resolve_base(name)), "unet"
     if not (Path(source) / folder).is_dir():  # a transformer base (SD3, FLUX), or a hub id: its model_index says
         family = family_of_pipeline(read_pipeline_json(source, "model_index.json", revision))
         folder = family.denoiser_folder if family else folder

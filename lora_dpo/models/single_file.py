@@ -80,8 +80,8 @@ def single_file_family(path: Path) -> Family:
     keys, conv_in = _header(path)
     refusal = _refusal(keys, conv_in)
     if refusal:
-        raise ModelError(f"[model].base = {str(path)!r}: {refusal}; lora-dpo trains SD 1.5 and SDXL base "
-                         "text-to-image checkpoints (epsilon or v-prediction): pass one of those")
+        raise ModelError(f"[model].base = {str(path)!r}: {refusal}; lora-dpo trains the base text-to-image "
+                         f"checkpoints of {', '.join(f.label for f in FAMILIES)}: pass one of those")
     family = family_of_checkpoint(keys)  # a flow transformer's file may keep it without the UNet prefix
     if family is None and not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelError(f"[model].base = {str(path)!r}: no {UNET_PREFIX}* keys ({found(keys)}): not a Stable "

@@ -353,9 +353,11 @@ def dpo_step(unet: torch.nn.Module, base: BaseModel, batch: EncodedBatch, cfg: O
         accuracy = implicit_reward_accuracy(model_w.detach(), model_l.detach(), ref_w, ref_l, batch.labels)
         metrics["reward_accuracy"] = accuracy.mean()
         metrics["reward_margin"] = dpo_logits(model_w.detach(), model_l.detach(), ref_w, ref_l, cfg.beta).mean()
-        # likelihood displacement (arXiv 2511.19049): pairs whose preferred image the policy now denoises worse
-        # than the reference does, though the margin may still grow; ipo, mapo and sft are the usual remedies
-        metrics["chosen_error_rose"] = (model_w.detach() > ref_w).float().mean()
+        # likelihood displacement (arXiv 2511.19049): pairs whose preferred image (w, or l where its label says
+        # so; w for a tie) the policy now denoises worse than the reference does, though the margin may still grow
+        chosen = batch.labels >= 0.5  # (B,)
+        rose = torch.where(chosen, model_w.detach() > ref_w, model_l.detach() > ref_l)
+        metrics["chosen_error_rose"] = rose.float().mean()
     return StepOutput(loss, metrics)
 
 

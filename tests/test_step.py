@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -88,12 +89,14 @@ def test_metrics_exist_only_where_they_mean_something(run_and_batch, kind: str) 
 
 
 def test_chosen_error_rose_counts_pairs_whose_preferred_image_the_policy_denoises_worse(run_and_batch) -> None:
-    """Likelihood displacement: the fraction of pairs with e_w > r_w, from the step's own errors. A fresh adapter
-    (lora_B zero) is the reference: none rose. A random lora_B: the count of the errors the step computes itself."""
+    """Likelihood displacement: the fraction of pairs whose preferred image's error rose above the reference's (w,
+    or l where the label prefers it; w for a tie), from the step's own errors. A fresh adapter (lora_B zero) is the
+    reference: none rose. A random lora_B: the count of the errors the step computes itself."""
     from lora_dpo.models import adapters_disabled
     from lora_dpo.step import _errors, sample_noise
 
     run, batch = run_and_batch
+    batch = dataclasses.replace(batch, labels=torch.tensor([1.0, 0.0, 0.5]))  # w preferred, l preferred, a tie
     cfg = ObjectiveRecipe(beta=5000.0)
     with torch.no_grad():
         fresh = dpo_step(run.unet, run.base, batch, cfg, torch.Generator().manual_seed(0))
@@ -106,10 +109,10 @@ def test_chosen_error_rose_counts_pairs_whose_preferred_image_the_policy_denoise
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
             out = dpo_step(run.unet, run.base, batch, cfg, torch.Generator().manual_seed(0))
             noise, timesteps = sample_noise(run.base, batch.latents_w, torch.Generator().manual_seed(0))
-            model_w = _errors(run.unet, run.base, batch, noise, timesteps, True).chunk(2)[0]
+            model_w, model_l = _errors(run.unet, run.base, batch, noise, timesteps, True).chunk(2)
             with adapters_disabled(run.unet):
-                ref_w = _errors(run.unet, run.base, batch, noise, timesteps, True).chunk(2)[0]
-        rose = (model_w > ref_w).float().mean()
+                ref_w, ref_l = _errors(run.unet, run.base, batch, noise, timesteps, True).chunk(2)
+        rose = torch.where(batch.labels >= 0.5, model_w > ref_w, model_l > ref_l).float().mean()
         assert 0 < rose < 1  # the seed gives a mixed batch, so the test can tell a count from a constant
         assert torch.equal(out.metrics["chosen_error_rose"], rose)
     finally:

@@ -162,11 +162,13 @@ def tiny_base(
 def bench(
     recipe: Annotated[Path | None, typer.Option(help="Recipe whose settings (and, with --arch recipe, model) to "
                                                      "measure; default: the built-in defaults.")] = None,
-    arch: Annotated[str | None, typer.Option(help="tiny | sdxl | sd15 (random weights from the shipped config, "
-                                                  "no download) | recipe (the recipe's own model). Default: sdxl on "
-                                                  "a GPU, tiny on the CPU; recipe when --recipe is given.")] = None,
+    arch: Annotated[str | None, typer.Option(help="tiny | a base family's name: sdxl, sd15, sd3, flux (random "
+                                                  "weights from the shipped config, no download) | recipe (the "
+                                                  "recipe's own model). Default: sdxl on a GPU, tiny on the CPU; "
+                                                  "recipe when --recipe is given.")] = None,
     resolution: Annotated[list[int] | None, typer.Option(help="Pixels (square); repeat for several. Default: "
-                                                              "1024 and 512 for sdxl, 512 sd15, 64 tiny.")] = None,
+                                                              "1024 and 512 for sdxl, 512 sd15, 1024 sd3 and "
+                                                              "flux, 64 tiny.")] = None,
     steps: Annotated[int, typer.Option(help="Timed steps per case (the median is reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed steps first (allocator, kernels, compilation).")] = 2,
     max_memory_gb: Annotated[float | None, typer.Option(help="Cap CUDA memory at this many GiB, as on a smaller "

@@ -97,6 +97,11 @@ class FlowFamily(Family):
     default_weighting_scheme = "logit_normal"  # the family's LoRA example's --weighting_scheme default
     own_recipe_keys = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "shift")  # sigma's density, shift
 
+    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
+        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
+        transformer = list(model_index.get("transformer") or [None])
+        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
+
     def text_width(self, config: Mapping[str, Any]) -> int:
         """D of the prompt embeddings: the transformer's joint attention width (T5-XXL's 4096)."""
         return config["joint_attention_dim"]

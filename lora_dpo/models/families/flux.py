@@ -120,11 +120,6 @@ class FluxFamily(FlowFamily):
     card_tags = ("flux", "flux-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------
-    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
-        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
-        transformer = list(model_index.get("transformer") or [None])
-        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
-
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         if "_class_name" in config:
             return config["_class_name"] == self.denoiser_class

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_dpo.models.families.family import TextPart
+from lora_dpo.models.families.family import TextPart, clip_outputs
 from lora_dpo.models.families.flow import (
     FlowFamily,
     frozen,
@@ -95,11 +95,6 @@ class SD3Family(FlowFamily):
     card_tags = ("sd3.5", "sd3.5-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------
-    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
-        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
-        transformer = list(model_index.get("transformer") or [None])
-        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
-
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         if "_class_name" in config:
             return config["_class_name"] == self.denoiser_class
@@ -137,14 +132,9 @@ class SD3Family(FlowFamily):
         penultimate hidden state (B, 77, D_l) and (B, 77, D_g) concatenated on width, zero-padded to T5's width
         D_t5, then the CLIP tokens and the T5 tokens (B, T, D_t5) concatenated on tokens; pooled = both CLIPs'
         projected pooled outputs concatenated."""
-        hidden, pooled = [], []
-        for tokenizer, encoder in zip(tokenizers[:2], encoders[:2], strict=True):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2].to(encoders[0].dtype))
-            pooled.append(out[0])  # text_embeds: the projected pooled output
-        clip = torch.cat(hidden, dim=-1)
+        outputs = clip_outputs(tokenizers[:2], encoders[:2], prompts, device)
+        clip = torch.cat([out.hidden_states[-2].to(encoders[0].dtype) for out in outputs], dim=-1)
+        pooled = [out[0] for out in outputs]  # text_embeds: the projected pooled outputs
         ids = tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids.to(device)
         t5 = encoders[2](ids)[0].to(encoders[2].dtype)

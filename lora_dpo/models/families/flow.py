@@ -253,11 +253,6 @@ def tiny_flow_vae(scaling_factor: float, shift_factor: float) -> Any:
     return vae
 
 
-def frozen(*modules: Any) -> tuple[Any, ...]:
-    """Modules in eval mode without gradients (what `load_text_parts` hands back)."""
-    return tuple(m.eval().requires_grad_(False) for m in modules)
-
-
 def unwrapped_config(denoiser: Any) -> Any:
     """The denoiser's diffusers config through DDP / DeepSpeed (`.module`) and torch.compile (`._orig_mod`)."""
     while not hasattr(denoiser, "config") and (hasattr(denoiser, "module") or hasattr(denoiser, "_orig_mod")):

@@ -50,7 +50,6 @@ from lora_dpo.models.families.family import TextPart
 from lora_dpo.models.families.flow import (
     FlowFamily,
     FlowSchedule,
-    frozen,
     tiny_flow_vae,
     tiny_t5_config,
     tiny_t5_tokenizer,
@@ -130,17 +129,6 @@ class FluxFamily(FlowFamily):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel.from_config(dict(config))
-
-    def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """(CLIP-L, T5 tokenizers), (CLIPTextModel, T5EncoderModel), frozen."""
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
-
-        where = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        tokenizers = (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **where),
-                      AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", **where))
-        encoders = frozen(CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
-                          T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **kwargs))
-        return tokenizers, encoders
 
     def tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_flux_pipeline(seed)

@@ -39,7 +39,6 @@ from torch import Tensor
 from lora_dpo.models.families.family import TextPart, clip_outputs
 from lora_dpo.models.families.flow import (
     FlowFamily,
-    frozen,
     tiny_flow_vae,
     tiny_t5_config,
     tiny_t5_tokenizer,
@@ -105,19 +104,6 @@ class SD3Family(FlowFamily):
         from diffusers import SD3Transformer2DModel
 
         return SD3Transformer2DModel.from_config(dict(config))
-
-    def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """(CLIP-L, CLIP-G, T5 tokenizers), (CLIP-L, CLIP-G with projection, T5 encoder), frozen."""
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
-
-        where = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        tokenizers = (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **where),
-                      CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **where),
-                      AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", **where))
-        encoders = frozen(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder", **kwargs),
-                          CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs),
-                          T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **kwargs))
-        return tokenizers, encoders
 
     def tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_sd3_pipeline(seed)

@@ -136,7 +136,7 @@ def base_config(metadata: dict[str, str], base: str | None, source: str) -> dict
     """The UNet config an adapter is meant for: `base` if given, else the base or the family in its metadata."""
     name = base or metadata.get("lora_dpo.base_model")
     if name:
-        return adapterfiles.denoiser_config(name)
+        return models.base_denoiser_config(name)
     family = adapterfiles.adapter_family(metadata)
     if family is not None:
         return family.shipped_config(family.denoiser_folder)

@@ -222,7 +222,7 @@ def unet_from_config(config: Mapping[str, Any], dtype: torch.dtype = torch.float
     return unet.requires_grad_(False)
 
 
-def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
+def base_denoiser_config(name: str, revision: str | None = None) -> dict[str, Any]:
     """A base's denoiser config without its weights (adapter formats need the architecture, not 5 GB): the shipped
     config for the well-known hub ids (offline), the built-in tiny bases' constant, else `unet/config.json` or
     (a transformer base: its `model_index.json` says) `transformer/config.json` of a local folder, a single file's

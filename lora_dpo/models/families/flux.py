@@ -22,7 +22,7 @@ Where the numbers come from:
   (`FlowMatchEulerDiscreteScheduler.__init__` applies `shift` only without dynamic shifting), so the example trains
   on sigma = the uniform draw itself, at every resolution; the mu(image_seq_len) shift
   (`pipeline_flux.calculate_shift`) happens only in the pipeline's `set_timesteps`. `training_scheduler` follows the
-  example; `{"shift_resolution": px}` opts into the inference shift.
+  example.
 - denoise: train_dreambooth_lora_flux.py L1753-1812 and `FluxPipeline.__call__` (0.42.1 L846-851, L901-911):
   `_pack_latents`, `_prepare_latent_image_ids` (h/2 x w/2 ids), text ids zeros (S, 3), `timestep = sigma`
   (the pipeline passes t / 1000), guidance 1.0 when `guidance_embeds`: what every command of the example's

@@ -119,29 +119,11 @@ def refuse_for_base(path: Path, base: str) -> None:
     """`refuse_other_family` from the base's config alone, before its weights load; a base whose config cannot be
     read here (a hub id offline) is left to the checks after loading."""
     try:
-        config = denoiser_config(base)
+        config = models.base_denoiser_config(base)
     except (models.ModelError, OSError, ValueError):
         return
     tensors, metadata = read_file(path)
     refuse_other_family(metadata, tensors, config, base, str(path))
-
-
-def denoiser_config(name: str) -> dict[str, Any]:
-    """A base's denoiser config, no weights: a built-in tiny base's constant, a known hub id's shipped config, a
-    single file's config folder, else the pipeline's `model_index.json` says which subfolder (`unet` or
-    `transformer`) to read."""
-    family = models.family_of_base_name(name)
-    if family is not None:
-        if name == family.tiny_base:
-            return family.tiny_denoiser_config()
-        return family.shipped_config(family.denoiser_folder)
-    if models.is_single_file(name):
-        return models.base_unet_config(name)
-    source = models.resolve_base(name)
-    index = models.read_pipeline_json(source, "model_index.json") if Path(source).exists() else {}
-    family = models.family_of_pipeline(index) if index else None
-    folder = family.denoiser_folder if family else ("transformer" if "transformer" in index else "unet")
-    return models.read_pipeline_json(source, f"{folder}/config.json")
 
 
 def uses_unet_names(family: models.Family) -> bool:

@@ -136,7 +136,7 @@ def base_config(metadata: dict[str, str], base: str | None, source: str) -> dict
     """The UNet config an adapter is meant for: `base` if given, else the base or the family in its metadata."""
     name = base or metadata.get("lora_dpo.base_model")
     if name:
-        return adapterfiles.denoiser_config(name)
+        return models.base_denoiser_config(name)
     family = adapterfiles.adapter_family(metadata)
     if family is not None:
         return family.shipped_config(family.denoiser_folder)
@@ -308,11 +308,11 @@ def export_adapter(source: str | Path, out: Path, fmt: Format, dtype: str = "fp1
     return write_kohya(adapter, out, config, models.STORAGE_DTYPES[dtype])
 
 
-def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, pipeline_class: type, recipe: Recipe,
+def save_adapter(run_dir: Path, unet: torch.nn.Module, lora_config: Any, recipe: Recipe,
                  metrics: dict[str, Any], weights: dict[str, Tensor] | None = None) -> Path:
     """Write the adapter (diffusers format, stamped), the resolved recipe, the metrics (with the adapter file's
     sha256) and the model card into `run_dir`, each file atomically. `weights`: the LoRA weights to write, named as
-    `lora_state_dict` names them (default: the UNet's own). (`pipeline_class` is kept for callers.)"""
+    `lora_state_dict` names them (default: the UNet's own)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     weights = lora_state_dict(unet) if weights is None else weights
     scale = lora_config.lora_alpha / lora_config.r  # peft's uniform scale; kohya alpha = scale x module rank

@@ -22,7 +22,7 @@ def _run_folder(folder: Path, base: str, source: str) -> Path:
     unet = models.load_base(ModelRecipe(base=base), with_encoders=False).unet
     config = models.add_lora(unet, LoraRecipe(rank=4, alpha=8.0))
     metrics = {"steps": 10, "seconds": 1.5, "loss": 0.61, "reward_accuracy": 0.75, "val_reward_accuracy": 0.625}
-    save_adapter(folder, unet, config, None, recipe, metrics)
+    save_adapter(folder, unet, config, recipe, metrics)
     return folder
 
 

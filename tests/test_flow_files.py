@@ -23,7 +23,7 @@ from flow_helpers import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_dpo import adapterfiles, export, models
+from lora_dpo import export, models
 from lora_dpo.models.families.flux import FAMILY as FLUX
 from lora_dpo.models.families.flux import build_tiny_flux_pipeline
 from lora_dpo.models.families.sd3 import FAMILY as SD3
@@ -251,7 +251,7 @@ def test_export_to_diffusers_writes_the_familys_file(name: str, bases: dict[str,
 def test_a_fused_file_made_elsewhere_splits_into_full_rank_parts(bases: dict[str, Path], tmp_path: Path) -> None:
     """sd-scripts' way: one rank-r LoRA on the whole fused qkv (up not block-diagonal): each of q, k, v gets the
     whole down and its rows of up, alpha scaled to keep alpha / rank; the delta is the same."""
-    config = adapterfiles.denoiser_config(str(bases["flux"]))
+    config = models.base_denoiser_config(str(bases["flux"]))
     generator = torch.Generator().manual_seed(0)
     down, up = torch.randn(4, 32, generator=generator), torch.randn(96, 4, generator=generator)
     name = "lora_unet_double_blocks_0_img_attn_qkv"
@@ -421,7 +421,7 @@ def test_comfy_transformer_map_agrees_with_the_families(bases: dict[str, Path]) 
     """The key names our kohya files use (the families' `kohya_module_name` and `fused_slice`) are the original
     keys and rows ComfyUI's `mmdit_to_diffusers` / `flux_to_diffusers` give for every LoRA-able block layer."""
     for name, (family, _) in BUILD.items():
-        config = adapterfiles.denoiser_config(str(bases[name]))
+        config = models.base_denoiser_config(str(bases[name]))
         for key, (target, rows) in comfy_transformer_map(family, config).items():
             module = key.removesuffix(".weight")
             if module == f"transformer_blocks.{config['num_layers'] - 1}.norm1_context.linear" and family is SD3:

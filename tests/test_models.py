@@ -102,7 +102,7 @@ def test_the_demo_base_is_the_shipped_one_byte_for_byte(tmp_path: Path, monkeypa
 
 
 @pytest.mark.parametrize(("name", "fixture"), [("tiny", "tiny_base_dir"), ("tiny-sd15", "tiny_sd15_base_dir")])
-def test_a_tiny_base_unet_config_is_read_without_building_the_base(name: str, fixture: str, tmp_path: Path,
+def test_a_tiny_base_denoiser_config_is_read_without_building_the_base(name: str, fixture: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    request: pytest.FixtureRequest) -> None:
     """What `export --format kohya` needs of a tiny base (its UNet's blocks) is a constant: on a machine where the
@@ -111,7 +111,7 @@ def test_a_tiny_base_unet_config_is_read_without_building_the_base(name: str, fi
 
     built = json.loads((request.getfixturevalue(fixture) / "unet" / "config.json").read_text())
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
-    config = models.base_unet_config(name)
+    config = models.base_denoiser_config(name)
     assert not any(tmp_path.iterdir())  # nothing built
     assert kohya.sgm_prefixes(config) == kohya.sgm_prefixes(built)
     assert models.denoiser_family(config) is models.denoiser_family(built) is models.TINY_BASES[name]

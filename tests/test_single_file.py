@@ -84,7 +84,7 @@ def test_single_file_loads_every_part_with_the_base_weights(single_file: Path, t
 
 def test_planner_and_adapter_formats_read_a_single_file_config(single_file: Path, tiny_base_dir: Path) -> None:
     config = json.loads((tiny_base_dir / "unet" / "config.json").read_text())
-    assert models.base_unet_config(str(single_file))["block_out_channels"] == config["block_out_channels"]
+    assert models.base_denoiser_config(str(single_file))["block_out_channels"] == config["block_out_channels"]
     arch = architecture(ModelRecipe(base=str(single_file)))
     assert arch.name == str(single_file) and arch.family.name == "sdxl" and len(arch.encoder_params) == 2
 
@@ -104,7 +104,7 @@ def test_the_architecture_comes_from_the_keys(tmp_path: Path) -> None:
     # no config folder beside it: the shipped SD 1.5 configs, written as a diffusers config folder
     folder = models.config_folder(tmp_path / "sd15.safetensors")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
-    assert models.base_unet_config(str(tmp_path / "sd15.safetensors")) == models.shipped_config("sd15", "unet")
+    assert models.base_denoiser_config(str(tmp_path / "sd15.safetensors")) == models.shipped_config("sd15", "unet")
     assert architecture(ModelRecipe(base=str(tmp_path / "xl.safetensors"))).unet["cross_attention_dim"] == 2048
 
 
@@ -227,7 +227,7 @@ def test_checkpoints_of_other_kinds_are_refused_naming_what_was_found(change: Ca
                                                                       tmp_path: Path) -> None:
     """Refused even with a config folder beside the file (which would otherwise load them as epsilon SDXL)."""
     path = write_single_file(tiny_base_dir, tmp_path / "checkpoint", change)
-    for use in (lambda: models.load_base(ModelRecipe(base=str(path))), lambda: models.base_unet_config(str(path))):
+    for use in (lambda: models.load_base(ModelRecipe(base=str(path))), lambda: models.base_denoiser_config(str(path))):
         with pytest.raises(models.ModelError) as raised:
             use()
         message = str(raised.value)

@@ -53,7 +53,7 @@ def test_trained_adapter_loads_in_stock_diffusers_and_matches_the_policy(tiny_re
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3  # held-out at step 0, then steps 2 and 4
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "samples" / "step-000004.png").is_file()
-    path = save_adapter(tmp_path, run.unet, run.lora_config, run.base.pipeline_class, recipe, summary)
+    path = save_adapter(tmp_path, run.unet, run.lora_config, recipe, summary)
     assert all(".lora_A." in k or ".lora_B." in k for k in load_file(path))
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
 

@@ -27,7 +27,7 @@ def text_shapes(cfg: ModelRecipe) -> tuple[int, int, int | None]:
     else from the shipped architecture of the family the hub id names (`Family.metadata_markers`; the default
     family when it names none)."""
     if Path(models.resolve_base(cfg.base)).exists() or models.family_of_base_name(cfg.base):
-        config = models.base_unet_config(cfg.base)
+        config = models.base_denoiser_config(cfg.base)
         family = models.denoiser_family(config)
     else:
         family = models.family_of_metadata(cfg.base.lower()) or models.DEFAULT_FAMILY

@@ -35,9 +35,9 @@ from lora_dpo.models.families import (
     pipeline_family,
 )
 from lora_dpo.models.load import (
+    base_denoiser_config,
     base_family,
     base_schedule,
-    base_unet_config,
     check_recipe_keys,
     load_base,
     read_pipeline_json,
@@ -89,7 +89,7 @@ from lora_dpo.models.tiny import (
 __all__ = [
     "DEFAULT_FAMILY", "DTYPES", "FAMILIES", "KNOWN_BASES", "STORAGE_DTYPES", "TINY_BASES", "TINY_RESOLUTION",
     "TINY_SCHEDULER", "TINY_VAE", "BaseModel", "Family", "ModelError", "adapters_disabled", "add_lora",
-    "base_family", "base_location", "base_schedule", "base_unet_config", "build_tiny_base", "build_tiny_pipeline",
+    "base_denoiser_config", "base_family", "base_location", "base_schedule", "build_tiny_base", "build_tiny_pipeline",
     "cache_home", "check_compiler", "check_recipe_keys", "checkpoint_state", "compile_blocks", "compiled_graphs",
     "compiler_missing",
     "config_folder", "denoiser_family", "encode_images", "encode_prompts", "family_named", "family_of_base_name",

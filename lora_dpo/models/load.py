@@ -222,7 +222,7 @@ def unet_from_config(config: Mapping[str, Any], dtype: torch.dtype = torch.float
     return unet.requires_grad_(False)
 
 
-def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
+def base_denoiser_config(name: str, revision: str | None = None) -> dict[str, Any]:
     """A base's denoiser config without its weights (adapter formats need the architecture, not 5 GB): the shipped
     config for the well-known hub ids (offline), the built-in tiny bases' constant, else `unet/config.json` or
     (a transformer base: its `model_index.json` says) `transformer/config.json` of a local folder, a single file's
@@ -232,7 +232,8 @@ def base_unet_config(name: str, revision: str | None = None) -> dict[str, Any]:
     if name in TINY_BASES:  # a constant, as the planner reads it: never a build (minutes) just for the blocks
         return TINY_BASES[name].tiny_denoiser_config()
     source, folder = (str(config_folder(Path(name))) if is_single_file(name) else resolve_base(name)), "unet"
-    if not (Path(source) / folder).is_dir():  # a transformer base (SD3, FLUX), or a hub id: its model_index says
+    index_here = not Path(source).exists() or (Path(source) / "model_index.json").is_file()
+    if not (Path(source) / folder).is_dir() and index_here:  # a transformer base, or a hub id: its model_index says
         family = family_of_pipeline(read_pipeline_json(source, "model_index.json", revision))
         folder = family.denoiser_folder if family else folder
     return read_pipeline_json(source, f"{folder}/config.json", revision)

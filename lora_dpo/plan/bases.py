@@ -105,10 +105,9 @@ def _read_architecture(model: ModelRecipe) -> Architecture:
     import transformers
 
     index = read(model.base, "model_index.json", needed=False) or {}
-    family = models.family_of_pipeline(index)
-    unet = read(model.base, f"{family.denoiser_folder if family else 'unet'}/config.json")
+    unet = models.base_denoiser_config(model.base, model.revision)  # `unet` or (its index says) `transformer`
     vae = read(model.vae, "config.json") if model.vae else read(model.base, "vae/config.json")
-    family = family or models.family_of_denoiser(unet)
+    family = models.family_of_pipeline(index) or models.family_of_denoiser(unet)
     # the text encoders its index lists (a part saved as [null, null] is absent), else its family's
     folders = sorted(k for k, v in index.items() if k.startswith("text_encoder") and v and v[0] is not None)
     folders = folders or ([part.encoder for part in family.text_parts] if family else [])

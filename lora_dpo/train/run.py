@@ -137,7 +137,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     if accelerator.is_main_process:
         unet = unwrap(run.unet)
         with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
-            path = save_adapter(run_dir, unet, run.lora_config, run.base.pipeline_class, recipe, summary, weights)
+            path = save_adapter(run_dir, unet, run.lora_config, recipe, summary, weights)
         plot = samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
         if plot is not None:
             trackers.log_image(accelerator, "training_curves", plot, summary["steps"])

@@ -195,8 +195,8 @@ def test_sigmas_are_the_examples_grid_points() -> None:
 
 def test_logit_normal_sigmas_and_the_shift() -> None:
     """FLUX-dev (dynamic shifting: the training grid unshifted), asked for logit-normal sigmas: centred on 0.5. SD3
-    (shift 3, logit-normal by default): the same draws through s' = 3 s / (1 + 2 s), median 0.75. A FLUX shift at
-    1024 px: exp(mu(4096)) = e^1.15. FLUX's default, as its example's: uniform."""
+    (shift 3, logit-normal by default): the same draws through s' = 3 s / (1 + 2 s), median 0.75. FLUX's default,
+    as its example's: uniform."""
     n = 20_000
     flux = FLUX.sample_sigmas(_schedule(FLUX, weighting_scheme="logit_normal"), n, torch.Generator().manual_seed(0))
     sd3 = SD3.sample_sigmas(_schedule(SD3), n, torch.Generator().manual_seed(0))
@@ -204,10 +204,6 @@ def test_logit_normal_sigmas_and_the_shift() -> None:
     assert flux.min() > 0 and flux.max() <= 1
     torch.testing.assert_close(sd3, flow.shifted(flux, 3.0))
     assert abs(sd3.median().item() - 0.75) < 0.01 and (sd3 >= flux).all()
-    assert math.exp(flow.resolution_mu(4096, FLUX.shipped_config("scheduler"))) == pytest.approx(math.exp(1.15))
-    high = FLUX.sample_sigmas(_schedule(FLUX, shift_resolution=1024, weighting_scheme="logit_normal"), n,
-                              torch.Generator().manual_seed(0))
-    torch.testing.assert_close(high, flow.shifted(flux, math.exp(1.15)))
     plain = SD3.sample_sigmas(_schedule(SD3, shift=1.0), n, torch.Generator().manual_seed(0))
     assert torch.equal(plain, flux)
     uniform = FLUX.sample_sigmas(_schedule(FLUX, weighting_scheme="uniform"), n, torch.Generator().manual_seed(0))
@@ -229,7 +225,6 @@ def test_sampling_is_seeded_one_draw_per_pair_and_checked() -> None:
         SD3.training_scheduler(SD3.shipped_config("scheduler"), {"shfit": 2})
     with pytest.raises(ValueError, match="weighting_scheme"):
         _schedule(SD3, weighting_scheme="normal")
-    assert torch.equal(SD3.loss_weighting(schedule, first), torch.ones(4))
 
 
 def test_noising_and_target_for_a_pair() -> None:

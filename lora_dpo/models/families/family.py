@@ -101,9 +101,16 @@ class Family(ABC):
                                                                                  revision=revision)
                      for part in self.text_parts)
 
-    @abstractmethod
     def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """(tokenizers, text encoders) of a pipeline folder or hub id, frozen; kwargs as `from_pretrained`'s."""
+        """(tokenizers, text encoders) of a pipeline folder or hub id (`text_parts`), the encoders frozen (eval, no
+        gradients); kwargs as the encoders' `from_pretrained`'s (the tokenizers read its revision)."""
+        import transformers
+
+        tokenizers = self.load_tokenizers(source, kwargs.get("revision"))
+        encoders = tuple(getattr(transformers, part.encoder_class).from_pretrained(source, subfolder=part.encoder,
+                                                                                   **kwargs).eval().requires_grad_(False)
+                         for part in self.text_parts)
+        return tokenizers, encoders
 
     @abstractmethod
     def tiny_denoiser_config(self) -> dict[str, Any]:
@@ -280,15 +287,6 @@ class DdpmFamily(Family):
 
     def tiny_denoiser_config(self) -> dict[str, Any]:
         return dict(self.tiny_unet)
-
-    def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        import transformers
-
-        tokenizers = self.load_tokenizers(source, kwargs.get("revision"))
-        encoders = tuple(getattr(transformers, part.encoder_class).from_pretrained(source, subfolder=part.encoder,
-                                                                                   **kwargs).requires_grad_(False)
-                         for part in self.text_parts)
-        return tokenizers, encoders
 
     def recipe_overrides(self, cfg: Any, config: Mapping[str, Any],
                          file_overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ Sources (diffusers at commit 58eb52c0803ea9af3abec60841c2a093bdf1f951, https://g
 - examples/dreambooth/train_dreambooth_lora_flux.py: the same sampling L1766-1779, `timestep=timesteps / 1000`
   L1800, `target = noise - model_input` L1820.
 - src/diffusers/training_utils.py: `compute_density_for_timestep_sampling` L365-389 (logit-normal: sigmoid of a
-  normal draw; "mode": Esser et al.'s mode density; else uniform), `compute_loss_weighting_for_sd3` L392-407.
+  normal draw; "mode": Esser et al.'s mode density; else uniform); its loss weighting,
+  `compute_loss_weighting_for_sd3` L392-407, is not applied (ones for these densities; Flow-DPO uses none).
 - src/diffusers/schedulers/scheduling_flow_match_euler_discrete.py, `FlowMatchEulerDiscreteScheduler.__init__`
   (0.42.1 L127-135): the training grid `timesteps = linspace(1, N, N)[::-1]`, `sigmas = timesteps / N`, shifted by
   `shift * s / (1 + (shift - 1) * s)` only when `use_dynamic_shifting` is False (FLUX.1-dev's config sets it True,
@@ -33,7 +34,6 @@ example and Flow-DPO we train on the velocity error itself.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +45,7 @@ from lora_dpo.models.families.family import Family
 
 # the examples' --weighting_scheme ("none" is their name for uniform sampling: `compute_density_for_timestep_sampling`
 # draws torch.rand for it)
-WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "uniform", "sigma_sqrt", "cosmap")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "uniform")
 SAMPLING_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 # the recipe's [model].timestep_sampling -> the examples' weighting_scheme (their "none" is uniform sampling)
 SAMPLING_NAMES = {"logit_normal": "logit_normal", "uniform": "none", "mode": "mode"}
@@ -77,17 +77,6 @@ def shifted(sigmas: Tensor, shift: float) -> Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def resolution_mu(image_seq_len: int, config: Mapping[str, Any]) -> float:
-    """FLUX's resolution-dependent mu: linear in the packed image's token count between (base_image_seq_len,
-    base_shift) and (max_image_seq_len, max_shift), as `diffusers.pipelines.flux.pipeline_flux.calculate_shift`
-    (0.42.1 L73-84) with the scheduler config's values. With exponential time shift, sigma' = e^mu / (e^mu + 1/s - 1),
-    which is `shifted(s, exp(mu))`."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
-
-
 class FlowFamily(Family):
     """The flow-matching half of a family: training scheduler, sigma sampling, noising, target. SD3 and FLUX add
     their parts, prompts and denoiser call. Timesteps are what the family's transformer takes (`timestep_scale`)."""
@@ -96,6 +85,11 @@ class FlowFamily(Family):
     denoiser_folder = "transformer"
     default_weighting_scheme = "logit_normal"  # the family's LoRA example's --weighting_scheme default
     own_recipe_keys = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "shift")  # sigma's density, shift
+
+    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
+        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
+        transformer = list(model_index.get("transformer") or [None])
+        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
 
     def text_width(self, config: Mapping[str, Any]) -> int:
         """D of the prompt embeddings: the transformer's joint attention width (T5-XXL's 4096)."""
@@ -124,18 +118,13 @@ class FlowFamily(Family):
     def training_scheduler(self, config: Mapping[str, Any], overrides: Mapping[str, Any]) -> FlowSchedule:
         """The base's flow scheduler and how to sample it. `overrides` (the recipe's keys): `weighting_scheme`,
         `logit_mean`, `logit_std`, `mode_scale` (sampling, the examples' names and defaults); `shift` (a static
-        shift instead of the config's, dynamic shifting off); `shift_resolution` (pixels of a square image: the
-        static shift exp(mu) that FLUX's pipeline would use at that size, for those who want training sigmas to
-        follow inference; not what the diffusers example does)."""
+        shift instead of the config's, dynamic shifting off); `guidance` (FLUX dev's guidance input)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        unknown = set(overrides) - {*SAMPLING_KEYS, "shift", "shift_resolution", "guidance"}
+        unknown = set(overrides) - {*SAMPLING_KEYS, "shift", "guidance"}
         if unknown:
             raise ValueError(f"{self.label}: unknown scheduler override(s) {sorted(unknown)}")
         values = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-        if "shift_resolution" in overrides:
-            tokens = (int(overrides["shift_resolution"]) // 16) ** 2  # 8x VAE, then 2x2 patches
-            values.update(shift=math.exp(resolution_mu(tokens, values)), use_dynamic_shifting=False)
         if "shift" in overrides:
             values.update(shift=float(overrides["shift"]), use_dynamic_shifting=False)
         sampling = {"weighting_scheme": self.default_weighting_scheme,
@@ -196,14 +185,6 @@ class FlowFamily(Family):
         """The velocity noise - x_0 (B, C, h, w): d x_t / d sigma, what SD3 and FLUX predict."""
         return noise - latents
 
-    def loss_weighting(self, schedule: FlowSchedule, timesteps: Tensor) -> Tensor:
-        """Per-image loss weight (B,) of `compute_loss_weighting_for_sd3`: ones for logit_normal / mode /
-        uniform (they weight by sampling), 1/sigma^2 for sigma_sqrt, the cosmap density otherwise. The DPO loss
-        of this package leaves it out (Flow-DPO uses none); here for an SFT-style loss."""
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-        return compute_loss_weighting_for_sd3(schedule.weighting_scheme, self.sigmas(schedule, timesteps))
-
 
 # --------------------------------------------------------------------------------------------------
 # Tiny parts both flow bases share: an offline T5 tokenizer and encoder, a 16-channel VAE
@@ -246,11 +227,6 @@ def tiny_flow_vae(scaling_factor: float, shift_factor: float) -> Any:
         vae.encoder.conv_out.weight[16:].zero_()
         vae.encoder.conv_out.bias[16:].fill_(-30.0)
     return vae
-
-
-def frozen(*modules: Any) -> tuple[Any, ...]:
-    """Modules in eval mode without gradients (what `load_text_parts` hands back)."""
-    return tuple(m.eval().requires_grad_(False) for m in modules)
 
 
 def unwrapped_config(denoiser: Any) -> Any:

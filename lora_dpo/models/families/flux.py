@@ -22,7 +22,7 @@ Where the numbers come from:
   (`FlowMatchEulerDiscreteScheduler.__init__` applies `shift` only without dynamic shifting), so the example trains
   on sigma = the uniform draw itself, at every resolution; the mu(image_seq_len) shift
   (`pipeline_flux.calculate_shift`) happens only in the pipeline's `set_timesteps`. `training_scheduler` follows the
-  example; `{"shift_resolution": px}` opts into the inference shift.
+  example.
 - denoise: train_dreambooth_lora_flux.py L1753-1812 and `FluxPipeline.__call__` (0.42.1 L846-851, L901-911):
   `_pack_latents`, `_prepare_latent_image_ids` (h/2 x w/2 ids), text ids zeros (S, 3), `timestep = sigma`
   (the pipeline passes t / 1000), guidance 1.0 when `guidance_embeds`: what every command of the example's
@@ -50,7 +50,6 @@ from lora_dpo.models.families.family import TextPart
 from lora_dpo.models.families.flow import (
     FlowFamily,
     FlowSchedule,
-    frozen,
     tiny_flow_vae,
     tiny_t5_config,
     tiny_t5_tokenizer,
@@ -120,11 +119,6 @@ class FluxFamily(FlowFamily):
     card_tags = ("flux", "flux-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------
-    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
-        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
-        transformer = list(model_index.get("transformer") or [None])
-        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
-
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         if "_class_name" in config:
             return config["_class_name"] == self.denoiser_class
@@ -135,17 +129,6 @@ class FluxFamily(FlowFamily):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel.from_config(dict(config))
-
-    def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """(CLIP-L, T5 tokenizers), (CLIPTextModel, T5EncoderModel), frozen."""
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
-
-        where = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        tokenizers = (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **where),
-                      AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", **where))
-        encoders = frozen(CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
-                          T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **kwargs))
-        return tokenizers, encoders
 
     def tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_flux_pipeline(seed)

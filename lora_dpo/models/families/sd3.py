@@ -36,10 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_dpo.models.families.family import TextPart
+from lora_dpo.models.families.family import TextPart, clip_outputs
 from lora_dpo.models.families.flow import (
     FlowFamily,
-    frozen,
     tiny_flow_vae,
     tiny_t5_config,
     tiny_t5_tokenizer,
@@ -95,11 +94,6 @@ class SD3Family(FlowFamily):
     card_tags = ("sd3.5", "sd3.5-diffusers")
 
     # ---- recognising a base ------------------------------------------------------------------------------
-    def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
-        """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""
-        transformer = list(model_index.get("transformer") or [None])
-        return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
-
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         if "_class_name" in config:
             return config["_class_name"] == self.denoiser_class
@@ -110,19 +104,6 @@ class SD3Family(FlowFamily):
         from diffusers import SD3Transformer2DModel
 
         return SD3Transformer2DModel.from_config(dict(config))
-
-    def load_text_parts(self, source: str, **kwargs: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """(CLIP-L, CLIP-G, T5 tokenizers), (CLIP-L, CLIP-G with projection, T5 encoder), frozen."""
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
-
-        where = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        tokenizers = (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **where),
-                      CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **where),
-                      AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", **where))
-        encoders = frozen(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder", **kwargs),
-                          CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs),
-                          T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **kwargs))
-        return tokenizers, encoders
 
     def tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_sd3_pipeline(seed)
@@ -137,14 +118,9 @@ class SD3Family(FlowFamily):
         penultimate hidden state (B, 77, D_l) and (B, 77, D_g) concatenated on width, zero-padded to T5's width
         D_t5, then the CLIP tokens and the T5 tokens (B, T, D_t5) concatenated on tokens; pooled = both CLIPs'
         projected pooled outputs concatenated."""
-        hidden, pooled = [], []
-        for tokenizer, encoder in zip(tokenizers[:2], encoders[:2], strict=True):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2].to(encoders[0].dtype))
-            pooled.append(out[0])  # text_embeds: the projected pooled output
-        clip = torch.cat(hidden, dim=-1)
+        outputs = clip_outputs(tokenizers[:2], encoders[:2], prompts, device)
+        clip = torch.cat([out.hidden_states[-2].to(encoders[0].dtype) for out in outputs], dim=-1)
+        pooled = [out[0] for out in outputs]  # text_embeds: the projected pooled outputs
         ids = tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids.to(device)
         t5 = encoders[2](ids)[0].to(encoders[2].dtype)

@@ -211,3 +211,13 @@ def test_the_built_in_flow_bases_are_built_cold_on_first_use(tmp_path: Path, mon
         base = models.load_base(recipe.ModelRecipe(base=family.tiny_base))
         assert base.family is family and len(base.text_encoders) == len(family.text_parts)
         assert type(base.unet).__name__ == family.denoiser_class
+
+
+def test_a_flow_base_is_recorded_as_a_flow_schedule(tiny_flow_base: tuple[str, Path], tiny_base_dir: Path) -> None:
+    """What an adapter's header says its base trained on (`modelspec.prediction_type`, zero terminal SNR): a flow
+    base's velocity, never a DDPM reading of its scheduler config; an SDXL base's own prediction type."""
+    _, base = tiny_flow_base
+    flow = models.base_schedule(recipe.from_dict({"model": {"base": str(base)}}).model)
+    assert flow == {"prediction_type": "flow", "rescale_betas_zero_snr": False}
+    sdxl = models.base_schedule(recipe.from_dict({"model": {"base": str(tiny_base_dir)}}).model)
+    assert sdxl == {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}

@@ -59,23 +59,15 @@ def read_pipeline_json(source: str, filename: str, revision: str | None = None) 
                          "check the id, your network, or pass a local diffusers folder") from None
 
 
-def training_schedule(config: dict[str, Any], cfg: ModelRecipe, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The training scheduler's prediction type and zero-SNR setting: the base's scheduler config, then a
-    single file's marker keys (`overrides`); zero terminal SNR when the config, the file or the recipe asks.
-    (A DDPM family's `recipe_overrides`; what the adapter's metadata records of any base.)"""
-    zero_snr = bool(config.get("rescale_betas_zero_snr") or overrides.get("rescale_betas_zero_snr")
-                    or cfg.rescale_betas_zero_snr)
-    return {"prediction_type": overrides.get("prediction_type", config.get("prediction_type", "epsilon")),
-            "rescale_betas_zero_snr": zero_snr}
-
-
 def base_schedule(cfg: ModelRecipe) -> dict[str, Any]:
-    """`training_schedule` of the recipe's base from its configs and header alone (no weights): what the adapter's
-    metadata says it was trained with."""
+    """The noise schedule the recipe's base trains on, from its configs and header alone (no weights), as its
+    family records it (`Family.trained_schedule`): what the adapter's metadata says it was trained with."""
     single = Path(cfg.base) if is_single_file(cfg.base) else None
     source = str(config_folder(single)) if single else resolve_base(cfg.base)
+    family = recipe_base_family(cfg) or base_family(source, read_pipeline_json(source, "model_index.json",
+                                                                                cfg.revision), cfg.revision)
     config = read_pipeline_json(source, "scheduler/scheduler_config.json", cfg.revision)
-    return training_schedule(config, cfg, scheduler_overrides(single) if single else {})
+    return family.trained_schedule(family.recipe_overrides(cfg, config, scheduler_overrides(single) if single else {}))
 
 
 def base_family(source: str, index: dict[str, Any], revision: str | None = None) -> Family:

@@ -181,6 +181,12 @@ class Family(ABC):
         (`file_overrides`) and the recipe's [model] (`cfg`, a `ModelRecipe`). DDPM: the prediction type and zero
         terminal SNR; flow: the sampling density, shift and guidance."""
 
+    def trained_schedule(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """What an adapter records of the noise schedule it trained on (`webui.base_stamp`: the model spec's
+        `prediction_type`, zero terminal SNR), from `recipe_overrides`' answer."""
+        return {"prediction_type": overrides["prediction_type"],
+                "rescale_betas_zero_snr": overrides["rescale_betas_zero_snr"]}
+
     uses_geometry: bool = False  # SDXL: the denoiser reads the geometry (B, 6); others: never stored or passed
 
     def latent_channels(self, config: Mapping[str, Any]) -> int:

@@ -91,6 +91,10 @@ class FlowFamily(Family):
         transformer = list(model_index.get("transformer") or [None])
         return model_index.get("_class_name") == self.pipeline_class or transformer[-1] == self.denoiser_class
 
+    def trained_schedule(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """A rectified flow: the velocity is predicted, no DDPM schedule to rescale."""
+        return {"prediction_type": "flow", "rescale_betas_zero_snr": False}
+
     def text_width(self, config: Mapping[str, Any]) -> int:
         """D of the prompt embeddings: the transformer's joint attention width (T5-XXL's 4096)."""
         return config["joint_attention_dim"]

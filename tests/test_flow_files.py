@@ -39,13 +39,9 @@ TARGETS = {"sd3": (list(SD3.default_target_modules), {}),
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each tiny flow pipeline saved as a diffusers folder (the base adapters name)."""
-    folders = {}
-    for name, (_, build) in BUILD.items():
-        folders[name] = tmp_path_factory.mktemp(name) / "base"
-        build().save_pretrained(folders[name])
-    return folders
+def bases(tiny_sd3_base_dir: Path, tiny_flux_base_dir: Path) -> dict[str, Path]:
+    """Each tiny flow base's diffusers folder (the base adapters name): the session's (tests/conftest.py)."""
+    return {"sd3": tiny_sd3_base_dir, "flux": tiny_flux_base_dir}
 
 
 def _lora(name: str, transformer: Any, seed: int = 0) -> dict[str, torch.Tensor]:

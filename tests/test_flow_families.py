@@ -28,13 +28,13 @@ PROMPTS = ["a red circle on blue background", "a photo of a green square"]
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each tiny pipeline built once and saved as an ordinary diffusers folder."""
-    folders = {}
-    for name, (_, build) in BUILDERS.items():
-        folders[name] = tmp_path_factory.mktemp(name) / "base"
-        build().save_pretrained(folders[name])
-    return folders
+def tiny_dirs(tiny_sd3_base_dir: Path, tiny_flux_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, Path]:
+    """Each tiny pipeline as an ordinary diffusers folder: the session's SD3 and FLUX dev bases (tests/conftest.py),
+    and a schnell-like one (no guidance embedding) built here."""
+    schnell = tmp_path_factory.mktemp("flux-schnell") / "base"
+    BUILDERS["flux-schnell"][1]().save_pretrained(schnell)
+    return {"sd3": tiny_sd3_base_dir, "flux": tiny_flux_base_dir, "flux-schnell": schnell}
 
 
 def _load(name: str, tiny_dirs: dict[str, Path]) -> Any:

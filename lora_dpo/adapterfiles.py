@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lora_dpo import hub, kohya, models
 
-Slot = tuple[str, tuple[int, int, int] | None]  # a diffusers module and its rows in the fused weight (None: all)
+Slot = kohya.Slot
 
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -183,32 +183,3 @@ def to_kohya(weights: dict[str, Tensor], alphas: dict[str, float], table: dict[s
         out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
-
-
-def from_kohya(tensors: dict[str, Tensor], table: dict[str, list[Slot]]) -> tuple[dict[str, Tensor],
-                                                                                   dict[str, float], list[str]]:
-    """A kohya state dict -> (peft weights, per-module alpha, kohya names the base does not have), fused layers
-    split back into their modules (see the module docstring)."""
-    weights: dict[str, Tensor] = {}
-    alphas: dict[str, float] = {}
-    unknown: list[str] = []
-    for key in sorted(tensors):
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key.removesuffix(".lora_down.weight")
-        if name not in table:
-            unknown.append(name)
-            continue
-        down, up = tensors[key], tensors[f"{name}.lora_up.weight"]
-        alpha = tensors.get(f"{name}.alpha")
-        scale = float(alpha.float().reshape(-1)[0]) / down.shape[0] if alpha is not None else 1.0
-        for module, rows in table[name]:
-            part = up if rows is None else up.narrow(rows[0], rows[1], rows[2])
-            used = part.float().abs().sum(dim=0) != 0
-            if rows is not None and not used.any():
-                continue  # a fused sibling the adapter does not train (FLUX's proj_mlp beside q, k, v)
-            keep = used if rows is not None else torch.ones_like(used)
-            weights[f"{module}.lora_A.weight"] = down[keep].contiguous()
-            weights[f"{module}.lora_B.weight"] = part[:, keep].contiguous()
-            alphas[module] = scale * int(keep.sum())
-    return weights, alphas, unknown

@@ -128,7 +128,7 @@ def read_adapter(source: str | Path, config: Any = None, base: str | None = None
         weights, alphas, unmatched = kohya.from_kohya(unet_tensors, kohya.name_table(skeleton(config)))
     else:  # the family's own names, fused layers split back into their modules
         table = adapterfiles.name_table(family, dict(config), skeleton(config))
-        weights, alphas, unmatched = adapterfiles.from_kohya(unet_tensors, table)
+        weights, alphas, unmatched = kohya.from_kohya(unet_tensors, table)
     return Adapter(weights, alphas, metadata, str(source), unmatched)
 
 

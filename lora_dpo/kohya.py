@@ -14,13 +14,14 @@ attention), not hard-coded to SDXL's three levels, so the tiny two-level test ba
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 PREFIX = "lora_unet_"
+Slot = tuple[str, tuple[int, int, int] | None]  # a diffusers module and its rows in a fused weight (None: all)
 # Inside a resnet block the SGM UNet names its layers by position in nn.Sequential containers.
 RESNET_SGM = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
               "conv_shortcut": "skip_connection"}
@@ -109,10 +110,12 @@ def to_kohya(weights: dict[str, Tensor], alphas: dict[str, float], kohya_name: C
     return out
 
 
-def from_kohya(tensors: dict[str, Tensor], table: dict[str, str]) -> tuple[dict[str, Tensor], dict[str, float],
-                                                                            list[str]]:
-    """A kohya state dict -> (peft weights, per-module alpha, kohya names this UNet does not have).
-    Text-encoder entries (`lora_te*`) are not part of a UNet adapter and are left out by the caller."""
+def from_kohya(tensors: dict[str, Tensor], table: Mapping[str, str | list[Slot]]) -> tuple[
+        dict[str, Tensor], dict[str, float], list[str]]:
+    """A kohya state dict -> (peft weights, per-module alpha, kohya names the base does not have). `table`: kohya
+    name -> its diffusers module, or the modules a fused weight stands for (`Slot`s: a module and its rows), split
+    back by their rows and by the columns of `up` each uses (a sibling the file does not train is left out).
+    Text-encoder entries (`lora_te*`) are not part of a denoiser adapter and are left out by the caller."""
     weights: dict[str, Tensor] = {}
     alphas: dict[str, float] = {}
     unknown: list[str] = []
@@ -120,14 +123,27 @@ def from_kohya(tensors: dict[str, Tensor], table: dict[str, str]) -> tuple[dict[
         if not key.endswith(".lora_down.weight"):
             continue
         name = key.removesuffix(".lora_down.weight")
-        module = table.get(name)
-        if module is None:
+        slots = table.get(name)
+        if slots is None:
             unknown.append(name)
             continue
         down, up = tensors[key], tensors[f"{name}.lora_up.weight"]
-        weights[f"{module}.lora_A.weight"], weights[f"{module}.lora_B.weight"] = down, up
-        alpha = tensors.get(f"{name}.alpha")
-        alphas[module] = float(alpha.float().reshape(-1)[0]) if alpha is not None else float(down.shape[0])
+        stored = tensors.get(f"{name}.alpha")
+        alpha = float(stored.float().reshape(-1)[0]) if stored is not None else float(down.shape[0])
+        if isinstance(slots, str):  # a module of its own: the file's tensors and alpha as they are
+            weights[f"{slots}.lora_A.weight"], weights[f"{slots}.lora_B.weight"] = down, up
+            alphas[slots] = alpha
+            continue
+        scale = alpha / down.shape[0]
+        for module, rows in slots:
+            part = up if rows is None else up.narrow(rows[0], rows[1], rows[2])
+            used = part.float().abs().sum(dim=0) != 0
+            if rows is not None and not used.any():
+                continue  # a fused sibling the adapter does not train (FLUX's proj_mlp beside q, k, v)
+            keep = used if rows is not None else torch.ones_like(used)
+            weights[f"{module}.lora_A.weight"] = down[keep].contiguous()
+            weights[f"{module}.lora_B.weight"] = part[:, keep].contiguous()
+            alphas[module] = scale * int(keep.sum())
     return weights, alphas, unknown
 
 

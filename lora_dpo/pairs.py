@@ -121,7 +121,7 @@ def _generate(prompts: Sequence[str], seeds: Sequence[int], base: str, adapter: 
     return made
 
 
-def _score(prompts: Sequence[str], seeds: Sequence[int], variant: str, folder: Path,
+def score_folder(prompts: Sequence[str], seeds: Sequence[int], variant: str, folder: Path,
            scorers: Sequence[tuple[Scorer, float]]) -> torch.Tensor:
     """scores [K, P, N]: every scorer on every image, read a chunk at a time."""
     keys = [(index, seed) for index in range(len(prompts)) for seed in seeds]
@@ -136,18 +136,37 @@ def _score(prompts: Sequence[str], seeds: Sequence[int], variant: str, folder: P
     return out.reshape(len(scorers), len(prompts), len(seeds))
 
 
-def _schema(names: Sequence[str]) -> pa.Schema:
+def _schema(names: Sequence[str], round_index: int | None) -> pa.Schema:
     scores = [(f"score_{i}_{n}", pa.float64()) for n in names for i in (0, 1)]
+    rounds = [("round", pa.int64())] if round_index is not None else []
     return pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
                       ("label_0", pa.float64()), ("label_1", pa.float64()), ("prompt_index", pa.int64()),
-                      ("seed_0", pa.int64()), ("seed_1", pa.int64()), *scores])
+                      ("seed_0", pa.int64()), ("seed_1", pa.int64()), *rounds, *scores])
 
 
-def _write(out: Path, prompts: Sequence[str], seeds: Sequence[int], variant: str, folder: Path,
-           names: Sequence[str], scores: torch.Tensor, kept: list[tuple[int, int, int]]) -> None:
+def select_pairs(combined: torch.Tensor, rule: str = "best_worst", margin: float = 0.0) -> list[tuple[int, int, int]]:
+    """The pairs to train on from one score per image, combined [P, N] (prompt, image): (prompt, chosen image,
+    rejected image), prompt by prompt. `best_worst`: each prompt's best image over its worst (the first of equals,
+    in image order); `margin`: every two images of a prompt whose scores differ by more than `margin`, the better
+    one chosen. Equal scores never make a pair: no preference."""
+    order = combined.argsort(dim=1, descending=True, stable=True)  # [P, N], best first
+    if rule == "best_worst":
+        return [(p, int(order[p, 0]), int(order[p, -1])) for p in range(len(combined))
+                if combined[p, order[p, 0]] > combined[p, order[p, -1]]]
+    if rule != "margin":
+        raise PairsError(f"pair rule {rule!r}: expected best_worst or margin")
+    n = combined.shape[1]
+    return [(p, int(order[p, i]), int(order[p, j])) for p in range(len(combined)) for i in range(n)
+            for j in range(i + 1, n) if combined[p, order[p, i]] - combined[p, order[p, j]] > margin]
+
+
+def write_pairs(out: Path, prompts: Sequence[str], seeds: Sequence[int], variant: str, folder: Path,
+                names: Sequence[str], scores: torch.Tensor, kept: list[tuple[int, int, int]],
+                round_index: int | None = None) -> None:
     """The pairs (prompt index, chosen, rejected image index) as Pick-a-Pic parquet, a row group at a time.
-    The PNG files go in as they are: lossless, and their stamp chunk is harmless to a decoder."""
-    schema = _schema(names)
+    The PNG files go in as they are: lossless, and their stamp chunk is harmless to a decoder. `round_index`: an
+    online run's round, written in a `round` column."""
+    schema = _schema(names, round_index)
     with files.atomic_file(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, len(kept), WRITE_CHUNK):
             rows: dict[str, list] = {name: [] for name in schema.names}
@@ -160,6 +179,8 @@ def _write(out: Path, prompts: Sequence[str], seeds: Sequence[int], variant: str
                 rows["prompt_index"].append(p)
                 rows["seed_0"].append(seeds[w])
                 rows["seed_1"].append(seeds[lose])
+                if round_index is not None:
+                    rows["round"].append(round_index)
                 for k, name in enumerate(names):
                     rows[f"score_0_{name}"].append(scores[k, p, w].item())
                     rows[f"score_1_{name}"].append(scores[k, p, lose].item())
@@ -210,13 +231,11 @@ def generate_pairs(prompts: Sequence[str], base: str, scorers: Sequence[tuple[Sc
     variant = variant_name(None if adapter is None else 1.0)
     made = _generate(unique, seeds, base, adapter, folder, steps=steps, guidance_scale=guidance_scale,
                      resolution=resolution, precision=precision)
-    scores = _score(unique, seeds, variant, folder, scorers)  # [K, P, N]
+    scores = score_folder(unique, seeds, variant, folder, scorers)  # [K, P, N]
     combined = combine_scores(scores, [w for _, w in scorers])  # [P, N]
-    order = combined.argsort(dim=1, descending=True, stable=True)  # [P, N], best first
-    best, worst = order[:, 0], order[:, -1]
-    tie = combined.gather(1, best[:, None]).squeeze(1) == combined.gather(1, worst[:, None]).squeeze(1)
-    kept = [(p, int(best[p]), int(worst[p])) for p in range(len(unique)) if not tie[p]]
-    _write(out, unique, seeds, variant, folder, names, scores, kept)
+    order = combined.argsort(dim=1, descending=True, stable=True)  # [P, N], best first (the grids' order)
+    kept = select_pairs(combined)
+    write_pairs(out, unique, seeds, variant, folder, names, scores, kept)
     grids = _grids(out, unique, seeds, variant, folder, names, scores, order, kept)
     index = torch.tensor([p for p, _, _ in kept], dtype=torch.long)
     chosen, rejected = (torch.tensor([c[i] for c in kept], dtype=torch.long) for i in (1, 2))

@@ -305,7 +305,7 @@ def test_another_tools_name_is_answered_with_its_recipe_key_in_any_section_or_no
         "unknown key [lora].network_dim; `network_dim` is `[lora].rank` here; "
         'unknown key [model].use_8bit_adam; `use_8bit_adam` is `[train].optimizer = "adamw8bit"` here; '
         "unknown key [model].seed; `seed` is `[train].seed` here; "
-        "unknown section [training_arguments]; valid: model, lora, data, objective, train, sample, output; "
+        "unknown section [training_arguments]; valid: model, lora, data, objective, train, online, sample, output; "
         "`lr_warmup_steps` is `[train].warmup_steps` here")
     with pytest.raises(RecipeError, match=r"^--set 'max_train_steps=10': expected section.key=value, e.g. train."
                                           r"learning_rate=2e-5; `max_train_steps` is `\[train\].max_steps` here$"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lora_dpo import models
+from lora_dpo import evaluate, models
 from lora_dpo.plan.bases import architecture
 from lora_dpo.recipe import ModelRecipe
 
@@ -145,12 +145,12 @@ def test_a_v_pred_ztsnr_file_trains_samples_and_is_named_on_its_own_schedule(vpr
     from safetensors import safe_open
 
     from lora_dpo.export import export_adapter, merge_adapter, read_file
-    from lora_dpo.train import samples, train
+    from lora_dpo.train import train
 
     base = models.load_base(ModelRecipe(base=str(vpred_file)))
     assert base.noise_scheduler.config.prediction_type == "v_prediction"
     assert float(base.noise_scheduler.alphas_cumprod[-1]) < 1e-6  # the last timestep is pure noise
-    for scheduler in (samples.pipeline_from_parts(base, base.unet).scheduler,
+    for scheduler in (evaluate.pipeline_from_parts(base, base.unet).scheduler,
                       models.single_file_pipeline(vpred_file, torch.float32).scheduler):
         config = scheduler.config
         assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == \

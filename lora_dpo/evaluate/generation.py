@@ -1,6 +1,7 @@
 """Generation with the stock diffusers pipeline: the settings that make images comparable (`Generation`), where
 each image is saved, PNGs stamped so a later run can reuse them, finding the adapter and its base,
-`load_pipeline` and `open_generation` (the pipeline and its settings), seeded `generate`, `generate_or_reuse` (one
+`load_pipeline` and `open_generation` (the pipeline and its settings), `pipeline_from_parts` (one around the model
+being trained), `decode_latents`, seeded `generate`, `generate_or_reuse` (one
 stamped image) and `generate_images` over every prompt, seed and adapter strength."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
 
 from lora_dpo import adapterfiles, export, files, hub, models
 from lora_dpo.evaluate.errors import EvalError
@@ -149,6 +151,37 @@ def _use_scale(pipe: Any, scale: float | None) -> None:
     else:
         pipe.enable_lora()
         pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None = None) -> Any:
+    """A stock pipeline around parts already in memory (no second UNet): the base's VAE, encoders and
+    tokenizers, the given UNet, and a fresh instance of the base's own inference scheduler (with what a single-file
+    base's marker keys change in it)."""
+    if base.vae is None or not base.text_encoders:
+        raise EvalError("generating from the model being trained needs the base's VAE and text encoders in memory")
+    import diffusers
+
+    # the scheduler's JSON (any scheduler class reads any config; a flow base's training schedule is no class's)
+    config = diffusers.DDPMScheduler.load_config(base.source, subfolder="scheduler", revision=revision)
+    scheduler = models.inference_scheduler(config, base.scheduler_overrides)  # a v_pred file samples as v_pred
+    # the family's pipeline class, its watermark off (the grids compare base and adapter pixel for pixel)
+    pipe = base.family.build_pipeline(unet, base.vae, scheduler, base.tokenizers, base.text_encoders,
+                                      **base.family.unwatermarked)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def decode_latents(pipe: Any, family: Any, latents: Tensor, resolution: int) -> list[Image.Image]:
+    """The pipeline's `output_type="latent"` output -> PIL images, decoded by the VAE in its own precision: under
+    mixed precision the latents come out in bf16/fp16 while the VAE may stay fp32 (the inverse of
+    models.encode_images). FLUX's pipeline hands its latents back packed into tokens: `family` unpacks them to
+    (B, C, h, w) first."""
+    vae = pipe.vae
+    latents = family.unpack_latents(latents, resolution, resolution)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        decoded = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample.float()
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
 def generate(pipe: Any, prompt: str, seed: int, steps: int, guidance_scale: float, resolution: int,

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_dpo.recipe.aliases import other_tool_hint
-from lora_dpo.recipe.schema import SECTIONS, ColumnMap, ObjectiveRecipe, Recipe, RecipeError, resume_rule
+from lora_dpo.recipe.fields import RecipeError
+from lora_dpo.recipe.online import online_problems
+from lora_dpo.recipe.schema import SECTIONS, ColumnMap, ObjectiveRecipe, Recipe, resume_rule
 
 log = logging.getLogger(__name__)
 # what the recipe reference says of each resume rule (schema.RESUME_RULES); "same" keys say nothing: most are
@@ -192,6 +194,9 @@ def from_dict(raw: dict[str, Any], source: str = "<recipe>", overrides: tuple[st
     if any(problems.values()):
         raise RecipeError("; ".join(f"{origin}: " + "; ".join(found) for origin, found in problems.items() if found))
     built = Recipe(**kwargs)
+    crossed = online_problems(built)
+    if crossed:
+        raise RecipeError(f"{source}: " + "; ".join(crossed))
     _warn_unused_objective_keys(built.objective, merged.get("objective", {}), source)
     return built
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_dpo.errors import LoraDpoError
+from lora_dpo.recipe.fields import field_
+from lora_dpo.recipe.online import OnlineRecipe
 
 Precision = Literal["no", "fp16", "bf16"]
 ObjectiveKind = Literal["dpo", "ipo", "hinge", "mapo", "sft"]
@@ -38,16 +39,7 @@ RESUME_RULES = ("same", "free", "layout", "warn")
 FREE_SECTIONS = ("sample", "output")
 
 
-class RecipeError(LoraDpoError, ValueError):
-    """A recipe that cannot be used; the message names the file and every offending key."""
-
-
-def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text travels with it (read by `describe` and the CLI). `resume`: what a
-    `--resume` may do with it (`RESUME_RULES`; "same" unless given)."""
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("use a tuple for sequence defaults: recipes are frozen")
-    return field(default=default, metadata={"help": help, **kwargs})
+_f = field_  # short: every key below is one
 
 
 @dataclass(frozen=True)
@@ -373,6 +365,7 @@ class Recipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     objective: ObjectiveRecipe = field(default_factory=ObjectiveRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
+    online: OnlineRecipe = field(default_factory=OnlineRecipe)
     sample: SampleRecipe = field(default_factory=SampleRecipe)
     output: OutputRecipe = field(default_factory=OutputRecipe)
 
@@ -398,6 +391,8 @@ class Recipe:
         """A short hash of every setting that shapes the model (all but [sample] and [output]), stamped into
         adapters."""
         settings = {k: v for k, v in self.to_dict().items() if k not in ("sample", "output")}
+        if not self.online.rounds:  # an offline run's fingerprint is what it was before [online] existed
+            del settings["online"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def resume_changes(self, saved: dict[str, dict[str, Any]], rule: str = "same") -> list[str]:

@@ -14,6 +14,9 @@ Score conventions (per image given its prompt, higher is better):
   image embedding; the prompt is ignored.
 * ``shapes``: the offline demo's built-in judge (~0-3, no download): how close the shape's colour is to the
   prompt's colour word, how bright the background is, whether one shape stands out, minus pixel clutter.
+* ``brightness``: the image's mean brightness (0-1), the prompt ignored. A scorer made to be gamed: what an
+  adapter trained on it learns (wash everything out), and how far the reference keeps it from the base, is the
+  reward-hacking check of docs/ai-feedback.md.
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisio
 from lora_dpo import hub, synthetic
 from lora_dpo.rewards.errors import RewardError
 
-SCORER_KINDS: tuple[str, ...] = ("pickscore", "hps", "clip", "aesthetic", "shapes")
+SCORER_KINDS: tuple[str, ...] = ("pickscore", "hps", "clip", "aesthetic", "shapes", "brightness")
 LAION_VIT_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_VIT_L14 = "openai/clip-vit-large-patch14"
 # hps has no default: the official weights are an open_clip pickle that has to be converted first;
 # aesthetic has none because LAION publishes its MLP only as a .pth pickle.
 DEFAULT_SOURCES: dict[str, str | None] = {
     "pickscore": "yuvalkirstain/PickScore_v1", "clip": LAION_VIT_H14, "hps": None, "aesthetic": None,
-    "shapes": None,
+    "shapes": None, "brightness": None,
 }
 # What one score means, for reports (the conventions above, in a reader's words): a win rate compares images of
 # one prompt; a mean difference is in these units, so differences of two scorers are not comparable.
@@ -55,6 +58,7 @@ UNITS: dict[str, str] = {
             "which is not the same as a better image",
     "aesthetic": "LAION aesthetic predictor: a rating of the image alone on a 1-10 scale (the prompt is ignored)",
     "shapes": "the demo's pixel judge, about 0-3: colour match + background brightness + one clear shape - clutter",
+    "brightness": "the image's mean brightness, 0 (black) to 1 (white); the prompt is ignored",
 }
 _CLIP_KINDS = ("pickscore", "hps", "clip")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -296,6 +300,19 @@ class ShapesScorer:
         return colour + float(background.mean()) + shape - clutter
 
 
+class BrightnessScorer:
+    """The mean brightness of the image's pixels on [0, 1], whatever the prompt: a reward that is easy to game."""
+
+    def __init__(self, name: str = "brightness") -> None:
+        self.name, self.unit = name, UNITS["brightness"]
+
+    def score(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+        return torch.tensor([float(np.asarray(im.convert("L"), dtype=np.float32).mean()) / 255.0 for im in images],
+                            dtype=torch.float32)
+
+
 def parse_scorer_spec(spec: str) -> tuple[str, str | None, float]:
     """``KIND[@SOURCE][:WEIGHT]`` -> (kind, source or None, weight); ``=`` works in place of ``@``.
 
@@ -327,7 +344,7 @@ def build_scorer(kind: str, source: str | None = None, device: str | torch.devic
     failure is a `RewardError` naming the scorer: a wrong path or an offline hub reaches the user as one line."""
     shown = source or DEFAULT_SOURCES.get(kind)
     # offline, the hub libraries fail at once (cached weights still load) instead of retrying for a minute
-    online = kind == "shapes" or shown is None or not hub.is_hub_id(shown) or hub.prepare()
+    online = kind in ("shapes", "brightness") or shown is None or not hub.is_hub_id(shown) or hub.prepare()
     try:
         return _build_scorer(kind, source, device, dtype)
     except RewardError:
@@ -342,10 +359,10 @@ def build_scorer(kind: str, source: str | None = None, device: str | torch.devic
 def _build_scorer(kind: str, source: str | None, device: str | torch.device, dtype: torch.dtype) -> Scorer:
     """Factory behind the specs: ``source`` is a CLIP id or dir, or the MLP weights for ``aesthetic``;
     ``shapes`` takes none."""
-    if kind == "shapes":
+    if kind in ("shapes", "brightness"):
         if source is not None:
-            raise RewardError(f"the shapes scorer is built in and takes no source (got {source!r}); use 'shapes'")
-        return ShapesScorer()
+            raise RewardError(f"the {kind} scorer is built in and takes no source (got {source!r}); use {kind!r}")
+        return ShapesScorer() if kind == "shapes" else BrightnessScorer()
     if kind == "aesthetic":
         if source is None:
             raise RewardError("the aesthetic scorer needs its MLP weights: 'aesthetic@PATH.safetensors' or "

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_dpo import cache, checkpoint, data, files, guards, models, plan, step, trackers
+from lora_dpo import cache, checkpoint, data, files, guards, models, online, plan, step, trackers
 from lora_dpo.export import ADAPTER_FILE
 from lora_dpo.recipe import Recipe, RecipeError, TrainRecipe, warmup_problem
 from lora_dpo.train import samples
@@ -47,6 +49,8 @@ class Run:
     data_stats: data.PairStats = field(default_factory=data.PairStats)  # what reading the source found
     loader_stats: data.PairStats = field(default_factory=data.PairStats)  # what this process's loaders found
     stream_positions: dict[int, Any] | None = None  # a stream's: part -> its position after the last batch consumed
+    end_step: int | None = None  # where this `fit` ends (an online round's last step): a checkpoint is written there
+    progress: str = ""  # what the progress bar says it trains (an online round); empty: the objective
 
 
 def _loader(dataset: torch.utils.data.Dataset, sampler: Any, batch_size: int, num_workers: int, pin: bool,
@@ -80,6 +84,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
         checkpoint.remove_checkpoints(run_dir)  # this run must not find that run finished)
         for finished in (ADAPTER_FILE, "metrics.json"):
             (run_dir / finished).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / online.ROUNDS_DIR, ignore_errors=True)  # an earlier online run's images and pairs
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     step.use_deterministic_kernels(cfg.deterministic)
@@ -100,7 +105,12 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     weight_dtype = models.DTYPES[precision]
     draws = cfg.max_steps * cfg.gradient_accumulation * cfg.batch_size * accelerator.num_processes
     streamed = recipe.data.streaming and not recipe.data.cache
-    if recipe.data.cache:  # encoded already: the VAE and the text encoders are never loaded
+    if recipe.online.rounds:  # the rounds make their own data from the run's images (`train.online`)
+        if accelerator.num_processes > 1:
+            raise RecipeError("[online].rounds: an online run generates, scores and trains in one process; launch it "
+                              "without several processes (lora-dpo train, not accelerate launch)")
+        parts = None
+    elif recipe.data.cache:  # encoded already: the VAE and the text encoders are never loaded
         parts = cache.cached_datasets(recipe, draws, weight_dtype, start_pairs)
     else:  # a resumed stream starts each part where the checkpoint says it stood
         stream = resuming.state.get("stream") if resuming is not None and streamed else None
@@ -119,6 +129,11 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.max_steps)
 
+    if parts is None:  # online: each round sets its own loader
+        unet, optimizer = accelerator.prepare(base.unet, optimizer)
+        run = Run(recipe, run_dir, accelerator, base, unet, lora_config, optimizer, lr_scheduler, None, None,
+                  heldout="each round on held-out prompts (rounds/round-NNN/heldout.json)")
+        return _finish_setup(run, resuming, start_pairs, [])
     pin = device.type == "cuda"
     train_loader = _loader(parts.train, parts.sampler, cfg.batch_size, parts.num_workers, pin, parts.collate,
                            recipe.data.prefetch_factor)
@@ -134,15 +149,23 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     run = Run(recipe, run_dir, accelerator, base, unet, lora_config, optimizer, lr_scheduler, train_loader,
               val_loader, data_summary=parts.summary, heldout=parts.heldout, data_stats=parts.stats,
               stream_positions={} if streamed else None)
-    if accelerator.is_main_process and parts.heldout_rows:  # which pairs were never trained on, to measure again
-        files.write_text(run_dir / HELDOUT_FILE, "".join(json.dumps(row) + "\n" for row in parts.heldout_rows))
+    return _finish_setup(run, resuming, start_pairs, parts.prompts, parts.heldout_rows)
+
+
+def _finish_setup(run: Run, resuming: Resume | None, start_pairs: int, prompts: Sequence[str],
+                  heldout_rows: list[dict[str, Any]] | None = None) -> Run:
+    """The held-out pairs' file, the sampler of training grids and the checkpoint's state, into a built run."""
+    recipe, accelerator = run.recipe, run.accelerator
+    if accelerator.is_main_process and heldout_rows:  # which pairs were never trained on, to measure again
+        files.write_text(run.run_dir / HELDOUT_FILE, "".join(json.dumps(row) + "\n" for row in heldout_rows))
     if recipe.sample.every and recipe.data.cache:
         log.warning("[sample].every: sample grids need the VAE and text encoders, which a cached run never loads; "
                     "no grids this run (`lora-dpo eval` the adapter afterwards)")
-    elif recipe.sample.every and accelerator.is_main_process:  # grids from the UNet being trained, no copy
-        prompts = recipe.sample.prompts or samples.default_sample_prompts(parts.prompts)
-        run.sampler = samples.TrainingSampler(base, step.unwrap(unet), recipe, prompts,
-                                              run_dir / "samples")
+    elif recipe.sample.every and accelerator.is_main_process and (recipe.sample.prompts or prompts):
+        # grids from the UNet being trained, no copy (an online run without [sample].prompts: its rounds' grids)
+        prompts = list(recipe.sample.prompts) or samples.default_sample_prompts(prompts)
+        run.sampler = samples.TrainingSampler(run.base, step.unwrap(run.unet), recipe, prompts,
+                                              run.run_dir / "samples")
     if resuming is not None:
         _restore(run, resuming, start_pairs)
     return run

@@ -59,7 +59,7 @@ def fit(run: Run) -> dict[str, Any]:
 
     main = run.accelerator.is_main_process
     with (guards.out_of_memory_advice(run.recipe), guards.StopSignals(announce=main) as stop,
-          tqdm(total=run.recipe.train.max_steps, initial=run.start_step, desc=run.recipe.objective.kind,
+          tqdm(total=run.recipe.train.max_steps, initial=run.start_step, desc=run.progress or run.recipe.objective.kind,
                disable=not main) as bar, logging_redirect_tqdm()):  # log lines above the bar, not inside it
         return _loop(run, stop, bar)
 
@@ -77,7 +77,7 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
     saved: tuple[int, Path | None] = (-1, None)  # the last checkpoint written: (step, path)
     val_metrics = validate(run) if run.val_loader is not None and step == 0 else {}
     if val_metrics:
-        _record(run, {"step": 0, **val_metrics})
+        record_metrics(run, {"step": 0, **val_metrics})
     accuracy = "reward_accuracy" if OBJECTIVES[run.recipe.objective.kind].needs_reference else "error_accuracy"
     started = time.perf_counter()
     run.unet.train()
@@ -116,7 +116,7 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
             if val_now:
                 val_metrics = validate(run)
                 record |= val_metrics
-            _record(run, record)
+            record_metrics(run, record)
             shown = {"acc": record.get(accuracy), "val_acc": val_metrics.get(f"val_{accuracy}")}
             bar.set_postfix({"loss": f"{record['loss']:.4f}"} if "loss" in record else {},
                             **{k: f"{v:.2f}" for k, v in shown.items() if v is not None})
@@ -124,12 +124,13 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
         if grid is not None:
             trackers.log_image(accelerator, "samples", grid, step)
         # the last step too: a finished run can train longer (--resume with a raised [train].max_steps)
-        checkpoint_due = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or final)
+        checkpoint_due = ((cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or final))
+                          or step == run.end_step)  # an online round's end: the next round's images come from it
         pairs = run.start_pairs + micro_step * processes * cfg.batch_size  # consumed by every process so far
         if checkpoint_due and not bad.in_a_row:  # during a run of bad steps the last good checkpoint stays newest
-            saved = (step, _save_checkpoint(run, step, pairs, bad))
+            saved = (step, save_run_checkpoint(run, step, pairs, bad))
         if result.stopping and not final:
-            path = saved[1] if saved[0] == step else _save_checkpoint(run, step, pairs, bad)
+            path = saved[1] if saved[0] == step else save_run_checkpoint(run, step, pairs, bad)
             raise guards.Interrupted(step, stop.signum or signal.SIGINT, path)
     seconds = time.perf_counter() - started
     final = {k: v for k, v in run.history[-1].items() if k != "step"} if run.history else {}
@@ -138,7 +139,7 @@ def _loop(run: Run, stop: guards.StopSignals, bar: Any) -> dict[str, Any]:
             "skipped": skipped, "skipped_steps": bad.total, **final}
 
 
-def _record(run: Run, record: dict[str, float]) -> None:
+def record_metrics(run: Run, record: dict[str, float]) -> None:
     """Keep a logged record (checkpoints carry the history) and append it to metrics.jsonl."""
     run.history.append(record)
     run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
@@ -147,7 +148,7 @@ def _record(run: Run, record: dict[str, float]) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(run: Run, step: int, pairs: int, bad: guards.BadSteps) -> Path | None:
+def save_run_checkpoint(run: Run, step: int, pairs: int, bad: guards.BadSteps) -> Path | None:
     """Write a checkpoint from the main process; returns its path there (None on the others). `pairs`: the draws
     every process consumed so far, the data's position on any launch layout."""
     run.accelerator.wait_for_everyone()

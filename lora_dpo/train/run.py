@@ -17,7 +17,7 @@ from lora_dpo import data, files, guards, models, trackers
 from lora_dpo.export import ADAPTER_FILE, lora_state_dict, save_adapter
 from lora_dpo.recipe import ObjectiveRecipe, Recipe
 from lora_dpo.step import is_deepspeed, unwrap
-from lora_dpo.train import samples
+from lora_dpo.train import online, samples
 from lora_dpo.train.build import Run, setup
 from lora_dpo.train.loop import fit
 
@@ -107,6 +107,8 @@ def _data_report(run: Run) -> str:
 def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = None) -> Path:
     """Train a LoRA adapter as the recipe says; return the adapter file's path."""
     run_dir = Path(recipe.output.dir) / recipe.run_name(recipe_path)
+    # an online run's prompts and scorers: a missing file or a scorer that cannot load stops it before the base loads
+    prompts, scorers = online.prepare(recipe) if recipe.online.rounds else (None, [])
     fresh = not run_dir.exists()
     try:
         with guards.out_of_memory_advice(recipe):  # loading the base onto a small GPU may not fit either
@@ -116,6 +118,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     accelerator = run.accelerator
+    if prompts is not None:
+        run.data_summary = online.summary_line(recipe, prompts)
     cfg = recipe.train
     effective = cfg.batch_size * cfg.gradient_accumulation * accelerator.num_processes
     accelerator.print(f"lora-dpo: {run.data_summary}")
@@ -129,16 +133,18 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     if not gc.isenabled():  # the CLI held collection back through start-up: setup's objects are not scanned again
         gc.freeze()
         gc.enable()
-    summary = fit(run)
+    summary = fit(run) if prompts is None else online.fit_rounds(run, prompts, scorers)
     accelerator.wait_for_everyone()
-    accelerator.print(f"lora-dpo: data: {_data_report(run)}")
+    if prompts is None:  # an online run's data is its rounds' (each round's line says what it made)
+        accelerator.print(f"lora-dpo: data: {_data_report(run)}")
     _check_processes_agree(run)
     weights = _adapter_weights(run)
     if accelerator.is_main_process:
         unet = unwrap(run.unet)
         with files.writing(run_dir / ADAPTER_FILE, run_dir):  # disk full: an OutputError, no partial adapter
             path = save_adapter(run_dir, unet, run.lora_config, recipe, summary, weights)
-        plot = samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png")
+        rounds = recipe.online.steps_per_round if recipe.online.rounds else None
+        plot = samples.plot_training(run_dir / "metrics.jsonl", run_dir / "training.png", rounds)
         if plot is not None:
             trackers.log_image(accelerator, "training_curves", plot, summary["steps"])
         keys = ("val_reward_accuracy", "reward_accuracy", "val_error_accuracy", "error_accuracy")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lora_dpo import card, models
-from lora_dpo.evaluate import EvalError, GridRow, generate, make_grid
+from lora_dpo.evaluate import GridRow, decode_latents, generate, make_grid, pipeline_from_parts
 from lora_dpo.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -25,24 +25,6 @@ DEFAULT_SAMPLE_PROMPTS = 4  # training samples when [sample].prompts is empty
 def default_sample_prompts(prompts: Sequence[str], n: int = DEFAULT_SAMPLE_PROMPTS) -> list[str]:
     """The first `n` distinct prompts, in order."""
     return list(dict.fromkeys(p for p in prompts if p))[:n]
-
-
-def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None = None) -> Any:
-    """A stock pipeline around parts already in memory (no second UNet): the base's VAE, encoders and
-    tokenizers, the given UNet, and a fresh instance of the base's own inference scheduler (with what a single-file
-    base's marker keys change in it)."""
-    if base.vae is None or not base.text_encoders:
-        raise EvalError("[sample].every needs the base's VAE and text encoders in memory")
-    import diffusers
-
-    # the scheduler's JSON (any scheduler class reads any config; a flow base's training schedule is no class's)
-    config = diffusers.DDPMScheduler.load_config(base.source, subfolder="scheduler", revision=revision)
-    scheduler = models.inference_scheduler(config, base.scheduler_overrides)  # a v_pred file samples as v_pred
-    # the family's pipeline class, its watermark off (the grids compare base and adapter pixel for pixel)
-    pipe = base.family.build_pipeline(unet, base.vae, scheduler, base.tokenizers, base.text_encoders,
-                                      **base.family.unwatermarked)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class TrainingSampler:
@@ -58,22 +40,16 @@ class TrainingSampler:
 
     @torch.no_grad()
     def _draw(self) -> list[Image.Image]:
-        """The pipeline returns latents, decoded here by the VAE in its own precision: under mixed precision
-        the latents come out in bf16/fp16 while the VAE may stay fp32 (the inverse of models.encode_images).
-        Eager, under [train].compile too: grids are drawn every few hundred steps in shapes training never runs
-        (the guidance batch, adapters off and on), whose graphs would cost a compile each and count towards torch's
-        limit of graphs per block (`models.compile_blocks`)."""
-        vae, images = self.pipe.vae, []
+        """The pipeline's latents, decoded (`decode_latents`). Eager, under [train].compile too: grids are drawn
+        every few hundred steps in shapes training never runs (the guidance batch, adapters off and on), whose
+        graphs would cost a compile each and count towards torch's limit of graphs per block
+        (`models.compile_blocks`)."""
+        images = []
         for prompt, seed in self.rows:
             with torch.compiler.set_stance("force_eager"):
                 latents = generate(self.pipe, prompt, seed, self.cfg.steps, self.cfg.guidance_scale,
                                    self.resolution, output_type="latent")
-            # (B, C, h, w): FLUX's pipeline hands its latents back packed into tokens
-            latents = self.pipe_family.unpack_latents(latents, self.resolution, self.resolution)
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
-            decoded = vae.decode(latents).sample.float()
-            images += self.pipe.image_processor.postprocess(decoded, output_type="pil")
+            images += decode_latents(self.pipe, self.pipe_family, latents, self.resolution)
         return images
 
     def maybe_sample(self, step: int, final: bool = False) -> Path | None:
@@ -105,9 +81,11 @@ class TrainingSampler:
                 for k, (prompt, seed) in enumerate(self.rows)]
 
 
-def plot_training(metrics_file: Path, out_file: Path) -> Path | None:
-    """Training loss, training and held-out reward accuracy, and learning rate against steps (a PNG).
-    Uses matplotlib's Agg canvas directly: no display, no global pyplot state."""
+def plot_training(metrics_file: Path, out_file: Path, round_steps: int | None = None) -> Path | None:
+    """Training loss, training and held-out reward accuracy, and learning rate against steps (a PNG); an online
+    run (`round_steps`: its steps per round) has its rounds' ends marked and each round's held-out win rates over
+    the base drawn beside the accuracy. Uses matplotlib's Agg canvas directly: no display, no global pyplot
+    state."""
     if not metrics_file.is_file():
         return None
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -134,6 +112,14 @@ def plot_training(metrics_file: Path, out_file: Path) -> Path | None:
         if len(axes.lines) > 1:
             axes.legend(loc="best")
     accuracy_axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)  # a fresh adapter: every pair a tie
+    if round_steps:
+        for key in dict.fromkeys(k for r in records for k in r if k.endswith("_win_rate")):
+            steps, values = series(key)
+            accuracy_axes.plot(steps, values, marker="s", markersize=4, label=key.replace("_", " "))
+        accuracy_axes.legend(loc="best")
+        for axes in (loss_axes, accuracy_axes, lr_axes):
+            for end in range(round_steps, records[-1]["step"] + 1, round_steps):
+                axes.axvline(end, color="tab:purple", alpha=0.4, linewidth=1)  # a round ends: new pairs from here
     lr_axes.set_ylim(bottom=0)  # a constant rate reads as flat, not as noise around it
     lr_axes.set_xlabel("optimizer step")
     loss_axes.set_title(f"{metrics_file.parent.name}: training curves")

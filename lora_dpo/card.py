@@ -27,7 +27,9 @@ BASE_LICENSES = {hub_id: name for family in models.FAMILIES for hub_id, name in 
 METHODS = {"dpo": "**Diffusion-DPO** (Wallace et al. 2023)",
            "sft": "**supervised fine-tuning** on the preferred images (the paper's SFT baseline)"}
 # Never uploaded: resumable checkpoints (optimizer state, large) and half-written temporaries.
-UPLOAD_IGNORE = ["checkpoint-*", ".*", "*.tmp*"]
+# an online run's rounds go up as their data sets, grids and results: the images are in the parquet, and the
+# latents (what the step trained on, to resume) are of no use to anyone loading the adapter
+UPLOAD_IGNORE = ["checkpoint-*", ".*", "*.tmp*", "rounds/*/latents/*", "rounds/*/images/*", "rounds/*/heldout/*"]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -111,6 +113,30 @@ def _heldout(recipe: Recipe, metrics: dict[str, Any]) -> str:
     if data.val_split:
         return f"from split `{data.val_split}`" + (f", at most {data.val_pairs} pairs" if data.val_pairs else "")
     return f"{data.val_pairs} pairs held out of the training source" if data.val_pairs else "none"
+
+
+def _data_row(recipe: Recipe) -> str:
+    """The card's data row: the source read, or an online run's own images and who judged them."""
+    data, cfg = recipe.data, recipe.online
+    if cfg.rounds:
+        return (f"| data | its own images, {cfg.rounds} rounds: {cfg.samples_per_prompt} a prompt of `{cfg.prompts}`, "
+                f"{data.resolution} px, scored by {', '.join(f'`{s}`' for s in cfg.scorers)}, paired `{cfg.pair_rule}` "
+                "(each round's pairs: `rounds/round-NNN/pairs.parquet`) |")
+    return f"| data | `{data.source}` (split `{data.split}`), {data.resolution} px, ties `{data.ties}` |"
+
+
+def _rounds_section(rounds: list[dict[str, Any]]) -> list[str]:
+    """An online run's rounds: pairs, and each scorer's held-out win rate over the base with its interval."""
+    if not rounds:
+        return []
+    lines = ["## Rounds", "", "Held out: prompts no round trained on; win rate of the adapter's image over the base's "
+             "(same prompt and seed; a tie is half) with its 95 % interval over prompts.", "",
+             "| round | pairs | held-out win rate |", "|---|---|---|"]
+    for r in rounds:
+        rates = "; ".join(f"{name} {v['rate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+                          for name, v in (r.get("heldout") or {}).items())
+        lines.append(f"| {r['round']} | {r['pairs']} | {rates or 'not measured'} |")
+    return [*lines, ""]
 
 
 def _sample_image(folder: Path, report: dict[str, Any]) -> str | None:
@@ -205,7 +231,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         library_name="diffusers", pipeline_tag="text-to-image",
         tags=["lora", "diffusers", "text-to-image", "dpo", "diffusion-dpo", "lora-dpo",
               *(family.card_tags if family else ("stable-diffusion",)), "template:sd-lora"],
-        datasets=[recipe.data.source] if is_hub_id(recipe.data.source) else None,
+        datasets=[recipe.data.source] if is_hub_id(recipe.data.source) and not recipe.online.rounds else None,
         widget=gallery or None)
     name = folder.resolve().name
     ref = adapter_ref or str(folder.resolve())
@@ -221,16 +247,17 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
         # the hub draws the front matter's `widget:` images where the body says `<Gallery />` (as the cards of
         # diffusers' training scripts do, right under the title); without it the page shows none of them
         *(["<Gallery />", ""] if gallery else []),
-        f"A LoRA adapter for `{base}`{base_note}, aligned to human preferences with "
-        f"{METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
+        f"A LoRA adapter for `{base}`{base_note}, aligned to "
+        + (f"{', '.join(recipe.online.scorers)} scores of its own images, online (round after round)"
+           if recipe.online.rounds else "human preferences")
+        + f" with {METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
         "", "## Use it", "", _snippet(models.base_location(base), ref, family), "",
         *_files_section(folder, ref, name, hashes, bool(family and family.flow_matching)),
         "## Training", "",
         "| setting | value |", "|---|---|",
         f"| objective | `{obj.kind}`, beta {obj.beta:g} (loss `-log sigmoid(-beta/2 x ((e_w - r_w) - (e_l - r_l)))`, "
         "per-pixel mean errors) |",
-        f"| data | `{recipe.data.source}` (split `{recipe.data.split}`), {recipe.data.resolution} px, ties "
-        f"`{recipe.data.ties}` |",
+        _data_row(recipe),
         f"| held-out set | {_heldout(recipe, metrics)} |",
         f"| steps | {metrics.get('steps', cfg.max_steps)} optimizer steps x {effective} pairs per device |",
         f"| learning rate | {cfg.learning_rate:g}, `{cfg.lr_schedule}` schedule, {cfg.warmup_steps} warmup steps |",
@@ -248,6 +275,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
                   "the last training batches; reward accuracy: the share of pairs the adapter prefers as people did, "
                   "0.5 before training):", "",
                   "| metric | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in numbers.items()), ""]
+    lines += _rounds_section(metrics.get("rounds") or [])
     lines += _eval_section(report, hashes)
     image = _sample_image(folder, report)
     if image:

@@ -101,6 +101,9 @@ def test_rounds_train_on_the_adapters_own_images_and_keep_each_round_as_a_data_s
     assert [(r["step"], r["round"]) for r in logged if "round" in r] == [(3, 1), (6, 2)]
     assert all((round_folder(run_dir, i) / "grid.png").is_file() for i in (0, 1))
     assert (run_dir / "training.png").is_file()
+    card = (run_dir / "README.md").read_text()  # the card says what it learned from: its own images, judged
+    assert "shapes scores of its own images, online" in card and "| 2 | " in card.split("## Rounds")[1]
+    assert "pickapic" not in card
     # the held-out prompts were never trained on: no round drew images for them
     assert not set(HELDOUT) & {row["caption"] for i in (0, 1)
                                for row in pq.read_table(round_folder(run_dir, i) / "pairs.parquet").to_pylist()}
@@ -157,6 +160,9 @@ def test_a_scorer_that_cannot_load_and_a_round_of_ties_stop_before_a_training_st
     from lora_dpo.errors import LoraDpoError
     from lora_dpo.train import train
 
+    cfg = online_recipe("no-prompts", online={"prompts": "/nowhere/prompts.txt"})
+    with pytest.raises(OnlineError, match=r"^\[online\].prompts = '/nowhere/prompts.txt': no such file"):
+        train(cfg)
     cfg = online_recipe("offline-scorer", online={"scorers": ["pickscore@/nowhere/pickscore"]})
     with pytest.raises(LoraDpoError, match="pickscore"):
         train(cfg)
@@ -168,3 +174,46 @@ def test_a_scorer_that_cannot_load_and_a_round_of_ties_stop_before_a_training_st
     run_dir = Path(cfg.output.dir) / "ties"
     assert [checkpoint.read_state(c)["step"] for c in checkpoint.list_checkpoints(run_dir)] == [0]  # resumable
     assert len(list((round_folder(run_dir, 0) / "latents").glob("*.safetensors"))) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux"])
+def test_every_family_trains_online_on_the_latents_its_stock_pipeline_makes(arch: str, online_recipe,
+                                                                            request: pytest.FixtureRequest) -> None:
+    """One round on each other family's tiny base: round 1's latents are what the family's stock diffusers pipeline
+    makes from those seeds (the step trains on them as they are), and the adapter trains."""
+    import diffusers
+
+    from lora_dpo import models
+    from lora_dpo.train import train
+
+    base_dir = request.getfixturevalue(f"tiny_{arch}_base_dir")
+    cfg = online_recipe(arch, model={"base": str(base_dir)}, train={"max_steps": 2},
+                        online={"rounds": 1, "steps_per_round": 2, "samples_per_prompt": 2, "steps": 2})
+    run_dir = train(cfg).parent
+    record = json.loads((round_folder(run_dir, 0) / "round.json").read_text())
+    family = models.family_of_pipeline(json.loads((base_dir / "model_index.json").read_text()))
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in record["seeds"]]
+    stock = pipe(PROMPTS[0], num_images_per_prompt=2, generator=generators, height=64, width=64,
+                 num_inference_steps=2, output_type="latent").images
+    saved = load_file(round_folder(run_dir, 0) / "latents" / "00000.safetensors")["latents"]
+    torch.testing.assert_close(saved, family.unpack_latents(stock, 64, 64).float(), rtol=1e-4, atol=1e-4)
+    assert json.loads((run_dir / "metrics.json").read_text())["rounds"][0]["heldout"]["shapes"]["n"] == len(HELDOUT)
+
+
+def test_the_shipped_online_recipe_runs_as_a_user_runs_it(tmp_path: Path) -> None:
+    """`lora-dpo train recipes/tiny_online.toml` from the repository's root, its own settings, shortened to 2 rounds
+    of 2 steps and 4 inference steps."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    sets = ["online.rounds=2", "online.steps_per_round=2", "train.max_steps=4", "online.steps=4",
+            f"output.dir={tmp_path}"]
+    result = subprocess.run([sys.executable, "-m", "lora_dpo", "train", "recipes/tiny_online.toml",
+                             *(arg for s in sets for arg in ("--set", s))], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lora-dpo: round 2 on 18 held-out prompts, adapter vs base: shapes win rate" in result.stdout
+    summary = json.loads((tmp_path / "tiny_online" / "metrics.json").read_text())
+    assert [r["pairs"] > 18 for r in summary["rounds"]] == [True, True]  # the margin rule: several pairs a prompt

@@ -77,8 +77,9 @@ def eval_(
     base: Annotated[str | None, typer.Option(help="Base pipeline: hub id, folder or `tiny`; default: the "
                                              "[model].base of the recipe.toml beside the adapter.")] = None,
     scorer: Annotated[list[str] | None, typer.Option(help="Reward model KIND[@SOURCE]: pickscore, clip, hps, "
-                                                     "aesthetic, or shapes (the demo's built-in pixel judge, no "
-                                                     "download); repeat for several.")] = None,
+                                                     "aesthetic, shapes (the demo's built-in pixel judge, no "
+                                                     "download) or brightness (mean brightness: a reward made to be "
+                                                     "gamed); repeat for several.")] = None,
     scale: Annotated[list[str] | None, typer.Option(help="Adapter strength(s), repeated or comma-separated; "
                                                     "each adds a column (default 1.0).")] = None,
     seed: Annotated[list[str] | None, typer.Option(help="Seed(s): one image per prompt and seed "

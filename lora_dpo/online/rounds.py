@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lora_dpo import data, files, models
 from lora_dpo.errors import LoraDpoError
-from lora_dpo.evaluate import decode_latents, image_path, load_prompts
+from lora_dpo.evaluate import EvalError, decode_latents, image_path, load_prompts
 from lora_dpo.pairs import combine_scores, score_folder, select_pairs, write_pairs
 from lora_dpo.recipe import OnlineRecipe, Recipe
 
@@ -53,9 +53,9 @@ class Prompts:
 def split_prompts(cfg: OnlineRecipe, seed: int) -> Prompts:
     """`[online].prompts` less the held-out ones: `heldout_prompts` when given (a prompt in both is held out),
     else `heldout` prompts drawn with `seed`. Repeated prompts are used once."""
-    prompts = list(dict.fromkeys(load_prompts(cfg.prompts)))
+    prompts = _read_prompts("prompts", cfg.prompts)
     if cfg.heldout_prompts:
-        heldout = list(dict.fromkeys(load_prompts(cfg.heldout_prompts)))
+        heldout = _read_prompts("heldout_prompts", cfg.heldout_prompts)
         kept = set(heldout)
         train = [p for p in prompts if p not in kept]
         if len(train) < len(prompts):
@@ -70,6 +70,14 @@ def split_prompts(cfg: OnlineRecipe, seed: int) -> Prompts:
         raise OnlineError(f"[online].prompts = {cfg.prompts!r}: {len(prompts)} prompt(s), none left to train on "
                           f"after holding out {len(heldout)}; give more prompts or hold out fewer ([online].heldout)")
     return Prompts(tuple(train), tuple(heldout))
+
+
+def _read_prompts(key: str, spec: str | None) -> list[str]:
+    """`[online].<key>`'s prompts, each once; what `load_prompts` cannot read is one line naming the key."""
+    try:
+        return list(dict.fromkeys(load_prompts(spec or "")))
+    except EvalError as err:
+        raise OnlineError(f"[online].{key} = {spec!r}: {str(err).split(': ', 1)[-1]}") from None
 
 
 def round_folder(run_dir: Path, round_index: int) -> Path:
@@ -140,7 +148,7 @@ def make_round(cfg: OnlineRecipe, round_index: int, folder: Path, prompts: Seque
     scores, combined = score(prompts, seeds, folder, scorers)
     kept = select_pairs(combined, cfg.pair_rule, cfg.margin)
     if len(kept) < cfg.min_pairs:
-        rule = "best_worst" if cfg.pair_rule == "best_worst" else f"margin with margin = {cfg.margin:g}"
+        rule = "best_worst" if cfg.pair_rule == "best_worst" else f"pairs more than margin = {cfg.margin:g} apart"
         raise OnlineError(f"round {round_index + 1}: {len(kept)} pair(s) from {len(prompts)} prompts ({rule}: their "
                           f"images scored alike), fewer than [online].min_pairs = {cfg.min_pairs}; lower "
                           "[online].margin, raise samples_per_prompt, or change the scorers, then --resume latest "

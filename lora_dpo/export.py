@@ -222,6 +222,12 @@ def _base_stamp(cfg: ModelRecipe) -> dict[str, str]:
         return {}
 
 
+def _trained_on(recipe: Recipe) -> str:
+    """What the adapter trained on: the data source, or an online run's prompts and scorers."""
+    cfg = recipe.online
+    return f"online:{cfg.prompts} ({', '.join(cfg.scorers)})" if cfg.rounds else recipe.data.source
+
+
 def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, family: models.Family,
                       config: Any) -> dict[str, str]:
     """What a trained adapter says about itself (safetensors metadata values are strings); `config`: the denoiser's
@@ -231,7 +237,7 @@ def training_metadata(recipe: Recipe, metrics: dict[str, Any], title: str, famil
              "lora_dpo.rank": str(recipe.lora.rank), "lora_dpo.alpha": repr(recipe.lora.alpha),
              "lora_dpo.target_modules": json.dumps(list(models.target_modules(recipe.lora, family))),
              "lora_dpo.objective": recipe.objective.kind, "lora_dpo.beta": repr(recipe.objective.beta),
-             "lora_dpo.steps": str(metrics.get("steps", "")), "lora_dpo.dataset": recipe.data.source,
+             "lora_dpo.steps": str(metrics.get("steps", "")), "lora_dpo.dataset": _trained_on(recipe),
              "lora_dpo.fingerprint": recipe.fingerprint(), "lora_dpo.recipe": json.dumps(recipe.to_dict()),
              "lora_dpo.metrics": json.dumps(metrics)}
     spec = webui.modelspec(family.modelspec_architecture_for(config), title, recipe.data.resolution,

@@ -164,12 +164,12 @@ def test_a_scorer_that_cannot_load_and_a_round_of_ties_stop_before_a_training_st
     with pytest.raises(OnlineError, match=r"^\[online\].prompts = '/nowhere/prompts.txt': no such file"):
         train(cfg)
     cfg = online_recipe("offline-scorer", online={"scorers": ["pickscore@/nowhere/pickscore"]})
-    with pytest.raises(LoraDpoError, match="pickscore"):
+    with pytest.raises(LoraDpoError, match=r"^\[online\].scorers: scorer 'pickscore' from '/nowhere/pickscore'"):
         train(cfg)
     assert not (Path(cfg.output.dir) / "offline-scorer").exists()  # refused before the base loaded
 
     cfg = online_recipe("ties", online={"pair_rule": "margin", "margin": 100.0})
-    with pytest.raises(OnlineError, match=r"round 1: 0 pair\(s\) .* \[online\].min_pairs = 1.*--resume latest"):
+    with pytest.raises(OnlineError, match=r"round 1: 0 pair\(s\) .* \[online\].min_pairs = 1; lower \[online\].margin"):
         train(cfg)
     run_dir = Path(cfg.output.dir) / "ties"
     assert [checkpoint.read_state(c)["step"] for c in checkpoint.list_checkpoints(run_dir)] == [0]  # resumable
@@ -217,3 +217,57 @@ def test_the_shipped_online_recipe_runs_as_a_user_runs_it(tmp_path: Path) -> Non
     assert "lora-dpo: round 2 on 18 held-out prompts, adapter vs base: shapes win rate" in result.stdout
     summary = json.loads((tmp_path / "tiny_online" / "metrics.json").read_text())
     assert [r["pairs"] > 18 for r in summary["rounds"]] == [True, True]  # the margin rule: several pairs a prompt
+
+
+def test_pair_rules_never_pair_ties_and_choose_the_higher_score() -> None:
+    from lora_dpo.pairs import select_pairs
+
+    combined = torch.tensor([[0.1, 0.9, 0.5, 0.9],   # best: the first 0.9 (image 1), worst image 0
+                             [0.3, 0.3, 0.3, 0.3],   # all tied: no pair
+                             [0.2, 0.6, 0.4, 0.1]])
+    assert select_pairs(combined) == [(0, 1, 0), (2, 1, 3)]
+    assert select_pairs(combined, "margin", 0.35) == [(0, 1, 2), (0, 1, 0), (0, 3, 2), (0, 3, 0), (0, 2, 0),
+                                                     (2, 1, 0), (2, 1, 3)]
+    assert select_pairs(combined, "margin", 0.0) == [(0, 1, 2), (0, 1, 0), (0, 3, 2), (0, 3, 0), (0, 2, 0),
+                                                    (2, 1, 2), (2, 1, 0), (2, 1, 3), (2, 2, 0), (2, 2, 3), (2, 0, 3)]
+
+
+def test_held_out_prompts_are_never_trained_on_and_a_round_draws_its_own_subset(tmp_path: Path) -> None:
+    from lora_dpo.online import round_prompt_indices, split_prompts
+    from lora_dpo.recipe import OnlineRecipe
+
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS + PROMPTS[:2]) + "\n")  # repeats are used once
+    drawn = split_prompts(OnlineRecipe(prompts=str(tmp_path / "p.txt"), heldout=3), seed=0)
+    assert len(drawn.heldout) == 3 and len(drawn.train) == 5 and not set(drawn.heldout) & set(drawn.train)
+    assert split_prompts(OnlineRecipe(prompts=str(tmp_path / "p.txt"), heldout=3), seed=0) == drawn  # seeded
+    (tmp_path / "h.txt").write_text("a red circle\na new prompt\n")
+    given = split_prompts(OnlineRecipe(prompts=str(tmp_path / "p.txt"), heldout_prompts=str(tmp_path / "h.txt")), 0)
+    assert given.heldout == ("a red circle", "a new prompt") and "a red circle" not in given.train
+    cfg = OnlineRecipe(prompts_per_round=3)
+    rounds = [round_prompt_indices(8, cfg, 0, r) for r in range(3)]
+    assert all(len(ids) == 3 and ids == sorted(ids) for ids in rounds) and len({tuple(i) for i in rounds}) > 1
+    assert round_prompt_indices(8, OnlineRecipe(), 0, 0) == list(range(8))
+
+
+def test_the_brightness_scorer_is_the_mean_brightness_whatever_the_prompt() -> None:
+    from PIL import Image
+
+    from lora_dpo.rewards import build_scorers
+
+    [(scorer, weight)] = build_scorers(["brightness:2"])
+    images = [Image.new("RGB", (8, 8), (0, 0, 0)), Image.new("RGB", (8, 8), (255, 255, 255)),
+              Image.new("L", (8, 8), 51)]
+    assert weight == 2.0 and scorer.score(["a", "b", "c"], images).tolist() == pytest.approx([0.0, 1.0, 0.2])
+
+
+def test_a_round_made_from_other_prompts_is_refused_on_resume(online_recipe, tmp_path: Path) -> None:
+    """Resuming inside round 2 after the prompt file was edited: round 2's pairs were made from the old prompts
+    and would train under the new ones; refused, naming the key."""
+    from lora_dpo.train import train
+
+    cfg = online_recipe("edited", train={"checkpoint_every": 1})
+    run_dir = train(cfg).parent
+    (run_dir / ADAPTER_FILE).unlink()  # as if killed after step 5's checkpoint
+    (tmp_path / "prompts.txt").write_text("\n".join(reversed(PROMPTS)) + "\n")
+    with pytest.raises(OnlineError, match=r"round 2 was made from other prompts than \[online\].prompts gives now"):
+        train(cfg, resume=str(run_dir / "checkpoint-5"))

@@ -49,6 +49,7 @@ from lora_dpo.models.load import (
 from lora_dpo.models.lora import (
     adapters_disabled,
     add_lora,
+    eval_mode,
     lora_config,
     lora_parameters,
     lora_state_dict,
@@ -91,12 +92,11 @@ __all__ = [
     "TINY_SCHEDULER", "TINY_VAE", "BaseModel", "Family", "ModelError", "adapters_disabled", "add_lora",
     "base_denoiser_config", "base_family", "base_location", "base_schedule", "build_tiny_base", "build_tiny_pipeline",
     "cache_home", "check_compiler", "check_recipe_keys", "checkpoint_state", "compile_blocks", "compiled_graphs",
-    "compiler_missing",
-    "config_folder", "denoiser_family", "encode_images", "encode_prompts", "family_named", "family_of_base_name",
-    "family_of_checkpoint", "family_of_denoiser", "family_of_metadata", "family_of_pipeline", "inference_scheduler",
-    "is_single_file", "load_base", "lora_config", "lora_parameters", "lora_state_dict", "pipeline_family",
-    "quantize_nf4",
-    "read_pipeline_json", "recipe_base_family", "refuse_foreign_keys", "resolve_base", "scheduler_overrides",
-    "shipped_config", "single_file_family", "single_file_pipeline", "target_modules", "tiny_base_path",
-    "tiny_text_config", "tiny_tokenizer", "unet_from_config", "warm_up_tiny_base", "write_checkpoint",
+    "compiler_missing", "config_folder", "denoiser_family", "encode_images", "encode_prompts", "eval_mode",
+    "family_named", "family_of_base_name", "family_of_checkpoint", "family_of_denoiser", "family_of_metadata",
+    "family_of_pipeline", "inference_scheduler", "is_single_file", "load_base", "lora_config", "lora_parameters",
+    "lora_state_dict", "pipeline_family", "quantize_nf4", "read_pipeline_json", "recipe_base_family",
+    "refuse_foreign_keys", "resolve_base", "scheduler_overrides", "shipped_config", "single_file_family",
+    "single_file_pipeline", "target_modules", "tiny_base_path", "tiny_text_config", "tiny_tokenizer",
+    "unet_from_config", "warm_up_tiny_base", "write_checkpoint"
 ]

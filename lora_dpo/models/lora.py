@@ -134,6 +134,18 @@ def _tuner_layers(unet: Any) -> list[Any]:
 
 
 @contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """The module in eval mode (no LoRA dropout: what it draws is the adapter as it stands), then back in the mode
+    it was in, however the block exits."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextmanager
 def adapters_disabled(unet: Any) -> Iterator[None]:
     """The DPO reference: the same UNet with its adapters off, restored however the block exits.
     (peft's disable_adapters()/enable_adapters() are plain calls, not a context manager.) Each tuner layer's own

@@ -19,6 +19,7 @@ from lora_dpo.online.rounds import (
     Prompts,
     RoundPairs,
     generate,
+    loaded_scorers,
     make_round,
     read_round,
     round_dataset,
@@ -28,7 +29,6 @@ from lora_dpo.online.rounds import (
     split_prompts,
 )
 
-__all__ = ["ROUNDS_DIR", "OnlineError", "Prompts", "RoundPairs", "generate", "make_round", "measure_round",
-           "metrics_record",
-           "read_heldout", "read_round", "round_dataset", "round_folder", "round_prompt_indices", "round_seeds",
-           "split_prompts"]
+__all__ = ["ROUNDS_DIR", "OnlineError", "Prompts", "RoundPairs", "generate", "loaded_scorers", "make_round",
+           "measure_round", "metrics_record", "read_heldout", "read_round", "round_dataset", "round_folder",
+           "round_prompt_indices", "round_seeds", "split_prompts"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from torch import Tensor
 
 from lora_dpo import files, models
 from lora_dpo.evaluate import GridRow, image_path, make_grid, win_rate
@@ -28,6 +29,7 @@ GRID_PROMPTS = 8  # rows of a round's grid
 
 
 def base_folder(run_dir: Path) -> Path:
+    """Where the base's held-out images are: made once for the whole run, every round compares with them."""
     return run_dir / ROUNDS_DIR / "heldout-base"
 
 
@@ -66,14 +68,16 @@ def measure_round(pipe: Any, family: Any, round_index: int, step: int, folder: P
 
 
 def _grid(path: Path, run_dir: Path, folder: Path, prompts: Sequence[str], seeds: Sequence[int],
-          names: Sequence[str], base: Any, adapter: Any, round_index: int) -> None:
-    """Base | adapter for the first held-out prompts, every seed, each image with its scores."""
+          names: Sequence[str], base: Tensor, adapter: Tensor, round_index: int) -> None:
+    """Base | adapter for the first held-out prompts, every seed, each image with its scores (base and adapter:
+    scores [K, P, N], scorer, prompt, seed)."""
     rows, titles = [], [f"{kind}, seed {seed}" for seed in seeds for kind in ("base", f"round {round_index + 1}")]
     for p, prompt in enumerate(prompts[:GRID_PROMPTS]):
         images, notes = [], []
         for s, seed in enumerate(seeds):
             for where, scores in ((base_folder(run_dir), base), (folder / "heldout", adapter)):
-                images.append(Image.open(image_path(where / "images", p, seed, VARIANT)))
+                with Image.open(image_path(where / "images", p, seed, VARIANT)) as image:
+                    images.append(image.convert("RGB"))
                 notes.append("\n".join(f"{name} {float(scores[k, p, s]):.3f}" for k, name in enumerate(names)))
         rows.append(GridRow(images, f"#{p}: {prompt}", notes))
     with files.atomic_file(path) as tmp:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_dpo import data, files, models
+from lora_dpo import data, files, models, rewards
 from lora_dpo.errors import LoraDpoError
 from lora_dpo.evaluate import EvalError, decode_latents, image_path, load_prompts
 from lora_dpo.pairs import combine_scores, score_folder, select_pairs, write_pairs
@@ -102,36 +103,83 @@ def round_seeds(seed: int, round_index: int, n: int) -> list[int]:
 
 
 def generate(pipe: Any, family: Any, prompts: Sequence[str], seeds: Sequence[int], folder: Path, *, steps: int,
-             guidance_scale: float, resolution: int, desc: str) -> Tensor:
+             guidance_scale: float, resolution: int, desc: str) -> list[Path]:
     """Every prompt's N images (image k from a CPU generator seeded `seeds[k]`, as `lora-dpo eval` makes one
-    image of that seed), saved as PNGs, and their latents (P, N, C, h, w) float32, as the denoiser takes them.
-    A prompt whose latents are on disk is read back, not generated again; a prompt is written whole (its PNGs,
-    then its latents file) or not at all."""
-    from safetensors.torch import load_file, save_file
+    image of that seed), saved as PNGs, and their latents (N, C, h, w) float32 as the denoiser takes them, one
+    safetensors file a prompt; returns those files' paths. A prompt whose file is on disk, made from the same
+    prompt and seeds, is not generated again; a prompt is written whole (its PNGs, then its latents file) or not
+    at all."""
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    (folder / "latents").mkdir(parents=True, exist_ok=True)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    out = []
+    for part in ("latents", "images"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
+        files.remove_temporaries(folder / part)  # what a kill in the middle of a write left behind
+    paths = []
     for index, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt")):
         path = folder / "latents" / f"{index:05d}.safetensors"
-        if path.is_file():
-            out.append(load_file(path)["latents"])
+        paths.append(path)
+        stamp = {"prompt": prompt, "seeds": json.dumps(list(seeds))}
+        if _stamp(path) == stamp:
             continue
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             latents = pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, height=resolution,
                            width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
                            output_type="latent").images
-            images = decode_latents(pipe, family, latents, resolution)
+            # one image at a time: the VAE's activations at 1024 px are GiBs an image (docs/planning.md)
+            images = [image for k in range(len(seeds))
+                      for image in decode_latents(pipe, family, latents[k:k + 1], resolution)]
         for seed, image in zip(seeds, images, strict=True):
             with files.atomic_file(image_path(folder / "images", index, seed, VARIANT)) as tmp:
                 image.save(tmp, format="PNG")
         unpacked = family.unpack_latents(latents, resolution, resolution).float().cpu().contiguous()  # (N, C, h, w)
         with files.atomic_file(path) as tmp:
-            save_file({"latents": unpacked}, str(tmp))
-        out.append(unpacked)
-    return torch.stack(out)
+            save_file({"latents": unpacked}, str(tmp), metadata=stamp)
+    return paths
+
+
+def _stamp(path: Path) -> dict[str, str] | None:
+    """What a latents file was made from (its header's prompt and seeds), or None when there is none."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
+
+
+def read_latents(paths: Sequence[Path], pairs: Sequence[Sequence[int]]) -> dict[tuple[int, int], Tensor]:
+    """The latents (C, h, w) of the images the pairs use, keyed (prompt, image): the rest of a round stays on
+    disk, so host memory holds two images a pair, not the whole round."""
+    from safetensors import safe_open
+
+    used = sorted({(p, k) for p, w, lose in pairs for k in (w, lose)})
+    out: dict[tuple[int, int], Tensor] = {}
+    for prompt in sorted({p for p, _ in used}):
+        with safe_open(str(paths[prompt]), "pt") as handle:
+            latents = handle.get_tensor("latents")  # (N, C, h, w)
+        out |= {(p, k): latents[k].clone() for p, k in used if p == prompt}
+    return out
+
+
+@contextmanager
+def loaded_scorers(specs: Sequence[str]) -> Iterator[list[tuple[Any, float]]]:
+    """`[online].scorers` built for one scoring phase (on the GPU when there is one), then freed: between phases
+    the card holds what training needs, not a reward model too. A scorer that cannot load names the key."""
+    try:
+        scorers = rewards.build_scorers(specs, device="cuda" if torch.cuda.is_available() else "cpu")
+    except LoraDpoError as err:
+        raise OnlineError(f"[online].scorers: {err}") from None
+    names = [scorer.name for scorer, _ in scorers]
+    if len(set(names)) != len(names):
+        raise OnlineError(f"[online].scorers: give each kind once (got {', '.join(names)})")
+    try:
+        yield scorers
+    finally:
+        del scorers
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def score(prompts: Sequence[str], seeds: Sequence[int], folder: Path,
@@ -148,16 +196,19 @@ def make_round(cfg: OnlineRecipe, round_index: int, folder: Path, prompts: Seque
     scores, combined = score(prompts, seeds, folder, scorers)
     kept = select_pairs(combined, cfg.pair_rule, cfg.margin)
     if len(kept) < cfg.min_pairs:
-        rule = "best_worst" if cfg.pair_rule == "best_worst" else f"pairs more than margin = {cfg.margin:g} apart"
-        raise OnlineError(f"round {round_index + 1}: {len(kept)} pair(s) from {len(prompts)} prompts ({rule}: their "
-                          f"images scored alike), fewer than [online].min_pairs = {cfg.min_pairs}; lower "
-                          "[online].margin, raise samples_per_prompt, or change the scorers, then --resume latest "
-                          "(the images made so far are kept)")
+        if cfg.pair_rule == "best_worst":
+            rule, fix = "best_worst: every prompt's images scored alike", "raise [online].samples_per_prompt"
+        else:
+            rule, fix = f"no two images more than margin = {cfg.margin:g} apart", "lower [online].margin"
+        raise OnlineError(f"round {round_index + 1}: {len(kept)} pair(s) from {len(prompts)} prompts ({rule}), "
+                          f"fewer than [online].min_pairs = {cfg.min_pairs}; {fix} or change the scorers, then "
+                          "--resume latest (the images made so far are kept)")
     names = [scorer.name for scorer, _ in scorers]
     write_pairs(folder / "pairs.parquet", prompts, seeds, VARIANT, folder / "images", names, scores, kept,
                 round_index=round_index + 1)
     margin = [float(combined[p, w] - combined[p, lose]) for p, w, lose in kept]
-    record = {"round": round_index + 1, "prompts": len(prompts), "prompt_ids": list(prompt_ids),
+    record = {"round": round_index + 1, "prompts": len(prompts), "prompt_texts": list(prompts),
+              "prompt_ids": list(prompt_ids),
               "seeds": list(seeds), "pairs": [list(pair) for pair in kept],
               "paired_prompts": len({p for p, _, _ in kept}), "mean_margin": sum(margin) / len(margin),
               "mean_score": {name: float(scores[k].mean()) for k, name in enumerate(names)}}
@@ -165,10 +216,16 @@ def make_round(cfg: OnlineRecipe, round_index: int, folder: Path, prompts: Seque
     return record
 
 
-def read_round(folder: Path) -> dict[str, Any] | None:
-    """A finished round's record (`round.json`), or None when its data is not complete."""
+def read_round(folder: Path, prompts: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """A finished round's record (`round.json`), or None when its data is not complete. `prompts`: the round's
+    prompts as the recipe gives them now; a round made from others (the prompt file was edited before a resume)
+    is refused: its images and pairs would train under the wrong prompts."""
     path = folder / DONE_FILE
-    return files.read_json(path, "online round") if path.is_file() else None
+    record = files.read_json(path, "online round") if path.is_file() else None
+    if record is not None and prompts is not None and record.get("prompt_texts") != list(prompts):
+        raise OnlineError(f"{path}: round {record['round']} was made from other prompts than [online].prompts "
+                          "gives now (the file changed since): set it back to resume, or start over (--overwrite)")
+    return record
 
 
 class RoundPairs(torch.utils.data.Dataset):
@@ -176,11 +233,12 @@ class RoundPairs(torch.utils.data.Dataset):
     `key % len`, the chosen image's latents as `latents_w` (label 1), the prompt's embeddings (or the empty
     prompt's, by `[data].caption_dropout`, drawn per key as a live run draws it).
 
-    latents (P, N, C, h, w) float32; embeds (P + 1, S, D) and pooled (P + 1, Pd) or None: the round's prompts,
-    then the empty prompt; geometry (6,) or None: every generated image's (original and target size the
-    resolution, no crop)."""
+    latents: (prompt, image) -> (C, h, w) float32, the images the pairs use (`read_latents`); embeds
+    (P + 1, S, D) and pooled (P + 1, Pd) or None: the round's prompts, then the empty prompt; geometry (6,) or
+    None: every generated image's (original and target size the resolution, no crop)."""
 
-    def __init__(self, latents: Tensor, pairs: Sequence[Sequence[int]], embeds: Tensor, pooled: Tensor | None,
+    def __init__(self, latents: dict[tuple[int, int], Tensor], pairs: Sequence[Sequence[int]], embeds: Tensor,
+                 pooled: Tensor | None,
                  geometry: Tensor | None, seed: int, caption_dropout: float) -> None:
         self.latents, self.pairs, self.embeds, self.pooled = latents, [tuple(p) for p in pairs], embeds, pooled
         self.geometry, self.seed, self.caption_dropout = geometry, seed, caption_dropout
@@ -212,9 +270,10 @@ def encode_round_prompts(base: models.BaseModel, prompts: Sequence[str], device:
     return embeds, pooled
 
 
-def round_dataset(base: models.BaseModel, recipe: Recipe, record: dict[str, Any], latents: Tensor,
+def round_dataset(base: models.BaseModel, recipe: Recipe, record: dict[str, Any], paths: Sequence[Path],
                   prompts: Sequence[str], device: torch.device) -> RoundPairs:
-    """The round's pairs as the step's items (`RoundPairs`)."""
+    """The round's pairs as the step's items (`RoundPairs`), from its latents files (`paths`, one a prompt)."""
+    latents = read_latents(paths, record["pairs"])
     embeds, pooled = encode_round_prompts(base, prompts, device)
     resolution = recipe.data.resolution
     geometry = (torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)

@@ -105,10 +105,7 @@ def setup(recipe: Recipe, run_dir: Path, resume: str | None = None) -> Run:
     weight_dtype = models.DTYPES[precision]
     draws = cfg.max_steps * cfg.gradient_accumulation * cfg.batch_size * accelerator.num_processes
     streamed = recipe.data.streaming and not recipe.data.cache
-    if recipe.online.rounds:  # the rounds make their own data from the run's images (`train.online`)
-        if accelerator.num_processes > 1:
-            raise RecipeError("[online].rounds: an online run generates, scores and trains in one process; launch it "
-                              "without several processes (lora-dpo train, not accelerate launch)")
+    if recipe.online.rounds:  # the rounds make their own data from the run's images (`train.online`; one process)
         parts = None
     elif recipe.data.cache:  # encoded already: the VAE and the text encoders are never loaded
         parts = cache.cached_datasets(recipe, draws, weight_dtype, start_pairs)
@@ -161,7 +158,10 @@ def _finish_setup(run: Run, resuming: Resume | None, start_pairs: int, prompts: 
     if recipe.sample.every and recipe.data.cache:
         log.warning("[sample].every: sample grids need the VAE and text encoders, which a cached run never loads; "
                     "no grids this run (`lora-dpo eval` the adapter afterwards)")
-    elif recipe.sample.every and accelerator.is_main_process and (recipe.sample.prompts or prompts):
+    elif recipe.sample.every and not (recipe.sample.prompts or prompts):
+        log.info("[sample].every: no [sample].prompts, so no training grids; each online round draws its own "
+                 "(rounds/round-NNN/grid.png)")
+    elif recipe.sample.every and accelerator.is_main_process:
         # grids from the UNet being trained, no copy (an online run without [sample].prompts: its rounds' grids)
         prompts = list(recipe.sample.prompts) or samples.default_sample_prompts(prompts)
         run.sampler = samples.TrainingSampler(run.base, step.unwrap(run.unet), recipe, prompts,
@@ -246,9 +246,12 @@ def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, which: str) -> Resume:
     max_steps = recipe.train.max_steps
     done = _finished_steps(run_dir)
     if done is not None and max_steps <= done:
+        longer = (f"raise [online].rounds and [train].max_steps together (--set online.rounds="
+                  f"{2 * recipe.online.rounds} --set train.max_steps={2 * done})" if recipe.online.rounds else
+                  f"raise [train].max_steps (e.g. --set train.max_steps={2 * done})")
         raise RecipeError(f"{run_dir} is a finished run ({done} steps, [train].max_steps = {max_steps}): nothing to "
-                          f"resume. To train longer, raise [train].max_steps (e.g. --set train.max_steps={2 * done}) "
-                          "and --resume goes on from its last checkpoint; to start over, pass --overwrite")
+                          f"resume. To train longer, {longer} and --resume goes on from its last checkpoint; to "
+                          "start over, pass --overwrite")
     if path is None or not (path / checkpoint.STATE).is_file():
         where = run_dir if which == "latest" else path
         raise RecipeError(f"--resume {which}: no checkpoint found in {where}"

@@ -38,16 +38,14 @@ def validate(run: Run) -> dict[str, float]:
     device = run.accelerator.device
     totals: dict[str, float] = {}
     count = 0
-    was_training = unet.training
-    unet.eval()  # no LoRA dropout: every evaluation measures the same function of the weights
-    for index, batch in enumerate(run.val_loader):
-        generator = validation_generator(run.recipe.train.seed, index, device)
-        out = dpo_step(unet, run.base, _encode(run, batch), run.recipe.objective, generator)
-        size = len(batch.labels)
-        for name, value in out.metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value) * size
-        count += size
-    unet.train(was_training)
+    with models.eval_mode(unet):  # no LoRA dropout: every evaluation measures the same function of the weights
+        for index, batch in enumerate(run.val_loader):
+            generator = validation_generator(run.recipe.train.seed, index, device)
+            out = dpo_step(unet, run.base, _encode(run, batch), run.recipe.objective, generator)
+            size = len(batch.labels)
+            for name, value in out.metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value) * size
+            count += size
     return {f"val_{name}": total / count for name, total in totals.items()}
 
 

@@ -13,30 +13,32 @@ complete once `round.json` is written; a round measured once is not measured aga
 from __future__ import annotations
 
 import inspect
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_dpo import checkpoint, data, guards, online, rewards
+from lora_dpo import checkpoint, data, guards, models, online
 from lora_dpo.cache.read import collate_encoded
 from lora_dpo.evaluate import pipeline_from_parts
 from lora_dpo.recipe import Recipe
-from lora_dpo.step import unwrap
+from lora_dpo.step import launched_with_deepspeed, unwrap
 from lora_dpo.train.build import Run
 from lora_dpo.train.loop import fit, record_metrics, save_run_checkpoint
 
 
-def prepare(recipe: Recipe) -> tuple[online.Prompts, list[tuple[Any, float]]]:
-    """An online recipe's prompts and scorers, before any weight of the base loads: a missing prompt file or a
-    scorer that cannot load is one line here."""
+def prepare(recipe: Recipe) -> online.Prompts:
+    """An online recipe's prompts, and its scorers loaded once, before any weight of the base loads: a launch of
+    several processes, a missing prompt file or a scorer that cannot load is one line here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or launched_with_deepspeed():
+        raise online.OnlineError("[online].rounds: an online run generates, scores and trains in one process, without "
+                                 "DeepSpeed; launch it with `lora-dpo train`, not `accelerate launch`")
     prompts = online.split_prompts(recipe.online, recipe.train.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorers = rewards.build_scorers(recipe.online.scorers, device=device)
-    names = [scorer.name for scorer, _ in scorers]
-    if len(set(names)) != len(names):
-        raise online.OnlineError(f"[online].scorers: give each kind once (got {', '.join(names)})")
-    return prompts, scorers
+    with online.loaded_scorers(recipe.online.scorers):  # each scoring phase loads them again, and frees them
+        pass
+    return prompts
 
 
 def summary_line(recipe: Recipe, prompts: online.Prompts) -> str:
@@ -49,7 +51,7 @@ def summary_line(recipe: Recipe, prompts: online.Prompts) -> str:
             "each round")
 
 
-def fit_rounds(run: Run, prompts: online.Prompts, scorers: list[tuple[Any, float]]) -> dict[str, Any]:
+def fit_rounds(run: Run, prompts: online.Prompts) -> dict[str, Any]:
     """Every round from the one the run stands in (a resume goes on mid-round, or generates the next round's
     images with the checkpoint's adapter); returns the last `fit`'s summary with every round's record."""
     recipe, cfg = run.recipe, run.recipe.online
@@ -67,9 +69,10 @@ def fit_rounds(run: Run, prompts: online.Prompts, scorers: list[tuple[Any, float
         summary = fit(run)
     for index in range(first, cfg.rounds):
         if index:  # the round before, if a kill came between its last checkpoint and its measurement
-            _measure(run, pipe, prompts, scorers, index - 1, settings)
-        record, latents, round_prompts = _round_data(run, pipe, prompts, scorers, index, settings)
-        dataset = online.round_dataset(run.base, recipe, record, latents, round_prompts, run.accelerator.device)
+            _measure(run, pipe, prompts, index - 1, settings)
+        run.train_loader = None  # the last round's pairs: freed before this round's are read
+        record, paths, round_prompts = _round_data(run, pipe, prompts, index, settings)
+        dataset = online.round_dataset(run.base, recipe, record, paths, round_prompts, run.accelerator.device)
         draws = cfg.steps_per_round * per_step
         done = run.start_pairs - index * draws  # pairs of this round consumed before a resume
         sampler = data.StreamSampler(len(dataset), draws, recipe.train.seed * 1_000_003 + index, start=done)
@@ -78,50 +81,42 @@ def fit_rounds(run: Run, prompts: online.Prompts, scorers: list[tuple[Any, float
         run.end_step, run.progress = (index + 1) * cfg.steps_per_round, f"round {index + 1}/{cfg.rounds}"
         summary = fit(run)
         run.start_step, run.start_pairs = summary["steps"], summary["steps"] * per_step
-        run.bad_steps = (summary["skipped_steps"], 0)
-    _measure(run, pipe, prompts, scorers, cfg.rounds - 1, settings)
+        run.bad_steps = (summary["skipped_steps"], 0)  # a round ends on a checkpoint, so never inside a bad run
+    _measure(run, pipe, prompts, cfg.rounds - 1, settings)
     rounds = [_round_summary(run, i) for i in range(cfg.rounds)]
     return {**summary, "seconds": round(time.perf_counter() - started, 2), "rounds": rounds}
 
 
-def _round_data(run: Run, pipe: Any, prompts: online.Prompts, scorers: list[tuple[Any, float]], index: int,
-                settings: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
-    """Round `index`'s record, its latents (P, N, C, h, w) and prompts: read back when complete, else generated
-    (going on from the prompts a killed run finished), scored and paired."""
+def _round_data(run: Run, pipe: Any, prompts: online.Prompts, index: int,
+                settings: dict[str, Any]) -> tuple[dict[str, Any], list[Path], list[str]]:
+    """Round `index`'s record, its latents files (one a prompt) and prompts: generated (going on from the prompts a
+    killed run finished; none when the round is complete), scored and paired."""
     recipe, cfg = run.recipe, run.recipe.online
     folder = online.round_folder(run.run_dir, index)
     ids = online.round_prompt_indices(len(prompts.train), cfg, recipe.train.seed, index)
     seeds = online.round_seeds(recipe.train.seed, index, cfg.samples_per_prompt)
     round_prompts = [prompts.train[i] for i in ids]
-    denoiser = unwrap(run.unet)
-    was_training = denoiser.training
-    denoiser.eval()  # no LoRA dropout: the images are the adapter's as it stands
-    try:
-        latents = online.generate(pipe, run.base.family, round_prompts, seeds, folder,
-                                  desc=f"round {index + 1}/{cfg.rounds} generating", **settings)
-    finally:
-        denoiser.train(was_training)
-    record = online.read_round(folder) or online.make_round(cfg, index, folder, round_prompts, ids, seeds, scorers)
+    with models.eval_mode(unwrap(run.unet)):  # no LoRA dropout: the images are the adapter's as it stands
+        paths = online.generate(pipe, run.base.family, round_prompts, seeds, folder,
+                                desc=f"round {index + 1}/{cfg.rounds} generating", **settings)
+    record = online.read_round(folder, round_prompts)
+    if record is None:
+        with online.loaded_scorers(cfg.scorers) as scorers:
+            record = online.make_round(cfg, index, folder, round_prompts, ids, seeds, scorers)
     run.accelerator.print(f"lora-dpo: round {index + 1}/{cfg.rounds}: {len(record['pairs'])} pairs from "
                           f"{record['prompts']} prompts, mean margin {record['mean_margin']:.4g}; {folder}")
-    return record, latents, round_prompts
+    return record, paths, round_prompts
 
 
-def _measure(run: Run, pipe: Any, prompts: online.Prompts, scorers: list[tuple[Any, float]], index: int,
-             settings: dict[str, Any]) -> None:
+def _measure(run: Run, pipe: Any, prompts: online.Prompts, index: int, settings: dict[str, Any]) -> None:
     """Round `index` measured on the held-out prompts, unless it was already; its line in metrics.jsonl."""
     folder = online.round_folder(run.run_dir, index)
     if online.read_heldout(folder) is not None:
         return
-    denoiser = unwrap(run.unet)
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
-        record = online.measure_round(pipe, run.base.family, index, (index + 1) * run.recipe.online.steps_per_round,
-                                      folder, run.run_dir, prompts.heldout, scorers,
-                                      seeds=run.recipe.online.heldout_seeds, **settings)
-    finally:
-        denoiser.train(was_training)
+    cfg = run.recipe.online
+    with models.eval_mode(unwrap(run.unet)), online.loaded_scorers(cfg.scorers) as scorers:
+        record = online.measure_round(pipe, run.base.family, index, (index + 1) * cfg.steps_per_round, folder,
+                                      run.run_dir, prompts.heldout, scorers, seeds=cfg.heldout_seeds, **settings)
     record_metrics(run, online.metrics_record(record))
     lines = [f"{name} win rate {r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}], score {r['mean_diff']:+.4g} "
              f"[{r['diff_low']:+.4g}, {r['diff_high']:+.4g}]" for name, r in record["scorers"].items()]

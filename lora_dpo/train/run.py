@@ -108,7 +108,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     """Train a LoRA adapter as the recipe says; return the adapter file's path."""
     run_dir = Path(recipe.output.dir) / recipe.run_name(recipe_path)
     # an online run's prompts and scorers: a missing file or a scorer that cannot load stops it before the base loads
-    prompts, scorers = online.prepare(recipe) if recipe.online.rounds else (None, [])
+    prompts = online.prepare(recipe) if recipe.online.rounds else None
     fresh = not run_dir.exists()
     try:
         with guards.out_of_memory_advice(recipe):  # loading the base onto a small GPU may not fit either
@@ -133,7 +133,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     if not gc.isenabled():  # the CLI held collection back through start-up: setup's objects are not scanned again
         gc.freeze()
         gc.enable()
-    summary = fit(run) if prompts is None else online.fit_rounds(run, prompts, scorers)
+    summary = fit(run) if prompts is None else online.fit_rounds(run, prompts)
     accelerator.wait_for_everyone()
     if prompts is None:  # an online run's data is its rounds' (each round's line says what it made)
         accelerator.print(f"lora-dpo: data: {_data_report(run)}")

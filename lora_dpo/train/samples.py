@@ -58,9 +58,7 @@ class TrainingSampler:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         unet = getattr(self.pipe, self.pipe_family.denoiser_folder)  # the UNet or transformer being trained
-        was_training = unet.training
-        unet.eval()
-        try:
+        with models.eval_mode(unet):
             if self.base_images is None:
                 with models.adapters_disabled(unet):
                     self.base_images = self._draw()
@@ -69,8 +67,6 @@ class TrainingSampler:
                 prompts = json.dumps([prompt for prompt, _ in self.rows])
                 (self.out_dir / card.SAMPLE_PROMPTS_FILE).write_text(prompts, encoding="utf-8")
             adapter_images = self._draw()
-        finally:
-            unet.train(was_training)
         path = self.out_dir / f"step-{step:06d}.png"
         make_grid(self._rows([self.base_images, adapter_images]), ["base", f"adapter, step {step}"]).save(path)
         log.info("samples: %s", path)

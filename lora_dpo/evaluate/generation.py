@@ -154,9 +154,10 @@ def _use_scale(pipe: Any, scale: float | None) -> None:
 def generate(pipe: Any, prompt: str, seed: int, steps: int, guidance_scale: float, resolution: int,
              output_type: str = "pil") -> Any:
     """One image (or its latents). The initial noise comes from a CPU generator seeded with `seed`: the same
-    noise on any device, so base and adapter images of one seed start from the same point."""
+    noise on any device, so base and adapter images of one seed start from the same point. The prompt by keyword:
+    FLUX.2 klein's pipeline takes an image first."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
+    out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
                width=resolution, generator=generator, output_type=output_type)
     return out.images[0] if output_type == "pil" else out.images
 

@@ -68,10 +68,8 @@ class TrainingSampler:
             with torch.compiler.set_stance("force_eager"):
                 latents = generate(self.pipe, prompt, seed, self.cfg.steps, self.cfg.guidance_scale,
                                    self.resolution, output_type="latent")
-            # (B, C, h, w): FLUX's pipeline hands its latents back packed into tokens
-            latents = self.pipe_family.unpack_latents(latents, self.resolution, self.resolution)
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+            # (B, C, h, w) as the VAE decodes them: FLUX's pipeline hands its latents back packed into tokens
+            latents = self.pipe_family.decodable_latents(vae, latents, self.resolution, self.resolution)
             decoded = vae.decode(latents).sample.float()
             images += self.pipe.image_processor.postprocess(decoded, output_type="pil")
         return images

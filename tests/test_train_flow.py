@@ -198,22 +198,23 @@ def test_a_flow_dpo_step_is_the_dpo_loss_of_velocity_errors_by_hand(tiny_flow_ba
 
 
 def test_random_batches_have_the_flow_families_shapes() -> None:
-    for name in ("sd3", "flux"):
+    for name in ("sd3", "flux", "flux2"):
         family = models.family_named(name)
         config = family.tiny_denoiser_config()
         batch = step.random_batch(config, 2, 64, "cpu", torch.float32, torch.Generator().manual_seed(0))
-        assert batch.latents_w.shape == (2, 16, 8, 8) and batch.time_ids_w is None
-        assert batch.prompt_embeds.shape == (2, TOKENS[name], 64) and batch.pooled.shape == (2, family.pooled_width(
-            config))
+        assert batch.latents_w.shape == (2, CHANNELS[name], 8, 8) and batch.time_ids_w is None
+        assert batch.prompt_embeds.shape == (2, TOKENS[name], config["joint_attention_dim"])
+        width = family.pooled_width(config)  # FLUX.2 klein: none
+        assert (batch.pooled is None) if width is None else batch.pooled.shape == (2, width)
 
 
 def test_the_built_in_flow_bases_are_built_cold_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`[model].base = "tiny-sd3"` / `"tiny-flux"`: built once into the cache home from the family's tiny builder
-    (random weights: no DDPM warm-up), then loaded as their stock pipelines."""
+    """`[model].base = "tiny-sd3"` / `"tiny-flux"` / `"tiny-flux2"`: built once into the cache home from the family's
+    tiny builder (random weights: no DDPM warm-up), then loaded as their stock pipelines."""
     import json
 
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
-    for name in ("sd3", "flux"):
+    for name in ("sd3", "flux", "flux2"):
         family = models.family_named(name)
         folder = models.resolve_base(family.tiny_base)
         assert folder == str(tmp_path / family.tiny_folder) == str(models.tiny_base_path(name))

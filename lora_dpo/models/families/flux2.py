@@ -14,13 +14,13 @@ Where the numbers come from (diffusers at 58eb52c0803ea9af3abec60841c2a093bdf1f9
 - configs/flux2/vae.json: `AutoencoderKLFlux2`'s class defaults, what the conversion script builds (L487).
 - configs/flux2/scheduler.json: FLUX.1-dev's scheduler, which the conversion script saves with FLUX.2 (L518-519).
 - encode_prompts: `Flux2KleinPipeline._get_qwen3_prompt_embeds` / `encode_prompt` (0.42.1 pipeline_flux2_klein.py
-  L207-263, L428-458): the chat template with the prompt as a user message (no thinking), padded to 512 tokens,
+  L208-263, L429-461): the chat template with the prompt as a user message (no thinking), padded to 512 tokens,
   hidden states 9, 18 and 27 stacked on width -> (B, 512, 3 D). The LoRA example's --text_encoder_out_layers
   default is (10, 20, 30) (train_dreambooth_lora_flux2_klein.py L359-364): we follow the pipeline, which is what
   the adapter meets at inference.
 - denoise: the pipeline's transformer call (L850-862: `timestep / 1000`, guidance None, text ids (B, S, 4) of
   (0, 0, 0, l), latent ids (B, h/2 * w/2, 4) of (0, i, j, 0)) and the example's (L1828-1873).
-- latents: the example L1214-1217, L1828-1829 and `_encode_vae_image` (pipeline L460-471, the posterior's mode):
+- latents: the example L1214-1217, L1828-1829 and `_encode_vae_image` (pipeline L464-477, the posterior's mode):
   patchify, (x - running_mean) / sqrt(running_var + batch_norm_eps); the pipeline's latent output (L906-918) is
   already back in the VAE's space (unnormalised, unpatchified), what `vae.decode` takes.
 - Training sigmas: the example's --weighting_scheme default "none" (uniform, L591-596) indexing the scheduler's

@@ -65,7 +65,7 @@ def test_class_less_configs_files_and_headers_are_told_from_flux1s() -> None:
     for family in (FLUX2, FLUX, SD3):
         config = {k: v for k, v in family.shipped_config("transformer").items() if k != "_class_name"}
         assert models.family_of_denoiser(config) is family
-    flux2_file = ["double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight"]
+    flux2_file = ["double_blocks.0.img_attn.qkv.weight", "single_stream_modulation.lin.weight"]
     assert models.family_of_checkpoint(flux2_file) is FLUX2
     assert models.family_of_checkpoint(["model.diffusion_model." + k for k in flux2_file]) is FLUX2
     assert models.family_of_checkpoint(["double_blocks.0.img_attn.qkv.weight"]) is FLUX

@@ -1,5 +1,5 @@
-"""Rectified-flow (flow-matching) training math shared by SD3 and FLUX: a base class the two families derive from, not
-a family itself.
+"""Rectified-flow (flow-matching) training math shared by SD3, FLUX.1 and FLUX.2 klein: a base class the flow families
+derive from, not a family itself.
 
 Convention (Flow-DPO, Liu et al. 2025, arXiv 2501.13918; diffusers' FLUX LoRA example): with sigma in (0, 1],
     x_t = (1 - sigma) x_0 + sigma * noise,        target = noise - x_0   (the velocity),

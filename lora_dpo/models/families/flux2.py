@@ -77,8 +77,9 @@ class Flux2Family(FlowFamily):
     denoiser_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
     hub_ids = ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-base-4B")
-    # BFL's FLUX.2 files: the shared modulation FLUX.1 has not (its double blocks would match FLUX.1's markers too)
-    checkpoint_markers = ("double_stream_modulation_img.", "model.diffusion_model.double_stream_modulation_img.")
+    # BFL's FLUX.2 files: the shared modulation FLUX.1 has not (its double blocks would match FLUX.1's markers too),
+    # the key diffusers tells FLUX.2 files by (0.42.1 loaders/single_file_utils.py L152, CHECKPOINT_KEY_NAMES)
+    checkpoint_markers = ("single_stream_modulation.lin.", "model.diffusion_model.single_stream_modulation.lin.")
     metadata_markers = ("flux-2", "flux2")  # modelspec.architecture, ss_base_model_version
     text_parts = (TextPart("tokenizer", "text_encoder", "Qwen3ForCausalLM", "Qwen2TokenizerFast"),)
     default_resolution = 1024

@@ -17,6 +17,7 @@ import torch
 from lora_dpo import models
 from lora_dpo.models.families.flux import FAMILY as FLUX
 from lora_dpo.models.families.flux2 import FAMILY as FLUX2
+from lora_dpo.models.families.flux2 import latent_ids, text_ids
 from lora_dpo.models.families.sd3 import FAMILY as SD3
 from lora_dpo.objectives import diffusion_dpo_loss
 
@@ -139,8 +140,9 @@ def test_denoise_equals_the_pipelines_transformer_call(tiny_flux2_base_dir: Path
     assert latents.shape == (1, 32, 8, 8)
     patched = Flux2KleinPipeline._patchify_latents(latents)
     assert torch.equal(Flux2KleinPipeline._pack_latents(patched), seen["hidden_states"])
-    assert torch.equal(Flux2KleinPipeline._prepare_latent_ids(patched), seen["img_ids"])
-    assert torch.equal(Flux2KleinPipeline._prepare_text_ids(seen["encoder_hidden_states"]), seen["txt_ids"])
+    assert torch.equal(latent_ids(1, 4, 4, CPU), seen["img_ids"]) and torch.equal(text_ids(1, 512, CPU),
+                                                                                 seen["txt_ids"])
+    assert torch.equal(latent_ids(3, 2, 5, CPU), Flux2KleinPipeline._prepare_latent_ids(torch.zeros(3, 1, 2, 5)))
     with torch.no_grad():
         prediction = FLUX2.denoise(pipe.transformer, latents, seen["timestep"], seen["encoder_hidden_states"],
                                    None, None)
@@ -274,3 +276,31 @@ def test_card_push_folder_export_merge_and_inspect(tiny_flux2_base_dir: Path, tm
     with pytest.raises(export.AdapterError, match="--format single-file: no original FLUX.2 klein"):
         export.merge_adapter(folder / export.ADAPTER_FILE, str(tiny_flux2_base_dir), 1.0, tmp_path / "x.safetensors",
                              fmt="single-file")
+
+
+def test_eval_generation_with_the_klein_pipeline(tiny_flux2_base_dir: Path, tmp_path: Path) -> None:
+    """`evaluate.open_generation` on the klein base: its pipeline, its own default guidance (4.0), the adapter on
+    and off (the prompt goes by keyword: the klein pipeline takes an image first)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_dpo import evaluate
+    from lora_dpo.evaluate.generation import _use_scale
+
+    transformer = _load(tiny_flux2_base_dir).transformer
+    torch.manual_seed(0)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=list(FLUX2.default_target_modules)))
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    FLUX2.lora_writer().save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    pipe, gen = evaluate.open_generation(str(tiny_flux2_base_dir), tmp_path / "pytorch_lora_weights.safetensors",
+                                         steps=2, guidance_scale=None, resolution=64, precision="no")
+    assert type(pipe).__name__ == "Flux2KleinPipeline" and gen.guidance_scale == 4.0
+    images = []
+    for scale in (None, 1.0):
+        _use_scale(pipe, scale)
+        images.append(np.asarray(evaluate.generate(pipe, "a red circle", 0, 2, gen.guidance_scale, 64), dtype=float))
+    assert images[0].shape == (64, 64, 3) and np.abs(images[0] - images[1]).max() > 0

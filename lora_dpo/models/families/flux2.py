@@ -9,9 +9,9 @@ those into tokens. Patchify is a permutation: noise, the velocity and the per-im
 either layout, and every other part of lora-dpo keeps its (B, C, H/8, W/8) latents.
 
 Where the numbers come from (diffusers at 58eb52c0803ea9af3abec60841c2a093bdf1f951 unless said; 0.42.1 installed):
-- configs/flux2/transformer.json: scripts/convert_flux2_to_diffusers.py L408-428 ("klein-4b": 5 double and 20
+- configs/flux2/transformer.json: scripts/convert_flux2_to_diffusers.py L408-429 ("klein-4b": 5 double and 20
   single blocks, 24 heads of 128, joint_attention_dim 7680, rope axes 32 x 4, theta 2000, guidance_embeds False).
-- configs/flux2/vae.json: `AutoencoderKLFlux2`'s class defaults, what the conversion script builds (L487).
+- configs/flux2/vae.json: `AutoencoderKLFlux2`'s class defaults, what the conversion script builds (L488).
 - configs/flux2/scheduler.json: FLUX.1-dev's scheduler, which the conversion script saves with FLUX.2 (L518-519).
 - encode_prompts: `Flux2KleinPipeline._get_qwen3_prompt_embeds` / `encode_prompt` (0.42.1 pipeline_flux2_klein.py
   L208-263, L429-461): the chat template with the prompt as a user message (no thinking), padded to 512 tokens,
@@ -153,8 +153,8 @@ class Flux2Family(FlowFamily):
 
         patched = Pipe._patchify_latents(noisy)
         batch, _, rows, cols = patched.shape
-        img_ids = Pipe._prepare_latent_ids(patched).to(noisy.device)
-        txt_ids = Pipe._prepare_text_ids(embeds).to(noisy.device)
+        img_ids = latent_ids(batch, rows, cols, noisy.device)
+        txt_ids = text_ids(batch, embeds.shape[1], noisy.device)
         out = denoiser(hidden_states=Pipe._pack_latents(patched), timestep=timesteps, guidance=None,
                        encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         out = out.reshape(batch, rows, cols, -1).permute(0, 3, 1, 2)  # the ids' row-major order, as _pack_latents
@@ -170,6 +170,22 @@ class Flux2Family(FlowFamily):
 
 
 FAMILY = Flux2Family()
+
+
+def latent_ids(batch: int, rows: int, cols: int, device: torch.device) -> Tensor:
+    """(batch, rows * cols, 4) int64 position ids (t, row, col, l) = (0, i, j, 0), row-major: the pipeline's
+    `_prepare_latent_ids`, built on `device` (the pipeline builds them on the host: a copy and a sync per step)."""
+    grid = torch.zeros(rows, cols, 4, dtype=torch.long, device=device)
+    grid[..., 1] = torch.arange(rows, device=device)[:, None]
+    grid[..., 2] = torch.arange(cols, device=device)[None, :]
+    return grid.reshape(1, rows * cols, 4).expand(batch, -1, -1)
+
+
+def text_ids(batch: int, tokens: int, device: torch.device) -> Tensor:
+    """(batch, tokens, 4) int64 ids (0, 0, 0, l): the pipeline's `_prepare_text_ids`, built on `device`."""
+    ids = torch.zeros(tokens, 4, dtype=torch.long, device=device)
+    ids[:, 3] = torch.arange(tokens, device=device)
+    return ids.expand(batch, -1, -1)
 
 
 def _bn_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -90,7 +90,6 @@ class Flux2Family(FlowFamily):
     default_target_modules = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
                               *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(24)))
     modelspec_architecture = "flux-2-klein-4b"  # no model-spec name is published for FLUX.2: ours, in its style
-    modelspec_implementation = "https://github.com/black-forest-labs/flux2"
     kohya_format = False  # no kohya / ComfyUI LoRA layout is known for FLUX.2 (module docstring)
     card_tags = ("flux2", "flux2-klein", "flux2-diffusers")
     denoiser_keys = ("num_single_layers", "timestep_guidance_channels", "rope_theta")  # FLUX.1's has no last two

@@ -304,3 +304,22 @@ def test_eval_generation_with_the_klein_pipeline(tiny_flux2_base_dir: Path, tmp_
         _use_scale(pipe, scale)
         images.append(np.asarray(evaluate.generate(pipe, "a red circle", 0, 2, gen.guidance_scale, 64), dtype=float))
     assert images[0].shape == (64, 64, 3) and np.abs(images[0] - images[1]).max() > 0
+
+
+def test_training_grids_keep_a_distilled_bases_flag(tiny_flux2_base_dir: Path, tmp_path: Path) -> None:
+    """A step-distilled klein (`is_distilled` in its model_index.json) samples its training grids without CFG, as
+    its stock pipeline does; the undistilled tiny base with it."""
+    import shutil
+
+    from lora_dpo import recipe
+    from lora_dpo.train.samples import pipeline_from_parts
+
+    distilled = tmp_path / "distilled"
+    shutil.copytree(tiny_flux2_base_dir, distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps(index | {"is_distilled": True}))
+    for folder, flag in ((tiny_flux2_base_dir, False), (distilled, True)):
+        base = models.load_base(recipe.ModelRecipe(base=str(folder)))
+        pipe = pipeline_from_parts(base, base.unet)
+        pipe._guidance_scale = 4.0
+        assert pipe.config.is_distilled is flag and pipe.do_classifier_free_guidance is not flag

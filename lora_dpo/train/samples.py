@@ -38,9 +38,12 @@ def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None 
     # the scheduler's JSON (any scheduler class reads any config; a flow base's training schedule is no class's)
     config = diffusers.DDPMScheduler.load_config(base.source, subfolder="scheduler", revision=revision)
     scheduler = models.inference_scheduler(config, base.scheduler_overrides)  # a v_pred file samples as v_pred
+    # what the base's model_index.json sets of the class's own arguments (a step-distilled FLUX.2 klein: no CFG)
+    keys = base.family.pipeline_config_keys
+    index = models.read_pipeline_json(base.source, "model_index.json", revision) if keys else {}
     # the family's pipeline class, its watermark off (the grids compare base and adapter pixel for pixel)
     pipe = base.family.build_pipeline(unet, base.vae, scheduler, base.tokenizers, base.text_encoders,
-                                      **base.family.unwatermarked)
+                                      **base.family.unwatermarked, **{k: index[k] for k in keys if k in index})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

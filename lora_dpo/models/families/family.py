@@ -53,6 +53,8 @@ class Family(ABC):
     flow_matching: bool = False  # rectified flow (x_t = (1 - s) x_0 + s noise, velocity target) vs DDPM
     text_parts: tuple[TextPart, ...] = ()  # its text encoders, in the order `encode_prompts` takes them
     pipeline_extras: Mapping[str, Any] = {}  # other arguments its pipeline class takes (SD 1.5: no safety checker)
+    # its pipeline class's own arguments a base's model_index.json sets (FLUX.2 klein: is_distilled, no CFG then)
+    pipeline_config_keys: tuple[str, ...] = ()
     unwatermarked: Mapping[str, Any] = {}  # what turns its pipeline's invisible watermark off (training grids)
     tiny_folder: str = ""  # its tiny base's cache folder (bump its version when the tiny weights change)
     tiny_shipped_sha256: str = ""  # set: the tiny base ships in `assets/<tiny_folder>` with this `folder_sha256`

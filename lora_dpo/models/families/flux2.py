@@ -76,6 +76,7 @@ class Flux2Family(FlowFamily):
     pipeline_class = "Flux2KleinPipeline"
     denoiser_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
+    pipeline_config_keys = ("is_distilled",)  # klein-4B: step-distilled, sampled without CFG; klein-base-4B: not
     hub_ids = ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-base-4B")
     # BFL's FLUX.2 files: the shared modulation FLUX.1 has not (its double blocks would match FLUX.1's markers too),
     # the key diffusers tells FLUX.2 files by (0.42.1 loaders/single_file_utils.py L152, CHECKPOINT_KEY_NAMES)

@@ -171,11 +171,19 @@ def _read_json_list(path: Path) -> list[str]:
 
 
 def _files_section(folder: Path, ref: str, name: str, hashes: dict[str, str],
-                   flow: bool = False) -> list[str]:
+                   flow: bool = False, family: models.Family | None = None) -> list[str]:
     """Which file is for which tool: the diffusers file, and the kohya file when present (push writes it); then
-    each file's own sha256. `flow`: a flow-matching base (SD3, FLUX), which A1111 does not run."""
+    each file's own sha256. `flow`: a flow-matching base (SD3, FLUX), which A1111 does not run. A family with no
+    kohya layout known (FLUX.2 klein): the diffusers file alone, and the card says so."""
     kohya_name = kohya_file(folder)
     tools = "ComfyUI, Forge" if flow else "ComfyUI, AUTOMATIC1111, Forge, SD.Next"
+    if family is not None and not family.kohya_format:
+        lines = ["| tool | file |", "|---|---|",
+                 f"| diffusers (`load_lora_weights`, the snippet above) | `{ADAPTER_FILE}` |", "",
+                 f"No kohya-format file: lora-dpo knows no kohya / ComfyUI LoRA layout for {family.label}; a tool "
+                 f"that reads diffusers' `transformer.` LoRA keys takes `{ADAPTER_FILE}`.", ""]
+        return lines + (["sha256 of the file's bytes (`sha256sum` prints the same):", "",
+                         *(f"- `{file}`: `{sha}`" for file, sha in hashes.items()), ""] if hashes else [])
     if (folder / kohya_name).is_file():
         webui_row = f"| {tools} | `{kohya_name}` (kohya format): put it in the tool's LoRA folder |"
     else:
@@ -252,7 +260,7 @@ def model_card(folder: Path, adapter_ref: str | None = None) -> str:
            if recipe.online.rounds else "human preferences")
         + f" with {METHODS.get(obj.kind, f'the `{obj.kind}` objective')} by lora-dpo {__version__}.",
         "", "## Use it", "", _snippet(models.base_location(base), ref, family), "",
-        *_files_section(folder, ref, name, hashes, bool(family and family.flow_matching)),
+        *_files_section(folder, ref, name, hashes, bool(family and family.flow_matching), family),
         "## Training", "",
         "| setting | value |", "|---|---|",
         f"| objective | `{obj.kind}`, beta {obj.beta:g} (loss `-log sigmoid(-beta/2 x ((e_w - r_w) - (e_l - r_l)))`, "

@@ -287,6 +287,9 @@ def write_diffusers(adapter: Adapter, out: Path, family: models.Family, dtype: t
 
 def write_kohya(adapter: Adapter, out: Path, config: Any, dtype: torch.dtype = torch.float16) -> Path:
     family = models.denoiser_family(dict(config))
+    if not family.kohya_format:
+        raise AdapterError(f"{family.label}: no kohya / ComfyUI LoRA format is known for this family; export with "
+                           "--format diffusers")
     if adapterfiles.uses_unet_names(family):  # SGM or diffusers names: its choice
         tensors = kohya.to_kohya(adapter.weights, adapter.alphas, family.kohya_namer(dict(config)), dtype)
     else:  # the original checkpoint's names, fused layers as one LoRA each

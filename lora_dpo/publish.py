@@ -1,7 +1,8 @@
 """`lora-dpo push`: the run folder made ready for the hub, then uploaded.
 
 Ready means: the kohya-format file written beside the diffusers one (ComfyUI cannot apply the diffusers file's
-attention layers, so a hub repo without it serves diffusers users only), the card refreshed (the repo id in its
+attention layers, so a hub repo without it serves diffusers users only; a family with no kohya layout known, FLUX.2
+klein, goes up with the diffusers file alone), the card refreshed (the repo id in its
 snippet, which file is for which tool, the sample grids as its gallery), and `card.hub_problems` empty. `prepare`
 does all of it offline, so tests check the folder exactly as `push` would upload it.
 """
@@ -18,13 +19,18 @@ def _check_run_folder(folder: Path) -> None:
         raise models.ModelError(f"{folder}: no {card.ADAPTER_FILE}: not a finished lora-dpo run folder")
 
 
-def prepare(folder: Path, repo_id: str) -> Path:
+def prepare(folder: Path, repo_id: str) -> Path | None:
     """Write `<run>_kohya.safetensors` from the run's adapter and refresh the card (unless hand-edited: its
-    mark removed); raises when the folder is still not ready to upload. Returns the kohya file."""
+    mark removed); raises when the folder is still not ready to upload. Returns the kohya file, None for a family
+    with no kohya layout known (FLUX.2 klein: the diffusers file alone goes up)."""
     folder = Path(folder)
     _check_run_folder(folder)
-    # the base recorded in the adapter names the kohya layers (a known hub id reads a shipped config: offline)
-    kohya_path = export.export_adapter(folder / card.ADAPTER_FILE, folder / card.kohya_file(folder), "kohya")
+    _, header = export.read_file(folder / card.ADAPTER_FILE)
+    family = models.family_of_metadata(header.get("modelspec.architecture", ""))
+    kohya_path = None
+    if family is None or family.kohya_format:
+        # the base recorded in the adapter names the kohya layers (a known hub id reads a shipped config: offline)
+        kohya_path = export.export_adapter(folder / card.ADAPTER_FILE, folder / card.kohya_file(folder), "kohya")
     card_path = folder / card.CARD_FILE
     if not card_path.is_file() or card.MARK in card_path.read_text(encoding="utf-8"):
         card.write_model_card(folder, adapter_ref=repo_id)  # the snippet now loads from the hub

@@ -178,7 +178,8 @@ class EncodedBatch:
 def encode_batch(base: BaseModel, batch: PreferenceBatch, device: torch.device) -> EncodedBatch:
     """Frozen VAE and text encoders, no gradient: pixels and prompts -> latents and embeddings."""
     embeds, pooled = encode_prompts(base, batch.prompts, device)
-    latents = encode_images(base.vae, torch.cat([batch.pixels_w, batch.pixels_l]).to(device))  # (2B, C, h, w)
+    pixels = torch.cat([batch.pixels_w, batch.pixels_l]).to(device)
+    latents = encode_images(base.vae, pixels, base.family)  # (2B, C, h, w)
     latents_w, latents_l = latents.chunk(2)
     geometry = base.family.uses_geometry  # the data computes it for every base; only some denoisers read it
     return EncodedBatch(latents_w, latents_l, embeds, pooled,

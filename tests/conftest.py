@@ -86,7 +86,15 @@ def tiny_flux_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("tiny_flux") / "base", warmup_steps=0, arch="flux")
 
 
-@pytest.fixture(params=["sd3", "flux"])
+@pytest.fixture(scope="session")
+def tiny_flux2_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX.2 klein-architecture base (`Flux2KleinPipeline`: a Qwen3, `AutoencoderKLFlux2`), random weights."""
+    from lora_dpo.models import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_flux2") / "base", warmup_steps=0, arch="flux2")
+
+
+@pytest.fixture(params=["sd3", "flux", "flux2"])
 def tiny_flow_base(request: pytest.FixtureRequest) -> tuple[str, Path]:
     """(family name, tiny flow base folder), once per flow family; each base built once per session."""
     return request.param, request.getfixturevalue(f"tiny_{request.param}_base_dir")

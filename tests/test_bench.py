@@ -104,7 +104,7 @@ def test_bench_measures_a_recipes_own_model(tiny_recipe) -> None:
 
 
 def test_unknown_architecture_is_a_user_error() -> None:
-    with pytest.raises(RecipeError, match="--arch 'sdxl3': choose from tiny, sdxl, sd3, flux, sd15, recipe"):
+    with pytest.raises(RecipeError, match="--arch 'sdxl3': choose from tiny, sdxl, sd3, flux2, flux, sd15, recipe"):
         bench.run_bench("sdxl3", bench.make_cases(_recipe(), [64], []))
 
 
@@ -187,7 +187,7 @@ def test_gpu_suite_options_are_checked() -> None:
     runner = CliRunner()
     for args, message in ((["--suite", "cpu"], "the one suite is `gpu`"),
                           (["--suite", "gpu", "--compare", "rank=4"], "--compare goes with the plain bench"),
-                          (["--suite", "gpu", "--arch", "recipe"], "choose from sdxl, sd3, flux, sd15, tiny"),
+                          (["--suite", "gpu", "--arch", "recipe"], "choose from sdxl, sd3, flux2, flux, sd15, tiny"),
                           (["--suite", "gpu", "--json", "x.json"], "--out")):
         result = runner.invoke(app, ["bench", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)

@@ -154,7 +154,8 @@ def test_every_family_owns_its_own_configs_bases_and_names() -> None:
     assert all(family.default_target_modules == ("to_q", "to_k", "to_v", "to_out.0") for family in unet_families)
     default_base = schema.ModelRecipe().base  # the recipe's default base is a known one
     assert models.family_of_base_name(default_base) is models.DEFAULT_FAMILY
-    with pytest.raises(models.ModelError, match="architecture 'sd21' is not known; known: sdxl, sd3, flux, sd15"):
+    known = "sdxl, sd3, flux2, flux, sd15"
+    with pytest.raises(models.ModelError, match=f"architecture 'sd21' is not known; known: {known}"):
         models.family_named("sd21")
 
 

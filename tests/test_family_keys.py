@@ -31,8 +31,8 @@ def _one_line_refusal(code: int, output: str) -> str:
 
 
 @pytest.mark.parametrize(("base", "setting", "family", "owners"), [
-    ("tiny", "model.shift=3.0", "SDXL", "SD3.5 and FLUX.1"),
-    ("tiny-sd15", "model.timestep_sampling=\"logit_normal\"", "SD 1.5", "SD3.5 and FLUX.1"),
+    ("tiny", "model.shift=3.0", "SDXL", "SD3.5, FLUX.2 klein and FLUX.1"),
+    ("tiny-sd15", "model.timestep_sampling=\"logit_normal\"", "SD 1.5", "SD3.5, FLUX.2 klein and FLUX.1"),
     ("stabilityai/stable-diffusion-xl-base-1.0", "model.guidance=1.0", "SDXL", "FLUX.1"),
     ("tiny-sd3", "model.timesteps=[249, 499, 749, 999]", "SD3.5", "SDXL and SD 1.5"),
     ("tiny-flux", "model.rescale_betas_zero_snr=true", "FLUX.1", "SDXL and SD 1.5"),

@@ -68,7 +68,7 @@ def test_tiny_sd15_is_a_named_base_with_its_own_cache_folder(tiny_sd15_base_dir:
     assert models.resolve_base("tiny-sd15") == str(tmp_path / "tiny-sd15-v4")
     base = models.load_base(ModelRecipe(base="tiny-sd15"))
     assert base.family.name == "sd15" and len(base.text_encoders) == 1
-    with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd3, flux, sd15"):
+    with pytest.raises(models.ModelError, match="'sd21': choose one of sdxl, sd3, flux2, flux, sd15"):
         models.build_tiny_base(tmp_path / "tiny-sd15-v4", arch="sd21", replace=True)
     assert (tmp_path / "tiny-sd15-v4" / "model_index.json").is_file()  # the failed rebuild deleted nothing
 

@@ -22,8 +22,10 @@ from lora_dpo.train import fit, setup, train
 from lora_dpo.train.loop import _encode
 
 RECIPES = Path(__file__).parent.parent / "recipes"
-PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-TOKENS = {"sd3": 77 + 256, "flux": 512}  # prompt embeddings' S: CLIP 77 + T5 256 (SD3), T5 512 (FLUX)
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux2": "Flux2KleinPipeline"}
+TOKENS = {"sd3": 77 + 256, "flux": 512, "flux2": 512}  # prompt embeddings' S: CLIP 77 + T5 256 (SD3), T5 512 (FLUX),
+# Qwen3 512 (FLUX.2 klein)
+CHANNELS = {"sd3": 16, "flux": 16, "flux2": 32}  # latent channels of the tiny bases' VAEs
 
 
 def _shipped(base: Path, data: Path, out: Path, name: str, **changes: dict[str, Any]) -> recipe.Recipe:
@@ -43,9 +45,9 @@ def _shipped(base: Path, data: Path, out: Path, name: str, **changes: dict[str, 
     return recipe.from_dict(raw, f"recipes/sdxl_pickapic.toml on {base.name}")
 
 
-# SD3 on a 4-bit base (its transformer's linear layers in NF4), FLUX on a full-precision one. The shipped rate (1e-5)
-# moves a 3-step tiny adapter too little to see in an image: 1e-3 here.
-@pytest.mark.parametrize(("name", "model"), [("sd3", {"quantize": "nf4"}), ("flux", {})])
+# SD3 on a 4-bit base (its transformer's linear layers in NF4), FLUX.1 and FLUX.2 klein on full-precision ones. The
+# shipped rate (1e-5) moves a 3-step tiny adapter too little to see in an image: 1e-3 here.
+@pytest.mark.parametrize(("name", "model"), [("sd3", {"quantize": "nf4"}), ("flux", {}), ("flux2", {})])
 def test_the_shipped_recipe_on_a_flow_base_killed_and_resumed_matches_and_loads_in_diffusers(
         name: str, model: dict[str, Any], pickapic_shapes: Path, launch: Any, tmp_path: Path,
         request: pytest.FixtureRequest) -> None:
@@ -72,8 +74,11 @@ def test_the_shipped_recipe_on_a_flow_base_killed_and_resumed_matches_and_loads_
     family = models.family_named(name)
     trained = {k.removeprefix("transformer.").split(".lora_")[0] for k in first}
     assert all(m.endswith(family.default_target_modules) for m in trained)  # the family's default targets
-    assert {t for t in family.default_target_modules if any(m.endswith(t) for m in trained)} == set(
-        family.default_target_modules)
+    # every default target the tiny transformer has (FLUX.2 klein's list names single blocks 0..23; the tiny has 1)
+    singles = family.tiny_denoiser_config().get("num_single_layers", 0)
+    present = {t for t in family.default_target_modules
+               if not t.startswith("single_transformer_blocks.") or int(t.split(".")[1]) < singles}
+    assert {t for t in family.default_target_modules if any(m.endswith(t) for m in trained)} == present
     assert list((run_dir / "samples").glob("step-*.png"))  # grids from the family's pipeline
 
     images = []
@@ -81,7 +86,7 @@ def test_the_shipped_recipe_on_a_flow_base_killed_and_resumed_matches_and_loads_
     for adapter in (None, run_dir):
         if adapter is not None:
             pipe.load_lora_weights(str(adapter))
-        images.append(pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="pt",
+        images.append(pipe(prompt="a red circle", num_inference_steps=2, height=64, width=64, output_type="pt",
                            generator=torch.Generator().manual_seed(0)).images)
     assert not torch.equal(images[0], images[1]), "the adapter does not change the stock pipeline's image"
 
@@ -98,9 +103,11 @@ def test_training_from_the_cache_matches_live_training_on_a_flow_base(
     manifest = cache.build_cache(live, tmp_path / "cache", shard_size=8, dtype="fp32", batch_size=3)
     assert manifest["family"] == name
     shard = load_file(tmp_path / "cache" / "train-00000.safetensors")
-    assert not any(k.startswith("time_ids") for k in shard) and shard["latents_w"].shape[1:] == (16, 8, 8)
+    assert not any(k.startswith("time_ids") for k in shard) and shard["latents_w"].shape[1:] == (CHANNELS[name], 8, 8)
     prompts = load_file(tmp_path / "cache" / "prompts-00000.safetensors")
-    assert prompts["prompt_embeds"].shape[1] == TOKENS[name] and prompts["pooled"].dim() == 2
+    pooled = name != "flux2"  # FLUX.2 klein reads no pooled embedding
+    assert prompts["prompt_embeds"].shape[1] == TOKENS[name] and ("pooled" in prompts) == pooled
+    assert not pooled or prompts["pooled"].dim() == 2
 
     live_run = setup(live, tmp_path / "live")
     fit(live_run)
@@ -109,9 +116,11 @@ def test_training_from_the_cache_matches_live_training_on_a_flow_base(
     assert run.base.vae is None and run.base.text_encoders == () and run.base.tokenizers == ()
     live_first = _encode(live_run, next(iter(live_run.train_loader)))
     cached_first = _encode(run, next(iter(run.train_loader)))
-    assert cached_first.time_ids_w is None and live_first.time_ids_w is None and cached_first.pooled is not None
+    assert cached_first.time_ids_w is None and live_first.time_ids_w is None
+    assert (cached_first.pooled is not None) == (live_first.pooled is not None) == pooled
     for field in ("latents_w", "latents_l", "prompt_embeds", "pooled", "labels"):
-        torch.testing.assert_close(getattr(cached_first, field), getattr(live_first, field), rtol=1e-5, atol=1e-5)
+        if getattr(live_first, field) is not None:
+            torch.testing.assert_close(getattr(cached_first, field), getattr(live_first, field), rtol=1e-5, atol=1e-5)
     fit(run)
     assert [h["step"] for h in run.history] == [h["step"] for h in live_run.history]
     for mine, theirs in zip(run.history, live_run.history, strict=True):
@@ -156,7 +165,7 @@ def test_a_flow_dpo_step_is_the_dpo_loss_of_velocity_errors_by_hand(tiny_flow_ba
     with torch.no_grad():
         torch.nn.init.normal_(next(p for n, p in unet.named_parameters() if "lora_B" in n))  # a policy != reference
     batch = _encode(run, next(iter(run.train_loader)))
-    assert batch.time_ids_w is None and batch.pooled is not None
+    assert batch.time_ids_w is None and (batch.pooled is None) == (name == "flux2")
     seen: list[Any] = []
     hook = unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("guidance")),
                                           with_kwargs=True)
@@ -172,7 +181,8 @@ def test_a_flow_dpo_step_is_the_dpo_loss_of_velocity_errors_by_hand(tiny_flow_ba
     timesteps = family.sample_timesteps(schedule, pairs, generator).repeat(2)  # one sigma per pair
     sigma = (timesteps / family.timestep_scale(schedule)).view(-1, 1, 1, 1)
     noisy, target = (1.0 - sigma) * x0 + sigma * noise, noise - x0
-    embeds, pooled = batch.prompt_embeds.repeat(2, 1, 1), batch.pooled.repeat(2, 1)
+    embeds = batch.prompt_embeds.repeat(2, 1, 1)
+    pooled = None if batch.pooled is None else batch.pooled.repeat(2, 1)
 
     def errors() -> torch.Tensor:
         prediction = family.denoise(unet, noisy, timesteps, embeds, pooled, None, schedule)
@@ -188,22 +198,23 @@ def test_a_flow_dpo_step_is_the_dpo_loss_of_velocity_errors_by_hand(tiny_flow_ba
 
 
 def test_random_batches_have_the_flow_families_shapes() -> None:
-    for name in ("sd3", "flux"):
+    for name in ("sd3", "flux", "flux2"):
         family = models.family_named(name)
         config = family.tiny_denoiser_config()
         batch = step.random_batch(config, 2, 64, "cpu", torch.float32, torch.Generator().manual_seed(0))
-        assert batch.latents_w.shape == (2, 16, 8, 8) and batch.time_ids_w is None
-        assert batch.prompt_embeds.shape == (2, TOKENS[name], 64) and batch.pooled.shape == (2, family.pooled_width(
-            config))
+        assert batch.latents_w.shape == (2, CHANNELS[name], 8, 8) and batch.time_ids_w is None
+        assert batch.prompt_embeds.shape == (2, TOKENS[name], config["joint_attention_dim"])
+        width = family.pooled_width(config)  # FLUX.2 klein: none
+        assert (batch.pooled is None) if width is None else batch.pooled.shape == (2, width)
 
 
 def test_the_built_in_flow_bases_are_built_cold_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`[model].base = "tiny-sd3"` / `"tiny-flux"`: built once into the cache home from the family's tiny builder
-    (random weights: no DDPM warm-up), then loaded as their stock pipelines."""
+    """`[model].base = "tiny-sd3"` / `"tiny-flux"` / `"tiny-flux2"`: built once into the cache home from the family's
+    tiny builder (random weights: no DDPM warm-up), then loaded as their stock pipelines."""
     import json
 
     monkeypatch.setenv("LORA_DPO_HOME", str(tmp_path))
-    for name in ("sd3", "flux"):
+    for name in ("sd3", "flux", "flux2"):
         family = models.family_named(name)
         folder = models.resolve_base(family.tiny_base)
         assert folder == str(tmp_path / family.tiny_folder) == str(models.tiny_base_path(name))

@@ -59,7 +59,8 @@ def _encode_pairs(base: models.BaseModel, dataset: data.PreferenceDataset, shard
             ids.append(prompt_ids[item["prompt"]])
         if items and (len(items) == batch_size or index == shard.stop - 1):
             batch = data.collate([{**it, "stats": data.PairStats()} for it in items])
-            latents = models.encode_images(base.vae, torch.cat([batch.pixels_w, batch.pixels_l]).to(device))
+            latents = models.encode_images(base.vae, torch.cat([batch.pixels_w, batch.pixels_l]).to(device),
+                                             base.family)
             for name, value in zip(("latents_w", "latents_l"), latents.chunk(2), strict=True):
                 parts[name].append(value.to("cpu", storage))
             parts["time_ids_w"].append(batch.time_ids_w)

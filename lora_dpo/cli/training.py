@@ -144,8 +144,8 @@ def tiny_base(
     warmup_steps: Annotated[int, typer.Option(help="Plain denoising steps that warm the random UNet up.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     arch: Annotated[str | None, typer.Option(
-        help="A base family's name: sdxl (what `tiny` names; the default), sd15, sd3 or flux (what `tiny-sd15`, "
-             "`tiny-sd3`, `tiny-flux` name; sd3 and flux are never warmed up).")] = None,
+        help="A base family's name: sdxl (what `tiny` names; the default), sd15, sd3, flux or flux2 (what "
+             "`tiny-sd15`, `tiny-sd3`, `tiny-flux`, `tiny-flux2` name; the flow ones are never warmed up).")] = None,
 ) -> None:
     """Write a tiny pipeline of a base family's architecture with random weights (offline demo and tests)."""
     _quiet_imports()

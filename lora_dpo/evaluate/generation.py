@@ -164,9 +164,12 @@ def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None 
     # the scheduler's JSON (any scheduler class reads any config; a flow base's training schedule is no class's)
     config = diffusers.DDPMScheduler.load_config(base.source, subfolder="scheduler", revision=revision)
     scheduler = models.inference_scheduler(config, base.scheduler_overrides)  # a v_pred file samples as v_pred
+    # what the base's model_index.json sets of the class's own arguments (a step-distilled FLUX.2 klein: no CFG)
+    keys = base.family.pipeline_config_keys
+    index = models.read_pipeline_json(base.source, "model_index.json", revision) if keys else {}
     # the family's pipeline class, its watermark off (the grids compare base and adapter pixel for pixel)
     pipe = base.family.build_pipeline(unet, base.vae, scheduler, base.tokenizers, base.text_encoders,
-                                      **base.family.unwatermarked)
+                                      **base.family.unwatermarked, **{k: index[k] for k in keys if k in index})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -174,22 +177,21 @@ def pipeline_from_parts(base: models.BaseModel, unet: Any, revision: str | None 
 def decode_latents(pipe: Any, family: Any, latents: Tensor, resolution: int) -> list[Image.Image]:
     """The pipeline's `output_type="latent"` output -> PIL images, decoded by the VAE in its own precision: under
     mixed precision the latents come out in bf16/fp16 while the VAE may stay fp32 (the inverse of
-    models.encode_images). FLUX's pipeline hands its latents back packed into tokens: `family` unpacks them to
-    (B, C, h, w) first."""
+    models.encode_images). What the VAE decodes is the family's to say (`decodable_latents`: FLUX's pipeline hands
+    its latents back packed into tokens)."""
     vae = pipe.vae
-    latents = family.unpack_latents(latents, resolution, resolution)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        decoded = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample.float()
+        decoded = vae.decode(family.decodable_latents(vae, latents, resolution, resolution)).sample.float()
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
 def generate(pipe: Any, prompt: str, seed: int, steps: int, guidance_scale: float, resolution: int,
              output_type: str = "pil") -> Any:
     """One image (or its latents). The initial noise comes from a CPU generator seeded with `seed`: the same
-    noise on any device, so base and adapter images of one seed start from the same point."""
+    noise on any device, so base and adapter images of one seed start from the same point. The prompt by keyword:
+    FLUX.2 klein's pipeline takes an image first."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
+    out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
                width=resolution, generator=generator, output_type=output_type)
     return out.images[0] if output_type == "pil" else out.images
 

@@ -97,8 +97,13 @@ def refuse_foreign_keys(cfg: ModelRecipe, family: Family) -> None:
     if found:
         raise RecipeError("; ".join(
             f"[model].{key} = {_value(getattr(cfg, key))}: the base {cfg.base!r} is {family.label}, which does not "
-            f"read it (a key of {' and '.join(f.label for f in recipe_key_owners(key))} bases); remove it from the "
+            f"read it (a key of {_listed([f.label for f in recipe_key_owners(key)])} bases); remove it from the "
             f"recipe (--set model.{key}={_unset(defaults[key])})" for key in found))
+
+
+def _listed(names: list[str]) -> str:
+    """"A", "A and B", "A, B and C"."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def _value(value: object) -> str:
@@ -178,7 +183,8 @@ def load_base(cfg: ModelRecipe, *, with_encoders: bool = True, weight_dtype: tor
                              train_timesteps=tuple(cfg.timesteps))
         if with_encoders and not single:
             vae_kwargs = {"subfolder": "vae", **common} if cfg.vae is None else {}
-            base.vae = AutoencoderKL.from_pretrained(cfg.vae or source, torch_dtype=vae_dtype, **vae_kwargs)
+            vae_class = getattr(diffusers, family.vae_class)  # FLUX.2: its own VAE class
+            base.vae = vae_class.from_pretrained(cfg.vae or source, torch_dtype=vae_dtype, **vae_kwargs)
             base.tokenizers, base.text_encoders = family.load_text_parts(source, variant=cfg.variant,
                                                                          torch_dtype=weight_dtype, **common)
     except (OSError, ValueError) as err:

@@ -70,14 +70,17 @@ ENCODE_PIXELS = 1024 * 1024
 
 
 @torch.no_grad()
-def encode_images(vae: Any, pixels: Tensor) -> Tensor:
+def encode_images(vae: Any, pixels: Tensor, family: Any = None) -> Tensor:
     """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents (B, C, H/8, W/8), `ENCODE_PIXELS` at a time. The posterior
     mean, not a sample: SDXL's posterior is near-deterministic, and the mean makes cached and live latents
-    identical."""
+    identical. Scaled as the base's family says (`Family.scale_latents`; None: shift and scaling factor)."""
     pixels = pixels.to(vae.device, vae.dtype)
     per_call = max(1, ENCODE_PIXELS // (pixels.shape[-2] * pixels.shape[-1]))
     latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(per_call)])
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    if family is not None:
+        scaled = family.scale_latents(vae, latents)
+    else:
+        scaled = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
     # contiguous: CPU convolutions may hand back a channels-last layout, and the UNet's backward then rounds
     # differently than for the same latents read from a cache
-    return ((latents - shift) * vae.config.scaling_factor).float().contiguous()
+    return scaled.float().contiguous()

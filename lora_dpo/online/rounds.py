@@ -133,7 +133,8 @@ def generate(pipe: Any, family: Any, prompts: Sequence[str], seeds: Sequence[int
         for seed, image in zip(seeds, images, strict=True):
             with files.atomic_file(image_path(folder / "images", index, seed, VARIANT)) as tmp:
                 image.save(tmp, format="PNG")
-        unpacked = family.unpack_latents(latents, resolution, resolution).float().cpu().contiguous()  # (N, C, h, w)
+        unpacked = family.trainable_latents(pipe.vae, latents, resolution, resolution)  # (N, C, h, w)
+        unpacked = unpacked.float().cpu().contiguous()
         with files.atomic_file(path) as tmp:
             save_file({"latents": unpacked}, str(tmp), metadata=stamp)
     return paths

@@ -169,14 +169,16 @@ _ENCODES: dict[tuple, EncodeMeasure] = {}
 
 
 def measure_encode(arch: Architecture, resolution: int, batch_size: int, vae_dtype: str) -> EncodeMeasure:
-    """`models.encode_images` of a batch's 2B images on fake tensors: what an uncached step adds."""
-    from diffusers import AutoencoderKL
+    """`models.encode_images` of a batch's 2B images on fake tensors: what an uncached step adds (the family's VAE
+    class and latent scaling)."""
+    import diffusers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cache_key = (arch.name, resolution, batch_size, vae_dtype)
     if cache_key not in _ENCODES:
+        family = arch.family
         with torch.device("meta"):
-            vae = AutoencoderKL.from_config(arch.vae)
+            vae = getattr(diffusers, family.vae_class).from_config(arch.vae)
         vae = vae.to(models.DTYPES[vae_dtype]).requires_grad_(False).eval()
         with FakeTensorMode(allow_non_fake_inputs=True):
             vae._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
@@ -187,6 +189,6 @@ def measure_encode(arch: Architecture, resolution: int, batch_size: int, vae_dty
             pixels = torch.empty(2 * batch_size, 3, resolution, resolution)
             probe.track(pixels)
             with probe, _uncached():
-                models.encode_images(vae, pixels)
+                models.encode_images(vae, pixels, family)
         _ENCODES[cache_key] = EncodeMeasure(sum(probe.flops.values()), weights, probe.peak - weights)
     return _ENCODES[cache_key]

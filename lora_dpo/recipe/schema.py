@@ -46,12 +46,14 @@ _f = field_  # short: every key below is one
 class ModelRecipe:
     base: str = _f(
         "stabilityai/stable-diffusion-xl-base-1.0",
-        "Hub id or local diffusers folder of the base pipeline (SDXL, SD 1.5, SD3.5 or FLUX.1), a single-file "
+        "Hub id or local diffusers folder of the base pipeline (SDXL, SD 1.5, SD3.5, FLUX.1 or FLUX.2 klein), a "
+        "single-file "
         "checkpoint "
         "(`model.safetensors`, what A1111/ComfyUI load; configs from a diffusers config folder beside it, else the "
         "shipped SDXL / SD 1.5 ones), or a built-in tiny base, built "
         "and cached on first use (offline demo and tests): `tiny` (SDXL architecture), `tiny-sd15` (SD 1.5 "
-        "architecture: one text encoder, no micro-conditioning), `tiny-sd3` or `tiny-flux` (random weights).",
+        "architecture: one text encoder, no micro-conditioning), `tiny-sd3`, `tiny-flux` or `tiny-flux2` (random "
+        "weights).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base.")
     variant: str | None = _f(None, "Weight variant to download, e.g. `fp16` (halves the download).")

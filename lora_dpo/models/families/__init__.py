@@ -2,8 +2,8 @@
 names a family; code asks a base's family (`family_of_pipeline`, `family_of_denoiser`, `family_named`).
 
 Modules, in import order: `family` (the `Family` interface and `DdpmFamily`, what the UNet families share),
-`clip` (CLIP encoders in the original single-file layout), `flow` (the rectified-flow math SD3 and FLUX share),
-`sdxl`, `sd15`, `sd3`, `flux`; this registry last.
+`clip` (CLIP encoders in the original single-file layout), `flow` (the rectified-flow math SD3, FLUX.1 and FLUX.2
+klein share), `sdxl`, `sd15`, `sd3`, `flux`, `flux2`; this registry last.
 
 A new family: one module here with one `Family` instance, its configs in `configs/<name>/`, its entry in
 `FAMILIES`.
@@ -14,14 +14,15 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from lora_dpo.models.families import flux, sd3, sd15, sdxl
+from lora_dpo.models.families import flux, flux2, sd3, sd15, sdxl
 from lora_dpo.models.families.family import CONFIGS, DdpmFamily, Family, TextPart
 from lora_dpo.models.parts import ModelError
 
 # Every family, in the order they are asked: a family whose single files, pipelines or configs another one's would
-# also match comes after that one (SD 1.x, whose files every original-layout checkpoint resembles and whose
-# `owns_denoiser` takes any config without `_class_name` and micro-conditioning, the tiny transformers' too, last).
-FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, sd15.FAMILY)
+# also match comes after that one (FLUX.2 before FLUX.1: its single files hold `double_blocks.` too, and its configs
+# FLUX.1's class-less keys; SD 1.x, whose files every original-layout checkpoint resembles and whose `owns_denoiser`
+# takes any config without `_class_name` and micro-conditioning, the tiny transformers' too, last).
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd3.FAMILY, flux2.FAMILY, flux.FAMILY, sd15.FAMILY)
 DEFAULT_FAMILY = sdxl.FAMILY  # what `bench` and the GPU check run when nothing names a base
 TINY_BASES: dict[str, Family] = {family.tiny_base: family for family in FAMILIES}  # `[model].base` -> its family
 KNOWN_BASES: dict[str, Family] = {hub_id: family for family in FAMILIES for hub_id in family.hub_ids}

@@ -46,12 +46,15 @@ class Family(ABC):
     pipeline_class: str  # the diffusers text-to-image pipeline (`StableDiffusionXLPipeline`, ...)
     denoiser_class: str  # the denoiser's diffusers class (`UNet2DConditionModel`, `SD3Transformer2DModel`, ...)
     denoiser_folder: str = "unet"  # its subfolder in a pipeline folder (`unet` or `transformer`)
+    vae_class: str = "AutoencoderKL"  # its VAE's diffusers class (FLUX.2: `AutoencoderKLFlux2`)
     hub_ids: tuple[str, ...] = ()  # hub ids whose configs are exactly the shipped ones (known without a download)
     default_resolution: int = 1024
     bench_resolutions: tuple[int, ...] = (1024,)  # what `lora-dpo bench --arch <name>` measures by default
     flow_matching: bool = False  # rectified flow (x_t = (1 - s) x_0 + s noise, velocity target) vs DDPM
     text_parts: tuple[TextPart, ...] = ()  # its text encoders, in the order `encode_prompts` takes them
     pipeline_extras: Mapping[str, Any] = {}  # other arguments its pipeline class takes (SD 1.5: no safety checker)
+    # its pipeline class's own arguments a base's model_index.json sets (FLUX.2 klein: is_distilled, no CFG then)
+    pipeline_config_keys: tuple[str, ...] = ()
     unwatermarked: Mapping[str, Any] = {}  # what turns its pipeline's invisible watermark off (training grids)
     tiny_folder: str = ""  # its tiny base's cache folder (bump its version when the tiny weights change)
     tiny_shipped_sha256: str = ""  # set: the tiny base ships in `assets/<tiny_folder>` with this `folder_sha256`
@@ -88,10 +91,12 @@ class Family(ABC):
         text (what the denoiser is fed: widths, token counts), text_encoder*."""
         return json.loads((CONFIGS / self.name / f"{part}.json").read_text())
 
-    @abstractmethod
     def denoiser_from_config(self, config: Mapping[str, Any]) -> Any:
         """The denoiser with random weights (under the caller's default dtype and device: `meta` builds no
-        storage)."""
+        storage): its diffusers class (`denoiser_class`) from the config."""
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class).from_config(dict(config))
 
     def load_tokenizers(self, source: str, revision: str | None = None) -> tuple[Any, ...]:
         """Its tokenizers (`text_parts`) from a pipeline folder or hub id."""
@@ -174,6 +179,25 @@ class Family(ABC):
         family whose pipeline returns packed tokens unpacks them here)."""
         return latents
 
+    def scale_latents(self, vae: Any, latents: Tensor) -> Tensor:
+        """The VAE posterior's mean (B, C, h, w) -> the latents training noises (B, C, h, w): (x - shift_factor)
+        x scaling_factor (a VAE without a shift: 0). FLUX.2: its batch-norm statistics instead."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def decodable_latents(self, vae: Any, latents: Tensor, height: int, width: int) -> Tensor:
+        """Its pipeline's `output_type="latent"` output for a height x width image -> what `vae.decode` takes
+        (B, C, h, w): unpacked (`unpack_latents`), then the inverse of `scale_latents`."""
+        latents = self.unpack_latents(latents, height, width).to(vae.device, vae.dtype)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return latents / vae.config.scaling_factor + shift
+
+    def trainable_latents(self, vae: Any, latents: Tensor, height: int, width: int) -> Tensor:
+        """Its pipeline's `output_type="latent"` output -> the latents the step trains on (B, C, h, w), as
+        `scale_latents` makes them from an image: an online round trains on what the pipeline drew, never decoded
+        and encoded again. The pipelines that return the denoiser's own latents: unpacked, exactly."""
+        return self.unpack_latents(latents, height, width)
+
     @abstractmethod
     def recipe_overrides(self, cfg: Any, config: Mapping[str, Any],
                          file_overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,6 +255,7 @@ class Family(ABC):
 
     modelspec_architecture: str  # Stability model spec (`stable-diffusion-xl-v1-base`); `/lora` appended for LoRAs
     kohya_implementation: str = IMPLEMENTATION_DIFFUSERS  # whose module names `kohya_module_name` spells (model spec)
+    kohya_format: bool = True  # False: no kohya / ComfyUI layout is known for it (export refuses --format kohya)
 
     @abstractmethod
     def base_model_version(self, prediction_type: str) -> str:
@@ -285,11 +310,6 @@ class DdpmFamily(Family):
         present = {key for key, value in model_index.items()
                    if key.startswith("text_encoder") and value and value[0] is not None}
         return "unet" in model_index and present == {part.encoder for part in self.text_parts}
-
-    def denoiser_from_config(self, config: Mapping[str, Any]) -> Any:
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel.from_config(dict(config))
 
     def tiny_denoiser_config(self) -> dict[str, Any]:
         return dict(self.tiny_unet)

@@ -1,5 +1,5 @@
-"""Rectified-flow (flow-matching) training math shared by SD3 and FLUX: a base class the two families derive from, not
-a family itself.
+"""Rectified-flow (flow-matching) training math shared by SD3, FLUX.1 and FLUX.2 klein: a base class the flow families
+derive from, not a family itself.
 
 Convention (Flow-DPO, Liu et al. 2025, arXiv 2501.13918; diffusers' FLUX LoRA example): with sigma in (0, 1],
     x_t = (1 - sigma) x_0 + sigma * noise,        target = noise - x_0   (the velocity),
@@ -85,6 +85,24 @@ class FlowFamily(Family):
     denoiser_folder = "transformer"
     default_weighting_scheme = "logit_normal"  # the family's LoRA example's --weighting_scheme default
     own_recipe_keys = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "shift")  # sigma's density, shift
+    denoiser_keys: tuple[str, ...] = ()  # config keys only its transformer has (a config without `_class_name`)
+    tiny_transformer: Mapping[str, Any] = {}  # its tiny base's transformer config
+    tiny_builder: str = ""  # the name of its module's tiny pipeline builder (`build_tiny_<name>_pipeline(seed)`)
+
+    def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
+        """Its transformer class (`_class_name`), or, in a config without one, all of its `denoiser_keys`."""
+        if "_class_name" in config:
+            return config["_class_name"] == self.denoiser_class
+        return bool(self.denoiser_keys) and set(self.denoiser_keys) <= set(config)
+
+    def tiny_pipeline(self, seed: int = 0) -> Any:
+        """Its tiny pipeline, from its own module's builder (T5 or Qwen3 encoders, its VAE)."""
+        import sys
+
+        return getattr(sys.modules[type(self).__module__], self.tiny_builder)(seed)
+
+    def tiny_denoiser_config(self) -> dict[str, Any]:
+        return dict(self.tiny_transformer)
 
     def owns_pipeline(self, model_index: Mapping[str, Any]) -> bool:
         """Its pipeline class (`model_index.json`), or its transformer class (a loaded pipeline's `config`)."""

@@ -117,25 +117,11 @@ class FluxFamily(FlowFamily):
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
     kohya_implementation = modelspec_implementation  # BFL / SAI module names in the kohya file
     card_tags = ("flux", "flux-diffusers")
-
-    # ---- recognising a base ------------------------------------------------------------------------------
-    def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
-        if "_class_name" in config:
-            return config["_class_name"] == self.denoiser_class
-        return {"num_single_layers", "axes_dims_rope"} <= set(config)
+    denoiser_keys = ("num_single_layers", "axes_dims_rope")
+    tiny_transformer = TINY_FLUX_TRANSFORMER
+    tiny_builder = "build_tiny_flux_pipeline"
 
     # ---- parts -------------------------------------------------------------------------------------------
-    def denoiser_from_config(self, config: Mapping[str, Any]) -> Any:
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel.from_config(dict(config))
-
-    def tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_flux_pipeline(seed)
-
-    def tiny_denoiser_config(self) -> dict[str, Any]:
-        return dict(TINY_FLUX_TRANSFORMER)
-
     def latent_channels(self, config: Mapping[str, Any]) -> int:
         """The VAE's 16: the transformer's in_channels (64) are 2 x 2 packed latents."""
         return config["in_channels"] // 4

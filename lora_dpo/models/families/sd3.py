@@ -92,24 +92,9 @@ class SD3Family(FlowFamily):
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     kohya_implementation = modelspec_implementation  # BFL / SAI module names in the kohya file
     card_tags = ("sd3.5", "sd3.5-diffusers")
-
-    # ---- recognising a base ------------------------------------------------------------------------------
-    def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
-        if "_class_name" in config:
-            return config["_class_name"] == self.denoiser_class
-        return {"caption_projection_dim", "pooled_projection_dim", "joint_attention_dim"} <= set(config)
-
-    # ---- parts -------------------------------------------------------------------------------------------
-    def denoiser_from_config(self, config: Mapping[str, Any]) -> Any:
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel.from_config(dict(config))
-
-    def tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_sd3_pipeline(seed)
-
-    def tiny_denoiser_config(self) -> dict[str, Any]:
-        return dict(TINY_SD3_TRANSFORMER)
+    denoiser_keys = ("caption_projection_dim", "pooled_projection_dim", "joint_attention_dim")
+    tiny_transformer = TINY_SD3_TRANSFORMER
+    tiny_builder = "build_tiny_sd3_pipeline"
 
     # ---- prompts and the denoiser ------------------------------------------------------------------------
     def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],

@@ -195,7 +195,7 @@ def test_every_family_trains_online_on_the_latents_its_stock_pipeline_makes(arch
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base_dir)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in record["seeds"]]
-    stock = pipe(PROMPTS[0], num_images_per_prompt=2, generator=generators, height=64, width=64,
+    stock = pipe(prompt=PROMPTS[0], num_images_per_prompt=2, generator=generators, height=64, width=64,
                  num_inference_steps=2, output_type="latent").images
     saved = load_file(round_folder(run_dir, 0) / "latents" / "00000.safetensors")["latents"]
     expected = family.trainable_latents(pipe.vae, stock, 64, 64).float()  # what the step trains on

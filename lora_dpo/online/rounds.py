@@ -124,7 +124,7 @@ def generate(pipe: Any, family: Any, prompts: Sequence[str], seeds: Sequence[int
             continue
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            latents = pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, height=resolution,
+            latents = pipe(prompt=prompt, num_images_per_prompt=len(seeds), generator=generators, height=resolution,
                            width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
                            output_type="latent").images
             # one image at a time: the VAE's activations at 1024 px are GiBs an image (docs/planning.md)

@@ -215,7 +215,7 @@ def test_cli_plan_on_the_tiny_recipe() -> None:
     assert measured and 0.99 <= float(measured[1]) <= 1.05, out[-400:]
 
 
-PLAN_MODULES = ("gpus", "bases", "probe", "trace", "estimates", "report", "measure")  # the order they import in
+PLAN_MODULES = ("gpus", "bases", "probe", "trace", "generation", "estimates", "report", "measure")  # import order
 
 
 def test_the_plan_package_imports_one_way_and_defines_each_name_once() -> None:
@@ -262,3 +262,153 @@ def test_the_compiled_tiny_step_stays_within_the_plan(tiny_recipe) -> None:
     assert 0.85 <= real.peak / planned.peak <= 1.01, (real.peak, planned.peak)
     text = plan.render(plan.make_plan(tiny_recipe(train={"compile": True})), [plan.find_gpu("rtx4090")])
     assert "[train].compile = true: traced eager" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# An [online] recipe: its rounds' generation priced beside the training
+
+
+def _online(base: str = "tiny", **online: object) -> plan.Plan:
+    """The tiny online recipe (recipes/tiny_online.toml's rounds, prompts and scorer) with `online` changed, planned;
+    `[train].max_steps` follows rounds x steps_per_round as the recipe requires."""
+    from lora_dpo.recipe import from_dict
+
+    section = {"rounds": 4, "steps_per_round": 150, "prompts": str(ROOT / "recipes" / "tiny_online_prompts.txt"),
+               "heldout_prompts": str(ROOT / "recipes" / "tiny_heldout_prompts.txt"), "samples_per_prompt": 4,
+               "scorers": ["shapes"], "steps": 20, "heldout_seeds": 2, **online}
+    raw = {"model": {"base": base}, "data": {"resolution": 64}, "objective": {"beta": 500.0},
+           "train": {"max_steps": max(section["rounds"], 1) * section["steps_per_round"], "batch_size": 8,
+                     "mixed_precision": "no", "optimizer": "adamw"},
+           "online": section}
+    return plan.make_plan(from_dict(raw))
+
+
+def _seconds(cell: str) -> float:
+    """A time the plan prints (`1.2`, hours; `3.4 min`; `0.56 s`), in seconds."""
+    value, _, unit = cell.strip().partition(" ")
+    return float(value.replace(",", "")) * {"": 3600, "min": 60, "s": 1}[unit]
+
+
+def _generation_cells(text: str, gpu: str) -> tuple[float, float, float]:
+    """The GPU row's training, generation and total time at 50 % of the card's peak, in seconds."""
+    row = next(line for line in text.splitlines() if line.startswith(f"  {gpu} "))
+    cells = re.findall(r"(\d[\d.,e-]*(?: min| s)?) / (\d[\d.,e-]*(?: min| s)?)", row)[-3:]
+    train, gen, total = (_seconds(half) for _, half in cells)
+    return train, gen, total
+
+
+def test_an_online_recipe_prices_its_generation_beside_the_training() -> None:
+    """Per round: 18 training prompts x samples + 18 held-out x seeds images, the base's held-out images once; each
+    image `steps` denoiser forwards on 2 latents (the tiny base's pipeline guides with 5 > 1), a VAE decode, the
+    scorers. Doubling samples doubles the round's own images; doubling steps or rounds doubles what scales with
+    them; the training estimate does not move with any [online] key."""
+    made = _online()
+    gen = made.generation
+    assert gen is not None and (gen.counts.train, gen.counts.per_round, gen.counts.heldout) == (18, 18, 18)
+    assert gen.passes == 2 and gen.guidance_from == "the pipeline's default"
+    assert gen.images_per_round == (18 * 4, 18 * 2) and gen.base_images == 36
+    assert gen.images == 4 * (72 + 36) + 36
+    assert gen.total_flops == pytest.approx(gen.images * gen.image_flops + gen.calls * gen.text_flops)
+    # the denoiser's inference pass: half the step's reference forward (2 images) per latent, x 2 for guidance
+    per_latent = made.off.flops["reference forward"] / (2 * made.recipe.train.batch_size)
+    assert gen.denoise_flops == pytest.approx(20 * 2 * per_latent, rel=0.1)
+
+    doubled = _online(samples_per_prompt=8).generation
+    assert doubled.images_per_round == (2 * 72, 36)
+    assert doubled.image_flops == pytest.approx(gen.image_flops, rel=1e-9)  # traced at batch 8 instead of 4
+    own = [g.rounds * g.images_per_round[0] * g.image_flops for g in (gen, doubled)]
+    assert own[1] == pytest.approx(2 * own[0], rel=1e-9)
+    assert 1.6 < doubled.total_flops / gen.total_flops < 2  # held-out images stay: about double
+    longer = _online(steps=40).generation
+    assert longer.denoise_flops == pytest.approx(2 * gen.denoise_flops)
+    assert longer.total_flops == pytest.approx(gen.total_flops + gen.images * gen.denoise_flops)
+    more = _online(rounds=8).generation
+    base_part = gen.base_images * gen.image_flops + gen.counts.heldout * gen.text_flops
+    assert more.total_flops - base_part == pytest.approx(2 * (gen.total_flops - base_part))
+    unguided = _online(guidance_scale=1.0).generation
+    assert unguided.passes == 1 and unguided.denoise_flops == pytest.approx(gen.denoise_flops / 2, rel=1e-9)
+
+    offline = _online(rounds=0)
+    assert offline.generation is None
+    for variant in (made, _online(samples_per_prompt=8, steps=40, heldout_seeds=4)):
+        for a, b in ((variant.off, offline.off), (variant.on, offline.on)):
+            assert (a.peak, a.total_flops, a.required) == (b.peak, b.total_flops, b.required)
+
+    rtx = plan.find_gpu("rtx4090")
+    texts = {name: plan.render(p, [rtx]) for name, p in (("base", made), ("samples", _online(samples_per_prompt=8)),
+                                                          ("offline", offline))}
+    assert "online: 4 rounds" in texts["base"] and "generation h" in texts["base"]
+    assert "generation" not in texts["offline"].splitlines()[0] and "generation h" not in texts["offline"]
+    train, generating, total = _generation_cells(texts["base"], "rtx4090")
+    hours = plan.generation_hours(gen, rtx, 0.5) * 3600
+    assert generating == pytest.approx(hours, rel=0.05) and total == pytest.approx(train + generating, rel=0.05)
+    train2, generating2, _ = _generation_cells(texts["samples"], "rtx4090")
+    assert train2 == train and generating2 / generating == pytest.approx(doubled.total_flops / gen.total_flops,
+                                                                         rel=0.05)
+    assert "generating peaks below the step: the run fits wherever the step fits" in texts["base"]
+    assert made.generating_peak(made.off) < made.off.peak
+
+
+def test_generation_asks_the_family_and_counts_only_local_prompts() -> None:
+    """FLUX dev's pipeline guides through an input of one pass; a prompt set on the hub is not downloaded to count
+    it: priced per 1,000 prompts, and said so. PickScore's CLIP ViT-H/14 stays on the card the whole run."""
+    for family in models.FAMILIES:  # each family module says whether its pipeline doubles the batch
+        assert isinstance(family.cfg_doubles_batch, bool) and family.denoiser_passes(1.0) == 1
+        assert family.denoiser_passes(family.pipeline_guidance_scale()) == (2 if family.cfg_doubles_batch else 1)
+    flux = _online(base="tiny-flux").generation
+    assert flux.passes == 1 and flux.guidance_scale == 3.5
+    hub = _online(prompts="parti", heldout_prompts=None).generation
+    assert (hub.counts.train, hub.counts.per_round, hub.counts.heldout) == (1000, 1000, 16)
+    assert "per 1,000 training prompts" in hub.counts.note and "'parti'" in hub.counts.note
+    assert not hub.counts.train_read
+    drawn = _online(prompts="parti", heldout_prompts=None, prompts_per_round=50).generation
+    assert drawn.counts.per_round == 50 and "per 1,000" not in drawn.counts.note
+    scored = _online(scorers=["pickscore"])
+    assert scored.generation.scorer_bytes == 4 * (632_076_800 + 354_032_640)
+    assert scored.generation.score_flops == pytest.approx(2 * (632_076_800 * 257 + 354_032_640 * 77))
+    assert scored.online_required(scored.off) > scored.off.required
+
+
+def test_generation_passes_match_the_real_ones_on_cpu() -> None:
+    """The traced inference passes against real ones (random weights from the tiny configs): the denoiser with the
+    trainer's LoRA on 8 latents and the VAE decoding 4, FLOPs as torch's FlopCounterMode counts them (exactly),
+    memory above the weights as the CPU allocator records it (torch.profiler). The real decode holds one tensor
+    more than the trace at its peak: the size of the last up block's 16-channel input at full resolution (measured
+    at 64, 128 and 256 px, 4 and 16 images: always that one tensor, 1.33x the trace), oneDNN's copy of a conv's
+    input in its blocked layout, a CPU kernel's scratch the trace does not see (as the step test says of its
+    scratch buffers); whether CUDA's kernels hold one is not measured here (no GPU)."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_dpo import step
+
+    arch = plan.architecture(ModelRecipe(base="tiny"))
+    key = _tiny_key(False)
+    unet = models.unet_from_config(arch.unet, torch.float32, "cpu")
+    step.build_policy(unet, key.lora, seed=0, precision="no")
+    unet.eval()
+    batch = plan.trace.step_batch(arch, dataclasses.replace(key, batch_size=8), "cpu", torch.Generator().manual_seed(0))
+    timesteps = torch.full((8,), 500)
+    vae = AutoencoderKL.from_config(arch.vae).eval()
+    latents = torch.randn(4, arch.vae["latent_channels"], 8, 8)
+
+    def denoise() -> None:
+        with torch.inference_mode():
+            arch.family.denoise(unet, batch.latents_w, timesteps, batch.prompt_embeds, batch.pooled, batch.time_ids_w)
+
+    def decode() -> None:
+        with torch.no_grad():
+            vae.decode(latents)
+
+    inputs = sum(t.nbytes for t in (batch.latents_w, batch.prompt_embeds, batch.pooled, batch.time_ids_w))
+    cases = ((denoise, plan.measure_denoise(arch, key, 8), inputs),
+             (decode, plan.measure_decode(arch, 64, 4, "no"), latents.nbytes))
+    for run, planned, given in cases:
+        run()  # warm-up: the kernels' first-call buffers
+        counter = FlopCounterMode(display=False, custom_mapping=plan.cpu_attention_flops())
+        with counter:
+            run()
+        assert counter.get_total_flops() == planned.flops > 0
+        real = given + plan.measure._allocated_on_cpu(run)  # the trace counts the inputs above the weights
+        scratch = 4 * 16 * 64 * 64 * 4 if run is decode else 0  # oneDNN's blocked copy of the conv input
+        assert 0.97 <= (real - scratch) / planned.transient <= 1.05, (run.__name__, real, planned.transient)

@@ -20,9 +20,14 @@ The modules, each importing only those listed before it:
   `architecture` (the known hub ids are the families' `models.KNOWN_BASES`).
 - `probe`: `StepProbe`, the dispatch mode that counts FLOPs and live bytes per phase; `cpu_attention_flops`.
 - `trace`: one step on fake tensors: `StepKey`, `StepMeasure`, `measure_step`, `measure_encode`, CUDA autocast's
-  fp32 norms, and the one cache of traced UNets and steps.
+  fp32 norms, and the one cache of traced UNets and steps; generation's passes (`measure_denoise`,
+  `measure_decode`).
+- `generation`: an `[online]` recipe's rounds priced: images per round and for the run (prompt counts read from
+  local files only, as `online.split_prompts` splits them), the denoiser's inference pass and the VAE's decode
+  (`trace.measure_denoise`, `trace.measure_decode`), the scorers (`Generation`, `estimate_generation`).
 - `estimates`: from measurements to a plan: `Setting`, `optimizer_bytes`, `Estimate`, `estimate`, the changes
-  that make a step fit, `Plan`, `make_plan`, `seconds_per_pair`, and the trainer's `resolve_checkpointing`.
+  that make a step fit, `Plan` (with an online recipe's generation), `make_plan`, `seconds_per_pair`,
+  `generation_hours`, and the trainer's `resolve_checkpointing`.
 - `report`: the plan as text (`render`), the rank x resolution table (`grid`) and the memory floor table
   (`floor_table`).
 - `measure`: the real step on a device, against the plan: `measure_real_step`, `compare_on_device`.
@@ -37,18 +42,30 @@ from lora_dpo.plan.estimates import (
     Plan,
     Setting,
     estimate,
+    generation_hours,
     make_plan,
     optimizer_bytes,
     resolve_checkpointing,
     seconds_per_pair,
 )
+from lora_dpo.plan.generation import ASSUMED_PROMPTS, Generation, PromptCounts, count_prompts, estimate_generation
 from lora_dpo.plan.gpus import CONTEXT_GIB, FRAGMENTATION, GPUS, GiB, Gpu, PlanError, find_gpu, parse_list, required
 from lora_dpo.plan.measure import RealMeasure, compare_on_device, measure_real_step
 from lora_dpo.plan.probe import StepProbe, cpu_attention_flops
 from lora_dpo.plan.report import floor_table, grid, render
-from lora_dpo.plan.trace import EncodeMeasure, StepKey, StepMeasure, measure_encode, measure_step
+from lora_dpo.plan.trace import (
+    EncodeMeasure,
+    InferenceMeasure,
+    StepKey,
+    StepMeasure,
+    measure_decode,
+    measure_denoise,
+    measure_encode,
+    measure_step,
+)
 
 __all__ = [
+    "ASSUMED_PROMPTS",
     "CONTEXT_GIB",
     "FRAGMENTATION",
     "GPUS",
@@ -58,10 +75,13 @@ __all__ = [
     "Change",
     "EncodeMeasure",
     "Estimate",
+    "Generation",
     "GiB",
     "Gpu",
+    "InferenceMeasure",
     "Plan",
     "PlanError",
+    "PromptCounts",
     "RealMeasure",
     "Setting",
     "StepKey",
@@ -69,12 +89,17 @@ __all__ = [
     "StepProbe",
     "architecture",
     "compare_on_device",
+    "count_prompts",
     "cpu_attention_flops",
     "estimate",
+    "estimate_generation",
     "find_gpu",
     "floor_table",
+    "generation_hours",
     "grid",
     "make_plan",
+    "measure_decode",
+    "measure_denoise",
     "measure_encode",
     "measure_real_step",
     "measure_step",

@@ -18,6 +18,7 @@ from typing import Any
 
 from lora_dpo import models
 from lora_dpo.plan.bases import Architecture, architecture
+from lora_dpo.plan.generation import Generation, estimate_generation
 from lora_dpo.plan.gpus import FRAGMENTATION, GiB, Gpu, required
 from lora_dpo.plan.trace import StepKey, StepMeasure, measure_encode, measure_step
 from lora_dpo.recipe import Recipe
@@ -159,6 +160,7 @@ class Plan:
     off: Estimate  # the recipe with checkpointing off
     on: Estimate  # and on
     seconds: float
+    generation: Generation | None = None  # an `[online]` recipe's rounds: the images they draw, decode and score
 
     @property
     def pairs(self) -> int:
@@ -170,6 +172,22 @@ class Plan:
     def recompute(self) -> float:
         """Checkpointing's extra UNet compute, as a fraction."""
         return self.on.unet_flops / self.off.unet_flops - 1
+
+    def generating_peak(self, est: Estimate) -> int:
+        """Bytes live while a round generates, for the step `est` trains with: what stays resident (the denoiser
+        with its adapter, VAE and text encoders, the optimizer state kept across rounds; no gradients: the step
+        frees them) plus the denoiser's inference pass or the VAE's decode. 0 for an offline recipe."""
+        if self.generation is None:
+            return 0
+        m = est.step
+        resident = m.base_bytes + 4 * sum(m.lora_numels) + est.encoder_weights + est.optimizer_state
+        return resident - est.quantized_saving + self.generation.transient
+
+    def online_required(self, est: Estimate) -> float:
+        """What a card needs for the whole online run: the larger of the step's and generation's peaks, plus the
+        scorers' weights, resident the whole run."""
+        scorers = self.generation.scorer_bytes if self.generation else 0
+        return required(max(est.peak, self.generating_peak(est)) + scorers)
 
     def choice(self, memory_gib: float) -> Estimate:
         """Checkpointing as the recipe sets it; `auto`: off when that fits the card, else on."""
@@ -216,11 +234,17 @@ def make_plan(recipe: Recipe) -> Plan:
     started = time.perf_counter()
     arch = architecture(recipe.model)
     off, on = (estimate(arch, Setting.from_recipe(recipe, checkpointing)) for checkpointing in (False, True))
-    return Plan(recipe, arch, off, on, time.perf_counter() - started)
+    generation = estimate_generation(recipe, arch, off.setting.key) if recipe.online.rounds else None
+    return Plan(recipe, arch, off, on, time.perf_counter() - started, generation)
 
 
 def seconds_per_pair(flops_per_step: float, batch_size: int, gpu: Gpu, utilisation: float = 1.0) -> float:
     return flops_per_step / batch_size / (gpu.tflops * 1e12 * utilisation)
+
+
+def generation_hours(generation: Generation, gpu: Gpu, utilisation: float = 1.0) -> float:
+    """An online run's generation on `gpu`, at `utilisation` of its dense bf16 peak, as the step is timed."""
+    return generation.total_flops / (gpu.tflops * 1e12 * utilisation) / 3600
 
 
 # --------------------------------------------------------------------------------------------------

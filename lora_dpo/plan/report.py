@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from lora_dpo import models
 from lora_dpo.plan.bases import architecture
-from lora_dpo.plan.estimates import Plan, Setting, estimate, optimizer_bytes, seconds_per_pair
+from lora_dpo.plan.estimates import Plan, Setting, estimate, generation_hours, optimizer_bytes, seconds_per_pair
 from lora_dpo.plan.gpus import CONTEXT_GIB, FRAGMENTATION, GiB, Gpu, find_gpu
 from lora_dpo.plan.trace import measure_step
 from lora_dpo.recipe import Recipe
@@ -22,6 +22,79 @@ def _size(n: float, unit: int) -> str:
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g}" if seconds < 1 else f"{seconds * 1e3:,.0f}"
+
+
+def _hours(h: float, unit: str = "") -> str:
+    """Hours as the table prints them (`unit`: what follows hours); under 0.1 h in minutes or seconds, so a tiny
+    run still reads."""
+    if h >= 0.1:
+        return f"{h:,.1f}{unit}"
+    return f"{h * 60:.2g} min" if h * 60 >= 0.1 else f"{h * 3600:.2g} s"
+
+
+def _pair(a: float, b: float, width: int) -> str:
+    """Hours at 100 % and 50 % of a card's peak: `a` right-aligned in `width`, then ` / b` in 7."""
+    return f"{_hours(a):>{width}} / {_hours(b):<7}"
+
+
+def _amount(n: float) -> str:
+    return f"{n:,.0f}" if n >= 1000 else f"{n:.3g}"
+
+
+def _generation_lines(plan: Plan, unit: int, unit_name: str) -> list[str]:
+    """An online recipe's generation: its images per round and for the run, what an image costs per part, the
+    run's total beside the training's, and the memory while generating beside the step's."""
+    gen, off, on, train = plan.generation, plan.off, plan.on, plan.recipe.train
+    assert gen is not None  # only called for an online recipe
+    counts, cfg = gen.counts, plan.recipe.online
+    own, held = gen.images_per_round
+    guidance = (f"{gen.passes} latents a step: classifier-free guidance {gen.guidance_scale:g}" if gen.passes == 2
+                else f"one latent a step, guidance {gen.guidance_scale:g} an input")
+    of = f" of {counts.train:,}" if counts.train_read else ""
+    flop, flop_name, run_name = (1e12, "TFLOP", "PFLOP") if gen.image_flops >= 1e12 else (1e9, "GFLOP", "TFLOP")
+    lines = [
+        f"online: {cfg.rounds} rounds; each draws {counts.per_round:,}{of} training prompts x "
+        f"{gen.samples} samples + {counts.heldout:,} held-out prompts x {gen.seeds} seeds = {own + held:,} images; "
+        f"the base's held-out images once: {gen.base_images:,}; the run: {gen.images:,} images ({counts.note})",
+        f"  each image: {gen.steps} inference steps, the denoiser on {guidance} ({gen.guidance_from}); no "
+        f"backward, no reference pass; one VAE decode ({gen.batch} images a call); the scorers",
+        "",
+        f"{'generation (' + flop_name + ' per image, ' + run_name + ' the run)':<52}{'per image':>9}{'the run':>11}",
+    ]
+    parts = gen.flops
+    labels = {"denoiser": f"denoiser, {gen.steps} steps x {gen.passes} latent(s)", "VAE decode": "VAE decode",
+              "text encoders": "text encoders, a call per prompt", "scorers": f"scorers: {', '.join(cfg.scorers)} "
+              "(2 x parameters x tokens)"}
+    for part, label in labels.items():
+        lines.append(f"  {label:<50}{_amount(parts[part] / gen.images / flop):>9}"
+                     f"{_amount(parts[part] / flop / 1e3):>11}")
+    lines.append(f"  {'total':<50}{_amount(gen.total_flops / gen.images / flop):>9}"
+                 f"{_amount(gen.total_flops / flop / 1e3):>11}")
+    training = off.total_flops * train.max_steps * train.gradient_accumulation
+    lines.append(f"  {'training, for comparison (ckpt off)':<50}{'':>9}{_amount(training / flop / 1e3):>11}")
+    peaks = [plan.generating_peak(est) for est in (off, on)]
+    step_label = "the step's peak, for comparison"
+    where = (f"the denoiser on {gen.passes * gen.batch} latents" if gen.denoise.transient >= gen.decode.transient
+             else f"the VAE decoding {gen.batch} images")
+    lines += [
+        "",
+        f"{'memory while generating (' + unit_name + ')':<52}{'ckpt off':>9}{'ckpt on':>9}",
+        f"  {'peak: weights, optimizer state; no gradients':<50}{peaks[0] / unit:>9.2f}{peaks[1] / unit:>9.2f}",
+        f"    reached in {where}",
+        f"  {step_label:<50}{off.peak / unit:>9.2f}{on.peak / unit:>9.2f}",
+        f"  {'scorers, fp32, on the card the whole run':<50}{gen.scorer_bytes / unit:>9.2f}"
+        f"{gen.scorer_bytes / unit:>9.2f}",
+        f"  {'a card needs: (higher peak + scorers) x 1.10 + ctx':<50}{plan.online_required(off) / unit:>9.2f}"
+        f"{plan.online_required(on) / unit:>9.2f}",
+    ]
+    below = all(peak <= est.peak for peak, est in zip(peaks, (off, on), strict=True))
+    if not below:
+        lines.append("  generating peaks above the step: the run needs more than the step alone (the row above)")
+    elif gen.scorer_bytes:
+        lines.append("  generating peaks below the step; the scorers' weights come on top of both (the row above)")
+    else:
+        lines.append("  generating peaks below the step: the run fits wherever the step fits")
+    return lines
 
 
 def render(plan: Plan, gpus: list[Gpu]) -> str:
@@ -36,9 +109,16 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
     yardstick = find_gpu("rtx4090")  # the consumer card the shipped recipes are sized for
     chosen = plan.choice(yardstick.memory_gib)
     hours = seconds_per_pair(chosen.total_flops, key.batch_size, yardstick, 0.5) * plan.pairs / 3600
+    gen = plan.generation
+    time_text = f"{hours:,.1f} h"
+    if gen:
+        hours_gen = generation_hours(gen, yardstick, 0.5)
+        time_text = (f"{_hours(hours, ' h')} training + {_hours(hours_gen, ' h')} generation = "
+                     f"{_hours(hours + hours_gen, ' h')}")
     lines = [
         f"the run: {recipe.train.max_steps:,} steps x {plan.pairs // recipe.train.max_steps:,} pairs = "
-        f"{plan.pairs:,} pairs; {hours:,.1f} h on an {yardstick.card} at 50 % of its peak (every GPU below)",
+        f"{plan.pairs:,} pairs; {time_text} on an {yardstick.card} at 50 % of its peak (every GPU "
+        "below)",
         "",
         f"{arch.name} ({recipe.model.base}): {key.batch_size} pair(s) per step at {key.resolution} px, LoRA rank "
         f"{key.lora.rank} on {', '.join(models.target_modules(key.lora, arch.family))} "
@@ -86,19 +166,34 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
     row("text encoders (no cache; 2 x parameters x tokens)", off.flops.get("text encoders", 0),
         on.flops.get("text encoders", 0), flops)
     row("total", off.total_flops, on.total_flops, flops)
+    if gen:
+        lines += ["", *_generation_lines(plan, unit, unit_name)]
 
     lines += ["", f"per GPU: does the step fit, and the floor time per pair at 100 % / 50 % of the card's dense bf16 "
-                  f"peak; the run is {plan.pairs:,} pairs",
+                  f"peak; the run is {plan.pairs:,} pairs" + ("; online: its generation's hours and the total at "
+                                                              "the same rates" if gen else ""),
               f"  {'GPU':<11}{'card':<23}{'GiB':>4}  {'ckpt off':<9}{'ckpt on':<8}{'runs':<9}"
-              f"{'ms per pair':>16}{'hours for the run':>22}"]
+              + (f"{'ms per pair':>16}{'training h':>19}{'generation h':>18}{'total h':>15}" if gen else
+                 f"{'ms per pair':>16}{'hours for the run':>22}")]
     for gpu in gpus:
         chosen = plan.choice(gpu.memory_gib)
         fits = [("yes" if est.required <= gpu.memory_gib * GiB else "no") for est in (off, on, chosen)]
         pick = ("ckpt on" if chosen is on else "ckpt off") if fits[2] == "yes" else "no fit"
         times = [seconds_per_pair(chosen.total_flops, key.batch_size, gpu, u) for u in (1.0, 0.5)]
-        lines.append(f"  {gpu.name:<11}{gpu.card:<23}{gpu.memory_gib:>4g}  {fits[0]:<9}{fits[1]:<8}{pick:<9}"
-                     f"{_ms(times[0]):>9} / {_ms(times[1]):<5}{times[0] * plan.pairs / 3600:>12,.1f} / "
-                     f"{times[1] * plan.pairs / 3600:,.1f}")
+        train_h = [t * plan.pairs / 3600 for t in times]
+        text = (f"  {gpu.name:<11}{gpu.card:<23}{gpu.memory_gib:>4g}  {fits[0]:<9}{fits[1]:<8}{pick:<9}"
+                f"{_ms(times[0]):>9} / {_ms(times[1]):<5}")
+        if gen:
+            gen_h = [generation_hours(gen, gpu, u) for u in (1.0, 0.5)]
+            text += (_pair(*train_h, 11) + _pair(*gen_h, 10)
+                     + _pair(train_h[0] + gen_h[0], train_h[1] + gen_h[1], 10)).rstrip()
+        else:
+            text += f"{train_h[0]:>12,.1f} / {train_h[1]:,.1f}"
+        lines.append(text)
+    if gen:
+        fit = [gpu.name for gpu in gpus if plan.online_required(plan.choice(gpu.memory_gib)) <= gpu.memory_gib * GiB]
+        lines.append(f"  the whole online run (the step or a round's generation, whichever peaks higher, + the "
+                     f"scorers) fits: {', '.join(fit) or 'none of these'}")
     misfits = [gpu for gpu in gpus if plan.choice(gpu.memory_gib).required > gpu.memory_gib * GiB]
     if misfits:
         smallest = min(misfits, key=lambda gpu: gpu.memory_gib)

@@ -1,17 +1,19 @@
 """One training step traced on fake tensors: the UNet is built from its config with no storage (the meta device),
 given LoRA as the trainer gives it (`step.build_policy`), fed fake tensors (torch's FakeTensorMode: shapes and
 dtypes, no data) and run through `step.dpo_step` and `backward()` under a `StepProbe`: the function the trainer
-runs, so the plan cannot drift from the code. Also the VAE encoding a batch, which an uncached step adds.
+runs, so the plan cannot drift from the code. Also the VAE encoding a batch, which an uncached step adds, and what
+an `[online]` round's generation runs: the denoiser's inference pass and the VAE decoding its latents.
 
 CUDA autocast runs GroupNorm and LayerNorm in fp32 where CPU autocast keeps bf16; `_cuda_autocast_norms` makes the
-trace do what CUDA does. Every measure is cached here, once per process (`_UNETS`, `_STEPS`, `_ENCODES`).
+trace do what CUDA does. Every measure is cached here, once per process (`_UNETS`, `_STEPS`, `_ENCODES`,
+`_INFERENCE`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -192,3 +194,72 @@ def measure_encode(arch: Architecture, resolution: int, batch_size: int, vae_dty
                 models.encode_images(vae, pixels, family)
         _ENCODES[cache_key] = EncodeMeasure(sum(probe.flops.values()), weights, probe.peak - weights)
     return _ENCODES[cache_key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation (an `[online]` run's rounds): the denoiser's inference forward and the VAE decoding its latents
+
+
+@dataclass(frozen=True)
+class InferenceMeasure:
+    flops: float  # the whole pass, for the batch it was traced at
+    weights: int  # bytes of the module's weights (the denoiser: base and LoRA; the VAE: its own)
+    transient: int  # bytes live above the weights at the pass's peak (inputs included)
+
+
+_INFERENCE: dict[tuple, InferenceMeasure] = {}
+
+
+def measure_denoise(arch: Architecture, key: StepKey, images: int) -> InferenceMeasure:
+    """One inference step of the pipeline on `images` latents (the batch it doubles for classifier-free guidance
+    is the caller's to pass): the denoiser with the trainer's LoRA, in eval and inference mode (no graph, no
+    reference pass, no backward), at `key.resolution`, on fake tensors; cached."""
+    cache_key = ("denoise", arch.name, key.resolution, key.precision, key.lora, key.lora_fp32, images)
+    if cache_key not in _INFERENCE:
+        mode, unet, _, _ = _fake_unet(arch, key)
+        unet.eval()
+        scheduler = arch.family.training_scheduler(arch.scheduler, {})
+        with mode:
+            batch = step_batch(arch, replace(key, batch_size=images))
+            probe = StepProbe(phase="generate")
+            for tensor in (*unet.parameters(), *unet.buffers()):
+                probe.track(tensor)
+            weights = probe.live
+            inputs = [t for t in (batch.latents_w, batch.prompt_embeds, batch.pooled, batch.time_ids_w)
+                      if t is not None]
+            for tensor in inputs:
+                probe.track(tensor)
+            timesteps = arch.family.sample_timesteps(scheduler, images, torch.Generator().manual_seed(0))
+            with probe, _autocast(key), _uncached(), torch.inference_mode():
+                arch.family.denoise(unet, batch.latents_w, timesteps, batch.prompt_embeds, batch.pooled,
+                                    batch.time_ids_w)
+        unet.train()
+        _INFERENCE[cache_key] = InferenceMeasure(sum(probe.flops.values()), weights, probe.peak - weights)
+    return _INFERENCE[cache_key]
+
+
+def measure_decode(arch: Architecture, resolution: int, images: int, vae_dtype: str) -> InferenceMeasure:
+    """The VAE decoding `images` latents at once (`evaluate.decode_latents`: a prompt's images together) on fake
+    tensors; cached."""
+    from diffusers import AutoencoderKL
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cache_key = ("decode", arch.name, resolution, images, vae_dtype)
+    if cache_key not in _INFERENCE:
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(arch.vae)
+        dtype = models.DTYPES[vae_dtype]
+        vae = vae.to(dtype).requires_grad_(False).eval()
+        size = resolution // arch.latent_factor
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            vae._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
+            probe = StepProbe(phase="decode")
+            for param in vae.parameters():
+                probe.track(param)
+            weights = probe.live
+            latents = torch.empty(images, arch.vae["latent_channels"], size, size, dtype=dtype)
+            probe.track(latents)
+            with probe, _uncached(), torch.no_grad():
+                vae.decode(latents)
+        _INFERENCE[cache_key] = InferenceMeasure(sum(probe.flops.values()), weights, probe.peak - weights)
+    return _INFERENCE[cache_key]

@@ -174,6 +174,27 @@ class Family(ABC):
 
     prompt_tokens: int = 77  # S of the prompt embeddings (B, S, D) its encoders make: what `random_batch` fakes
 
+    # Its pipeline's classifier-free guidance: True when the pipeline runs the denoiser on a doubled batch (the
+    # empty prompt's prediction beside the prompt's) whenever guidance_scale > 1; False for a guidance-distilled
+    # pipeline (FLUX dev: the scale is an input of one pass). Each family module sets it: what generating costs
+    # (`lora-dpo plan` on an `[online]` recipe) depends on it.
+    cfg_doubles_batch: bool
+
+    def denoiser_passes(self, guidance_scale: float) -> int:
+        """Images the denoiser runs per generated image per inference step of its pipeline: 2 under classifier-free
+        guidance (guidance_scale > 1 and `cfg_doubles_batch`), else 1."""
+        return 2 if self.cfg_doubles_batch and guidance_scale > 1 else 1
+
+    def pipeline_guidance_scale(self) -> float:
+        """Its pipeline's own default guidance_scale: what an unset `[online].guidance_scale` draws with (the online
+        trainer reads the same default off the pipeline it built)."""
+        import inspect
+
+        import diffusers
+
+        call = getattr(diffusers, self.pipeline_class).__call__
+        return float(inspect.signature(call).parameters["guidance_scale"].default)
+
     def unpack_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
         """Its pipeline's `output_type="latent"` output -> VAE latents (B, C, h, w) of a height x width image (a
         family whose pipeline returns packed tokens unpacks them here)."""

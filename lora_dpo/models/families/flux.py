@@ -97,6 +97,7 @@ class FluxFamily(FlowFamily):
     tiny_folder = "tiny-flux-v1"  # random weights, not warmed up (`tiny_warm_up`)
     tiny_warm_up = False
     pipeline_class = "FluxPipeline"
+    cfg_doubles_batch = False  # dev is guidance-distilled: the scale is the guidance embedding's input, one pass
     denoiser_class = "FluxTransformer2DModel"
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
     # its double blocks: BFL's flux1-dev.safetensors keeps them bare, ComfyUI's checkpoints under the UNet prefix

@@ -32,6 +32,7 @@ class Sd15(DdpmFamily):
     tiny_folder = "tiny-sd15-v4"
     tiny_unet = TINY_UNET
     pipeline_class = "StableDiffusionPipeline"
+    cfg_doubles_batch = True  # do_classifier_free_guidance: guidance_scale > 1
     # a training base: no safety checker, as the diffusers folders lora-dpo writes
     pipeline_extras: Mapping[str, Any] = {"safety_checker": None, "feature_extractor": None,
                                           "requires_safety_checker": False}

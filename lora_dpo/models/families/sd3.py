@@ -75,6 +75,7 @@ class SD3Family(FlowFamily):
     tiny_folder = "tiny-sd3-v1"  # random weights, not warmed up (`tiny_warm_up`)
     tiny_warm_up = False
     pipeline_class = "StableDiffusion3Pipeline"
+    cfg_doubles_batch = True  # do_classifier_free_guidance: guidance_scale > 1
     denoiser_class = "SD3Transformer2DModel"
     hub_ids = ("stabilityai/stable-diffusion-3.5-medium",)
     # its MMDiT's joint blocks in Stability's single files (sd3.5_medium.safetensors; ComfyUI's `SD3` model detection)

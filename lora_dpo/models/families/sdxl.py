@@ -39,6 +39,7 @@ class Sdxl(DdpmFamily):
     tiny_shipped_sha256 = "20d9122b4359fdbb894ba29bf936fe4d613a403a92256d7d18aface0a965ca9a"
     tiny_unet = TINY_UNET
     pipeline_class = "StableDiffusionXLPipeline"
+    cfg_doubles_batch = True  # do_classifier_free_guidance: guidance_scale > 1 (no time_cond_proj_dim)
     unwatermarked: Mapping[str, Any] = {"add_watermarker": False}
     hub_ids = ("stabilityai/stable-diffusion-xl-base-1.0",
                "stabilityai/sdxl-turbo")  # distilled: the same UNet and VAE, only its sampling differs

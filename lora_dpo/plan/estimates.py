@@ -176,7 +176,7 @@ class Plan:
     def generating_peak(self, est: Estimate) -> int:
         """Bytes live while a round generates, for the step `est` trains with: what stays resident (the denoiser
         with its adapter, VAE and text encoders, the optimizer state kept across rounds; no gradients: the step
-        frees them) plus the denoiser's inference pass or the VAE's decode. 0 for an offline recipe."""
+        frees them) plus the denoiser's inference pass, the VAE's decode or the scorers. 0 for an offline recipe."""
         if self.generation is None:
             return 0
         m = est.step
@@ -184,10 +184,9 @@ class Plan:
         return resident - est.quantized_saving + self.generation.transient
 
     def online_required(self, est: Estimate) -> float:
-        """What a card needs for the whole online run: the larger of the step's and generation's peaks, plus the
-        scorers' weights, resident the whole run."""
-        scorers = self.generation.scorer_bytes if self.generation else 0
-        return required(max(est.peak, self.generating_peak(est)) + scorers)
+        """What a card needs for the whole online run: the larger of the step's peak and the generating one (the
+        scorers are on the card only while a round scores, `Generation.transient`)."""
+        return required(max(est.peak, self.generating_peak(est)))
 
     def choice(self, memory_gib: float) -> Estimate:
         """Checkpointing as the recipe sets it; `auto`: off when that fits the card, else on."""

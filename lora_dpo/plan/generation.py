@@ -34,7 +34,7 @@ SCORER_TOWERS: dict[str, tuple[tuple[int, int], ...]] = {
     "pickscore": _VIT_H14, "hps": _VIT_H14, "clip": _VIT_H14, "aesthetic": ((303_966_208, 257),),
     "shapes": (), "brightness": (),
 }
-SCORER_BYTES = 4  # the online trainer builds its scorers in fp32 on the training device, for the whole run
+SCORER_BYTES = 4  # the online trainer builds its scorers in fp32 on the training device for each scoring phase
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,10 @@ class Generation:
     passes: int  # denoiser images per generated image per step: 2 under classifier-free guidance
     batch: int  # images per pipeline call traced: the larger of `samples` and `seeds`
     denoise: InferenceMeasure  # one inference step on `batch` x `passes` latents
-    decode: InferenceMeasure  # the VAE decoding `batch` latents
+    decode: InferenceMeasure  # the VAE decoding one latent: the online trainer decodes an image at a time
     text_flops: float  # the text encoders on one prompt (x passes: the empty prompt too, under guidance)
     score_flops: float  # the scorers on one image
-    scorer_bytes: int  # their weights, on the training device the whole run
+    scorer_bytes: int  # their weights, on the training device while a round scores (freed before it trains)
 
     @property
     def images_per_round(self) -> tuple[int, int]:
@@ -146,7 +146,7 @@ class Generation:
 
     @property
     def decode_flops(self) -> float:
-        return self.decode.flops / self.batch
+        return self.decode.flops
 
     @property
     def image_flops(self) -> float:
@@ -164,9 +164,10 @@ class Generation:
 
     @property
     def transient(self) -> int:
-        """Bytes above the resident weights and optimizer state while generating: the denoiser's pass or the
-        VAE's decode, whichever is larger (they never overlap)."""
-        return max(self.denoise.transient, self.decode.transient)
+        """Bytes above the resident weights and optimizer state while a round generates and scores: the
+        denoiser's pass, the VAE's decode of one image or the scorers' weights, whichever is larger (they never
+        overlap)."""
+        return max(self.denoise.transient, self.decode.transient, self.scorer_bytes)
 
 
 def estimate_generation(recipe: Recipe, arch: Architecture, key: StepKey) -> Generation:
@@ -180,7 +181,7 @@ def estimate_generation(recipe: Recipe, arch: Architecture, key: StepKey) -> Gen
     passes = family.denoiser_passes(guidance)
     batch = max(cfg.samples_per_prompt, cfg.heldout_seeds)
     denoise = measure_denoise(arch, key, passes * batch)
-    decode = measure_decode(arch, key.resolution, batch, recipe.model.vae_dtype)
+    decode = measure_decode(arch, key.resolution, 1, recipe.model.vae_dtype)
     score_flops, scorer_bytes = scorer_cost(cfg.scorers)
     text = passes * 2.0 * sum(arch.encoder_params) * arch.max_length
     return Generation(counts, cfg.rounds, cfg.samples_per_prompt, cfg.heldout_seeds, cfg.steps, guidance,

@@ -57,7 +57,7 @@ def _generation_lines(plan: Plan, unit: int, unit_name: str) -> list[str]:
         f"{gen.samples} samples + {counts.heldout:,} held-out prompts x {gen.seeds} seeds = {own + held:,} images; "
         f"the base's held-out images once: {gen.base_images:,}; the run: {gen.images:,} images ({counts.note})",
         f"  each image: {gen.steps} inference steps, the denoiser on {guidance} ({gen.guidance_from}); no "
-        f"backward, no reference pass; one VAE decode ({gen.batch} images a call); the scorers",
+        "backward, no reference pass; one VAE decode (an image at a time); the scorers",
         "",
         f"{'generation (' + flop_name + ' per image, ' + run_name + ' the run)':<52}{'per image':>9}{'the run':>11}",
     ]
@@ -74,24 +74,23 @@ def _generation_lines(plan: Plan, unit: int, unit_name: str) -> list[str]:
     lines.append(f"  {'training, for comparison (ckpt off)':<50}{'':>9}{_amount(training / flop / 1e3):>11}")
     peaks = [plan.generating_peak(est) for est in (off, on)]
     step_label = "the step's peak, for comparison"
-    where = (f"the denoiser on {gen.passes * gen.batch} latents" if gen.denoise.transient >= gen.decode.transient
-             else f"the VAE decoding {gen.batch} images")
+    parts_peak = {f"the denoiser on {gen.passes * gen.batch} latents": gen.denoise.transient,
+                  "the VAE decoding an image": gen.decode.transient, "the scorers' weights": gen.scorer_bytes}
+    where = max(parts_peak, key=parts_peak.get)
     lines += [
         "",
         f"{'memory while generating (' + unit_name + ')':<52}{'ckpt off':>9}{'ckpt on':>9}",
         f"  {'peak: weights, optimizer state; no gradients':<50}{peaks[0] / unit:>9.2f}{peaks[1] / unit:>9.2f}",
         f"    reached in {where}",
         f"  {step_label:<50}{off.peak / unit:>9.2f}{on.peak / unit:>9.2f}",
-        f"  {'scorers, fp32, on the card the whole run':<50}{gen.scorer_bytes / unit:>9.2f}"
+        f"  {'scorers, fp32, only while a round scores':<50}{gen.scorer_bytes / unit:>9.2f}"
         f"{gen.scorer_bytes / unit:>9.2f}",
-        f"  {'a card needs: (higher peak + scorers) x 1.10 + ctx':<50}{plan.online_required(off) / unit:>9.2f}"
+        f"  {'a card needs: (higher peak) x 1.10 + ctx':<50}{plan.online_required(off) / unit:>9.2f}"
         f"{plan.online_required(on) / unit:>9.2f}",
     ]
     below = all(peak <= est.peak for peak, est in zip(peaks, (off, on), strict=True))
     if not below:
         lines.append("  generating peaks above the step: the run needs more than the step alone (the row above)")
-    elif gen.scorer_bytes:
-        lines.append("  generating peaks below the step; the scorers' weights come on top of both (the row above)")
     else:
         lines.append("  generating peaks below the step: the run fits wherever the step fits")
     return lines
@@ -192,8 +191,8 @@ def render(plan: Plan, gpus: list[Gpu]) -> str:
         lines.append(text)
     if gen:
         fit = [gpu.name for gpu in gpus if plan.online_required(plan.choice(gpu.memory_gib)) <= gpu.memory_gib * GiB]
-        lines.append(f"  the whole online run (the step or a round's generation, whichever peaks higher, + the "
-                     f"scorers) fits: {', '.join(fit) or 'none of these'}")
+        lines.append(f"  the whole online run (the step or a round's generating and scoring, whichever peaks higher) "
+                     f"fits: {', '.join(fit) or 'none of these'}")
     misfits = [gpu for gpu in gpus if plan.choice(gpu.memory_gib).required > gpu.memory_gib * GiB]
     if misfits:
         smallest = min(misfits, key=lambda gpu: gpu.memory_gib)

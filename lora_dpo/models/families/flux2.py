@@ -74,6 +74,9 @@ class Flux2Family(FlowFamily):
     tiny_folder = "tiny-flux2-v1"  # random weights, not warmed up (`tiny_warm_up`)
     tiny_warm_up = False
     pipeline_class = "Flux2KleinPipeline"
+    # do_classifier_free_guidance: guidance_scale > 1 and not is_distilled (a step-distilled klein runs one pass;
+    # the plan, which reads no model_index.json, prices two)
+    cfg_doubles_batch = True
     denoiser_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
     pipeline_config_keys = ("is_distilled",)  # klein-4B: step-distilled, sampled without CFG; klein-base-4B: not

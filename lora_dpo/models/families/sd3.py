@@ -29,6 +29,7 @@ Where the numbers come from:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,7 @@ from lora_dpo.models.families.flow import (
     tiny_t5_config,
     tiny_t5_tokenizer,
 )
+from lora_dpo.webui import BaseSpec
 
 # The tiny base's transformer: SD3.5-style (qk RMS norm, a dual-attention first block), 2 blocks of 2 heads x 16.
 # joint_attention_dim: the T5's width (64), which CLIP-L + CLIP-G hidden states (32 + 32) are padded to;
@@ -173,8 +175,18 @@ class SD3Family(FlowFamily):
         return "stable-diffusion-3-" + self.model_type(config)
 
     def base_model_version(self, prediction_type: str) -> str:
-        """ss_base_model_version of the shipped base (SD3.5 Medium); `model_type(config)` for another SD3."""
+        """ss_base_model_version of the shipped base (SD3.5 Medium); `webui_spec(config)` answers for another SD3."""
         return "5-medium"
+
+    def webui_spec(self, config: Mapping[str, Any] | None = None) -> BaseSpec:
+        """For one transformer config, its own model type as sd-scripts' `ss_base_model_version` too (sd-scripts
+        writes the model type it reads from the weights, sd3_train_network.py L144): SD3.5 Large (38 layers, qk
+        norm, no dual-attention layer) says "5-large", not the shipped Medium's "5-medium"."""
+        spec = super().webui_spec(config)
+        if config is None:
+            return spec
+        model_type = self.model_type(config)
+        return dataclasses.replace(spec, version=lambda prediction_type: model_type)
 
 
 FAMILY = SD3Family()

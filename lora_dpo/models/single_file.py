@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lora_dpo import hub
 from lora_dpo.files import cache_home
 from lora_dpo.models.families import FAMILIES, Family, family_of_checkpoint, family_of_pipeline
 from lora_dpo.models.parts import ModelError
@@ -36,6 +37,7 @@ UNET_PREFIX = "model.diffusion_model."  # every original-layout checkpoint keeps
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"  # (320, 4, 3, 3); 9 input channels: an inpainting UNet
 REFINER_MARKER = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP-bigG alone, as the first embedder
 EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")  # Playground v2.5, EDM v-pred
+VAE_PREFIX = "first_stage_model."  # a full checkpoint's VAE
 V_PRED, ZTSNR = "v_pred", "ztsnr"  # v-prediction and zero-terminal-SNR marker keys (empty tensors)
 
 
@@ -100,6 +102,33 @@ def found(keys: list[str], shown: int = 4) -> str:
                                   for k in sorted(keys)))
     listed = ", ".join(prefixes[:shown]) + (f" and {len(prefixes) - shown} more" if len(prefixes) > shown else "")
     return f"{len(keys)} key{'s' if len(keys) > 1 else ''}: {listed}" if keys else "no keys at all"
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the header alone (what a family reads its variant from)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        keys = list(handle.keys())
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+
+
+def _beside(path: Path) -> bool:
+    """A diffusers folder (`model_index.json`) lies beside the file: its configs are the base's own."""
+    return (path.parent / "model_index.json").is_file()
+
+
+def denoiser_overrides(path: Path, family: Family) -> dict[str, Any]:
+    """What the file's weights fix of its denoiser config over the shipped one (`Family.original_denoiser_config`:
+    SD3.5 Large vs Medium, FLUX schnell vs dev); {} with a config folder beside the file (its config is the base's)."""
+    return {} if _beside(path) else family.original_denoiser_config(_shapes(path))
+
+
+def single_file_denoiser_config(path: Path) -> dict[str, Any]:
+    """The denoiser config of a single-file base: its config folder's, with `denoiser_overrides`."""
+    family = single_file_family(path)
+    config = json.loads((config_folder(path) / family.denoiser_folder / "config.json").read_text())
+    return {**config, **denoiser_overrides(path, family)}
 
 
 def scheduler_overrides(path: Path) -> dict[str, Any]:
@@ -172,30 +201,83 @@ def tokenizer_source(path: Path, folder: Path) -> str:
     return single_file_family(path).hub_ids[0]
 
 
+def parts_source(path: Path, folder: Path, family: Family) -> str:
+    """Where the parts a file's family does not read from the file (a flow base's text encoders; its VAE when the
+    file has none) load from: the diffusers folder beside it when that holds the encoders' weights, else the
+    family's hub repo (its first hub id: cached after the first time). Offline and not cached: a one-line error
+    naming `[model].base` and what to do."""
+    def has_weights(part: Any) -> bool:
+        return any(next((folder / part.encoder).glob(f"*{ext}"), None) is not None for ext in (SUFFIX, ".bin"))
+
+    if all(has_weights(part) for part in family.text_parts):
+        return str(folder)
+    source = family.hub_ids[0]
+    if not hub.prepare():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+            raise ModelError(f"[model].base = {str(path)!r}: the file holds no {family.label} text encoders; they come "
+                             f"from {source}, which is not cached here and the hub is offline: connect once (cached "
+                             "after), put a diffusers folder of the base (model_index.json, text encoders, tokenizers) "
+                             "beside the file, or train from a latent cache ([data].cache)")
+    return source
+
+
+def _denoiser(path: Path, folder: Path, family: Family, dtype: torch.dtype) -> Any:
+    """The denoiser from the file: diffusers' `from_single_file` on the file's tensors (or, for a family that
+    converts its original layout itself, on the converted ones), configured by `folder` and `denoiser_overrides`."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    denoiser = getattr(diffusers, family.denoiser_class)
+    overrides = denoiser_overrides(path, family)
+    checkpoint = load_single_file_checkpoint(str(path))
+    config = {**denoiser.load_config(str(folder), subfolder=family.denoiser_folder), **overrides}
+    try:
+        converted = family.original_denoiser_state(checkpoint, config)
+        return denoiser.from_single_file(checkpoint if converted is None else converted, config=str(folder),
+                                         subfolder=family.denoiser_folder, torch_dtype=dtype, local_files_only=True,
+                                         **overrides)
+    except (KeyError, ValueError, RuntimeError) as err:
+        if isinstance(err, ModelError):
+            raise
+        where = f"the config folder beside it ({folder})" if _beside(path) else f"the shipped {family.label} config"
+        raise ModelError(f"[model].base = {str(path)!r}: its {family.denoiser_folder} does not fit {where} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); put the base's "
+                         f"diffusers config folder (model_index.json, {family.denoiser_folder}/config.json, ...) "
+                         "beside the file") from None
+
+
 def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_unet: bool, with_encoders: bool,
                            vae: bool, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """The UNet, VAE and text encoders from the checkpoint (diffusers converts the original layout), each
-    configured by `folder`: {"unet", "vae", "text_encoders"} (absent parts are None or ())."""
-    import diffusers
+    """The UNet (or transformer), VAE and text encoders of a single-file base, each configured by `folder`:
+    {"unet", "vae", "text_encoders"} (absent parts are None or ()). diffusers converts the original layout; a
+    family whose files hold no text encoders (`original_text_prefixes` empty: SD3.5, FLUX.1) takes them, and a
+    VAE its file lacks (`first_stage_model.*`: BFL's transformer-only FLUX files), from `parts_source`."""
     import transformers
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
 
     common = {"config": str(folder), "local_files_only": True}
     parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": ()}
+    prefixes = family.original_text_prefixes
+    # where the other parts come from is settled (offline and not cached: refused) before the denoiser's GBs load
+    source = None if prefixes or not with_encoders else parts_source(path, folder, family)
     if with_unet:
-        denoiser = getattr(diffusers, family.denoiser_class)
-        parts["unet"] = denoiser.from_single_file(str(path), subfolder=family.denoiser_folder, torch_dtype=weight_dtype,
-                                                  **common)
+        parts["unet"] = _denoiser(path, folder, family, weight_dtype)
     if not with_encoders:
         return parts
-    if vae:
+    if vae and (source is None or any(k.startswith(VAE_PREFIX) for k in _header(path)[0])):
         parts["vae"] = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=vae_dtype, **common)
+    elif vae:
+        parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
+    if source is not None:
+        parts["text_encoders"] = family.load_text_parts(source, torch_dtype=weight_dtype)[1]
+        return parts
     checkpoint = load_single_file_checkpoint(str(path))  # read once for every text encoder
     # Each encoder sees only its own keys (none of the other encoders' prefixes): diffusers picks the source by key
     # names and width, and when two encoders have the same width (a small custom base) it would fill the second one
     # from the first one's keys.
-    prefixes = family.original_text_prefixes
     parts["text_encoders"] = tuple(
         create_diffusers_clip_model_from_ldm(
             getattr(transformers, part.encoder_class),

@@ -30,6 +30,7 @@ Where the numbers come from:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -112,6 +113,28 @@ class SD3Family(FlowFamily):
 
     def tiny_denoiser_config(self) -> dict[str, Any]:
         return dict(TINY_SD3_TRANSFORMER)
+
+    def original_denoiser_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """The MMDiT's size from its weights, as sd-scripts' sd3_utils.analyze_state_dict_state and diffusers'
+        convert_sd3_to_diffusers.py read it: blocks = joint blocks, hidden = x_embedder rows (64 x depth), heads of
+        the qk-norm width (64 without qk norm), pos_embed_max_size = sqrt(pos_embed tokens), dual-attention layers
+        = blocks with `x_block.attn2`. SD3.5 Large (38 x 64, no attn2, 192) and Medium (24 x 64, attn2 in 0..12,
+        384) load offline from the one shipped config."""
+        sizes = {k.removeprefix("model.diffusion_model."): v for k, v in shapes.items()}
+        blocks = {int(k.split(".")[1]) for k in sizes if k.startswith("joint_blocks.")}
+        if not blocks or "x_embedder.proj.weight" not in sizes:
+            return {}
+        hidden, channels, patch = sizes["x_embedder.proj.weight"][:3]
+        norm = sizes.get("joint_blocks.0.x_block.attn.ln_q.weight")
+        head = norm[0] if norm else 64
+        return {"num_layers": max(blocks) + 1, "attention_head_dim": head, "num_attention_heads": hidden // head,
+                "caption_projection_dim": hidden, "in_channels": channels, "patch_size": patch,
+                "out_channels": sizes["final_layer.linear.weight"][0] // (patch * patch),
+                "joint_attention_dim": sizes["context_embedder.weight"][1],
+                "pooled_projection_dim": sizes["y_embedder.mlp.0.weight"][1],
+                "pos_embed_max_size": math.isqrt(sizes["pos_embed"][1]), "qk_norm": "rms_norm" if norm else None,
+                "dual_attention_layers": tuple(sorted(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight"
+                                                      in sizes))}
 
     # ---- prompts and the denoiser ------------------------------------------------------------------------
     def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],

@@ -19,6 +19,7 @@ from flow_helpers import flux_original_state, sd3_original_state
 
 from lora_dpo import models
 from lora_dpo.models.families import flux, sd3
+from lora_dpo.plan.bases import architecture
 from lora_dpo.recipe import ModelRecipe
 
 FLAVOURS = {"sd3": ("sd3", ""), "flux": ("flux", ""), "flux-prefixed": ("flux", "model.diffusion_model.")}
@@ -106,6 +107,7 @@ def test_a_transformer_only_sd3_file_loads_from_its_own_weights_and_refuses_the_
     config = models.base_denoiser_config(str(path))
     assert {k: config[k] for k in sd3.TINY_SD3_TRANSFORMER if k != "sample_size"} == \
         {k: v for k, v in sd3.TINY_SD3_TRANSFORMER.items() if k != "sample_size"}
+    assert architecture(ModelRecipe(base=str(path))).unet["num_layers"] == 2  # what `lora-dpo plan` sizes
     loaded = models.load_base(ModelRecipe(base=str(path)), with_encoders=False)
     assert torch.equal(_output(sd3.FAMILY, loaded.unet), _output(sd3.FAMILY, _transformer(tiny_sd3_base_dir)))
     with pytest.raises(models.ModelError, match=r"^\[model\]\.base = '.*sd3\.safetensors': the file holds no SD3\.5 "
@@ -190,3 +192,8 @@ def test_the_flux_conversion_is_diffusers_at_the_flux1_width() -> None:
     assert all(torch.equal(ours[k], theirs[k]) and torch.equal(ours[k], thin[k]) for k in thin)
     assert flux.FAMILY.original_denoiser_config({k: tuple(v.shape) for k, v in original.items()}) == \
         {"num_layers": 19, "num_single_layers": 38, "guidance_embeds": True}
+    schnell = {k: v for k, v in original.items() if not k.startswith("guidance_in.")}  # no guidance embedding
+    assert flux.FAMILY.original_denoiser_config({k: tuple(v.shape) for k, v in schnell.items()})["guidance_embeds"] \
+        is False
+    assert set(flux.FAMILY.original_denoiser_state(schnell, config)) == \
+        {k for k in thin if not k.startswith("time_text_embed.guidance_embedder.")}

@@ -9,6 +9,12 @@ The shipped configs carry no tokenizer vocabulary: with the shipped folder the t
 family's hub repo (its first hub id, cached after the first time); a UNet-only load (training from a latent cache)
 never needs them.
 
+SD3.5 and FLUX.1 files (SAI's MMDiT and VAE; BFL's transformer alone) hold no text encoders lora-dpo reads: the
+transformer comes from the file (its config, with the shipped folder, completed from the weights' shapes by the
+family: SD3.5 Large vs Medium, FLUX schnell), the VAE from the file when it has one, the text encoders, tokenizers
+and a missing VAE from the folder beside the file when it holds them, else from the family's hub repo
+(`parts_source`); a cached run loads the transformer alone.
+
 The header also says what was trained into the file: ComfyUI's marker keys set the noise schedule (`v_pred`:
 v-prediction, with `ztsnr`: zero terminal SNR) for training and sampling alike, and the kinds lora-dpo cannot
 train (EDM such as Playground v2.5, the SDXL refiner, inpainting, SD 2.x) are refused by name instead of being
@@ -254,9 +260,7 @@ def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_une
     {"unet", "vae", "text_encoders"} (absent parts are None or ()). diffusers converts the original layout; a
     family whose files hold no text encoders (`original_text_prefixes` empty: SD3.5, FLUX.1) takes them, and a
     VAE its file lacks (`first_stage_model.*`: BFL's transformer-only FLUX files), from `parts_source`."""
-    import transformers
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
 
     common = {"config": str(folder), "local_files_only": True}
     parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": ()}
@@ -269,22 +273,36 @@ def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_une
         return parts
     if vae and (source is None or any(k.startswith(VAE_PREFIX) for k in _header(path)[0])):
         parts["vae"] = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=vae_dtype, **common)
-    elif vae:
-        parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
-    if source is not None:
-        parts["text_encoders"] = family.load_text_parts(source, torch_dtype=weight_dtype)[1]
+    if source is None:
+        parts["text_encoders"] = _file_text_encoders(path, folder, family, weight_dtype)
         return parts
+    try:
+        if vae and parts["vae"] is None:
+            parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
+        parts["text_encoders"] = family.load_text_parts(source, torch_dtype=weight_dtype)[1]
+    except OSError as err:  # a gated repo (FLUX.1-dev) without a login, a folder without some part
+        raise ModelError(f"[model].base = {str(path)!r}: the parts the file lacks (text encoders, VAE) come from "
+                         f"{source} and could not be loaded ({str(err).splitlines()[0]}); log in to the hub (`hf "
+                         "auth login`) or put a diffusers folder of the base beside the file") from None
+    return parts
+
+
+def _file_text_encoders(path: Path, folder: Path, family: Family, dtype: torch.dtype) -> tuple[Any, ...]:
+    """The CLIP text encoders a UNet family's file holds, each configured by `folder`."""
+    import transformers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
+
+    prefixes = family.original_text_prefixes
     checkpoint = load_single_file_checkpoint(str(path))  # read once for every text encoder
     # Each encoder sees only its own keys (none of the other encoders' prefixes): diffusers picks the source by key
     # names and width, and when two encoders have the same width (a small custom base) it would fill the second one
     # from the first one's keys.
-    parts["text_encoders"] = tuple(
+    return tuple(
         create_diffusers_clip_model_from_ldm(
             getattr(transformers, part.encoder_class),
             {k: v for k, v in checkpoint.items() if not k.startswith(tuple(p for p in prefixes if p != own))},
-            subfolder=part.encoder, torch_dtype=weight_dtype, **common)
+            subfolder=part.encoder, torch_dtype=dtype, config=str(folder), local_files_only=True)
         for part, own in zip(family.text_parts, prefixes, strict=True))
-    return parts
 
 
 def single_file_pipeline(path: Path, dtype: torch.dtype) -> Any:

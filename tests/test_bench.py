@@ -137,6 +137,7 @@ def test_data_only_shapes_of_a_hub_id_come_from_its_family_or_refuse(tiny_sd3_ba
 
     assert text_shapes(ModelRecipe(base=str(tiny_sd3_base_dir))) == (333, 64, 64)
     assert text_shapes(ModelRecipe(base="someone/my-flux1-finetune")) == (512, 4096, 768)
+    assert text_shapes(ModelRecipe(base="black-forest-labs/FLUX.1-schnell")) == (512, 4096, 768)
     assert text_shapes(ModelRecipe(base="someone/stable-diffusion-3-5-large-tuned")) == (333, 4096, 2048)
     with pytest.raises(ModelError, match=r"^\[model\]\.base = 'someone/finetune': its family .* not known here.*"
                                          r"pass a local diffusers folder or a known hub id"):

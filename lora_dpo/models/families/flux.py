@@ -115,7 +115,7 @@ class FluxFamily(FlowFamily):
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
     # its double blocks: BFL's flux1-dev.safetensors keeps them bare, ComfyUI's checkpoints under the UNet prefix
     checkpoint_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")
-    metadata_markers = ("flux-1", "flux1")  # modelspec.architecture, ss_base_model_version
+    metadata_markers = ("flux-1", "flux1", "flux.1")  # modelspec.architecture, ss_base_model_version; hub ids
     text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),
                   TextPart("tokenizer_2", "text_encoder_2", "T5EncoderModel", "T5TokenizerFast"))
     default_resolution = 1024

@@ -148,27 +148,28 @@ def test_a_flux_file_of_another_width_without_its_config_folder_is_one_line(tiny
                               "config (") and message.endswith("beside the file") and "\n" not in message
 
 
-def test_sd35_large_and_medium_configs_come_from_the_weights() -> None:
-    """SD3.5 Large's and Medium's MMDiT sizes as SAI's files hold them (shapes only: 38 blocks of 2432 wide, no
-    attn2, a 192 x 192 position grid; 24 of 1536, attn2 in blocks 0..12, 384 x 384): the shipped Medium config,
-    and Large's as diffusers' convert_sd3_to_diffusers.py derives it."""
-    def shapes(depth: int, grid: int, dual: range) -> dict[str, tuple[int, ...]]:
-        hidden, p = 64 * depth, "model.diffusion_model."
-        out = {p + "x_embedder.proj.weight": (hidden, 16, 2, 2), p + "pos_embed": (1, grid * grid, hidden),
-               p + "context_embedder.weight": (hidden, 4096), p + "y_embedder.mlp.0.weight": (hidden, 2048),
-               p + "final_layer.linear.weight": (64, hidden)}
-        for i in range(depth):
-            out[p + f"joint_blocks.{i}.x_block.attn.ln_q.weight"] = (64,)
-            out |= {p + f"joint_blocks.{i}.x_block.attn2.qkv.weight": (3 * hidden, hidden)} if i in dual else {}
-        return out
+@pytest.mark.parametrize("variant", ["medium", "large"])
+def test_real_sd35_files_get_their_own_architecture_from_the_shipped_config(variant: str) -> None:
+    """SD3.5 Medium and Large at their real sizes, on `meta` (no storage): SAI's layout of each (`flow_helpers`),
+    the shipped config completed from its shapes, and the transformer that config builds has exactly the keys and
+    shapes diffusers' converter makes of the file."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     shipped = sd3.FAMILY.shipped_config("transformer")
-    medium = sd3.FAMILY.original_denoiser_config(shapes(24, 384, range(13)))
-    assert {**shipped, **medium, "dual_attention_layers": list(medium["dual_attention_layers"])} == shipped
-    large = {**shipped, **sd3.FAMILY.original_denoiser_config(shapes(38, 192, range(0)))}
-    assert (large["num_layers"], large["num_attention_heads"], large["caption_projection_dim"],
-            large["pos_embed_max_size"], large["dual_attention_layers"]) == (38, 38, 2432, 192, ())
-    assert sd3.FAMILY.webui_spec(large).version("flow") == "5-large"
+    truth = shipped if variant == "medium" else {
+        **shipped, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+        "pos_embed_max_size": 192, "dual_attention_layers": ()}  # convert_sd3_to_diffusers.py's SD3.5 Large
+    with torch.device("meta"):
+        state = SD3Transformer2DModel.from_config(truth).state_dict()
+        fake = types.SimpleNamespace(state_dict=lambda: state, config=types.SimpleNamespace(**truth))
+        original = sd3_original_state(fake)
+        config = {**shipped, **sd3.FAMILY.original_denoiser_config({k: tuple(v.shape) for k, v in original.items()})}
+        built = SD3Transformer2DModel.from_config(config).state_dict()
+        converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in converted.items()} == \
+        {k: tuple(v.shape) for k, v in state.items()}
+    assert sd3.FAMILY.webui_spec(config).version("flow") == f"5-{variant}"
 
 
 def test_the_flux_conversion_is_diffusers_at_the_flux1_width() -> None:

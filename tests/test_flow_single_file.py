@@ -32,8 +32,11 @@ def _transformer(base_dir: Path) -> Any:
     return getattr(diffusers, family.denoiser_class).from_pretrained(base_dir, subfolder="transformer")
 
 
+SAI_TEXT = tuple(f"text_encoders.{name}.transformer." for name in ("clip_l", "clip_g", "t5xxl"))
+
+
 def write_flow_file(base_dir: Path, out: Path, arch: str, prefix: str = "", beside: bool = True,
-                    with_vae: bool = False) -> Path:
+                    with_vae: bool = False, with_text: bool = False) -> Path:
     """The tiny base's transformer as one original-layout file (SD3: `with_vae` adds its VAE under
     `first_stage_model.`, as SAI's sd3.5_medium.safetensors); `beside`: the base's other parts (configs, text
     encoders, tokenizers, VAE) copied beside it as a diffusers folder without the transformer's weights (nor the
@@ -47,11 +50,19 @@ def write_flow_file(base_dir: Path, out: Path, arch: str, prefix: str = "", besi
         vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae")
         state |= models.original.vae_state(vae.state_dict(), len(vae.config.block_out_channels),
                                            vae.config.layers_per_block)
+    if with_text:  # SAI's all-in-one layout: each encoder's transformers state under its prefix
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        for part, cls, at in zip(("text_encoder", "text_encoder_2", "text_encoder_3"),
+                                 (CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel), SAI_TEXT,
+                                 strict=True):
+            state |= {at + k: v.clone() for k, v in cls.from_pretrained(base_dir, subfolder=part).state_dict().items()}
     out.mkdir(parents=True)
-    if beside:
+    if beside:  # the parts the file holds leave no weights beside it: they must come from the file
+        held = ("transformer", *(("vae",) if with_vae else ()), *(("text_encoder",) if with_text else ()))
         shutil.copytree(base_dir, out, dirs_exist_ok=True,
                         ignore=lambda folder, names: [n for n in names if n.endswith(".safetensors") and Path(
-                            folder).name in ("transformer", *(("vae",) if with_vae else ()))])
+                            folder).name.startswith(held)])
     save_file(state, str(out / f"{arch}.safetensors"))
     return out / f"{arch}.safetensors"
 
@@ -114,6 +125,24 @@ def test_a_transformer_only_sd3_file_loads_from_its_own_weights_and_refuses_the_
                                                 r"text encoders; .*stabilityai/stable-diffusion-3\.5-medium.*\[data\]"
                                                 r"\.cache\)$"):
         models.load_base(ModelRecipe(base=str(path)))
+
+
+def test_an_sd3_file_with_its_text_encoders_loads_every_part_from_the_file(tiny_sd3_base_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """SAI's all-in-one layout (MMDiT, VAE, CLIP-L, CLIP-G, T5 under `text_encoders.*`), only configs and tokenizers
+    beside it: every part comes from the file with the folder base's weights, but CLIP-L's projection, which SAI's
+    layout does not keep (diffusers loads it as the identity, as SD3 pools CLIP-L unprojected)."""
+    path = write_flow_file(tiny_sd3_base_dir, tmp_path / "file", "sd3", with_vae=True, with_text=True)
+    assert not list(path.parent.glob("text_encoder*/*.safetensors"))
+    loaded = models.load_base(ModelRecipe(base=str(path)))
+    folder = models.load_base(ModelRecipe(base=str(tiny_sd3_base_dir)))
+    for index, (ours, theirs) in enumerate(((loaded.unet, folder.unet), (loaded.vae, folder.vae),
+                                            *zip(loaded.text_encoders, folder.text_encoders, strict=True))):
+        expected, got = theirs.state_dict(), ours.state_dict()
+        identity = {"text_projection.weight"} if index == 2 else set()
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k], expected[k]) for k in set(expected) - identity), type(ours).__name__
+        assert all(torch.equal(got[k], torch.eye(*got[k].shape)) for k in identity)
 
 
 def test_a_cached_run_needs_only_the_transformer_of_the_file(tiny_sd3_base_dir: Path, tiny_recipe: Any,

@@ -9,11 +9,11 @@ The shipped configs carry no tokenizer vocabulary: with the shipped folder the t
 family's hub repo (its first hub id, cached after the first time); a UNet-only load (training from a latent cache)
 never needs them.
 
-SD3.5 and FLUX.1 files (SAI's MMDiT and VAE; BFL's transformer alone) hold no text encoders lora-dpo reads: the
+SD3.5 and FLUX.1 files (SAI's MMDiT and VAE; BFL's transformer alone) mostly hold no text encoders: the
 transformer comes from the file (its config, with the shipped folder, completed from the weights' shapes by the
-family: SD3.5 Large vs Medium, FLUX schnell), the VAE from the file when it has one, the text encoders, tokenizers
-and a missing VAE from the folder beside the file when it holds them, else from the family's hub repo
-(`parts_source`); a cached run loads the transformer alone.
+family: SD3.5 Large vs Medium, FLUX schnell), the VAE from the file when it has one, the text encoders (unless the
+file has every one of them) and a missing VAE from the folder beside the file when it holds them, else from the
+family's hub repo (`parts_source`); a cached run loads the transformer alone.
 
 The header also says what was trained into the file: ComfyUI's marker keys set the noise schedule (`v_pred`:
 v-prediction, with `ztsnr`: zero terminal SNR) for training and sampling alike, and the kinds lora-dpo cannot
@@ -204,7 +204,8 @@ def tokenizer_source(path: Path, folder: Path) -> str:
     (with the shipped configs there is no vocabulary on disk)."""
     if (folder / "tokenizer").is_dir():
         return str(folder)
-    return single_file_family(path).hub_ids[0]
+    family = single_file_family(path)
+    return _hub_source(path, family, f"its {family.label} tokenizers (no vocabulary is shipped)")
 
 
 def parts_source(path: Path, folder: Path, family: Family) -> str:
@@ -217,15 +218,21 @@ def parts_source(path: Path, folder: Path, family: Family) -> str:
 
     if all(has_weights(part) for part in family.text_parts):
         return str(folder)
+    return _hub_source(path, family, f"the file holds no {family.label} text encoders; they")
+
+
+def _hub_source(path: Path, family: Family, what: str) -> str:
+    """The family's hub repo (its first hub id), for `what` a single file lacks; offline with nothing cached, a
+    one-line error naming `[model].base` and what to do instead."""
     source = family.hub_ids[0]
     if not hub.prepare():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
-            raise ModelError(f"[model].base = {str(path)!r}: the file holds no {family.label} text encoders; they come "
-                             f"from {source}, which is not cached here and the hub is offline: connect once (cached "
-                             "after), put a diffusers folder of the base (model_index.json, text encoders, tokenizers) "
-                             "beside the file, or train from a latent cache ([data].cache)")
+            raise ModelError(f"[model].base = {str(path)!r}: {what} come from {source}, which is not cached here and "
+                             "the hub is offline: connect once (cached after), put a diffusers folder of the base "
+                             "(model_index.json, text encoders, tokenizers) beside the file, or train from a latent "
+                             "cache ([data].cache)")
     return source
 
 
@@ -258,20 +265,22 @@ def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_une
                            vae: bool, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
     """The UNet (or transformer), VAE and text encoders of a single-file base, each configured by `folder`:
     {"unet", "vae", "text_encoders"} (absent parts are None or ()). diffusers converts the original layout; a
-    family whose files hold no text encoders (`original_text_prefixes` empty: SD3.5, FLUX.1) takes them, and a
-    VAE its file lacks (`first_stage_model.*`: BFL's transformer-only FLUX files), from `parts_source`."""
+    file without its family's text encoders (under every `original_text_prefixes`: SAI's sd3.5 files, FLUX.1's
+    always) takes them, and a VAE it lacks (`first_stage_model.*`: BFL's FLUX files), from `parts_source`."""
     from diffusers import AutoencoderKL
 
     common = {"config": str(folder), "local_files_only": True}
     parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": ()}
-    prefixes = family.original_text_prefixes
+    keys = _header(path)[0]
+    in_file = bool(family.original_text_prefixes) and all(any(k.startswith(prefix) for k in keys)
+                                                         for prefix in family.original_text_prefixes)
     # where the other parts come from is settled (offline and not cached: refused) before the denoiser's GBs load
-    source = None if prefixes or not with_encoders else parts_source(path, folder, family)
+    source = None if in_file or not with_encoders else parts_source(path, folder, family)
     if with_unet:
         parts["unet"] = _denoiser(path, folder, family, weight_dtype)
     if not with_encoders:
         return parts
-    if vae and (source is None or any(k.startswith(VAE_PREFIX) for k in _header(path)[0])):
+    if vae and (source is None or any(k.startswith(VAE_PREFIX) for k in keys)):
         parts["vae"] = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=vae_dtype, **common)
     if source is None:
         parts["text_encoders"] = _file_text_encoders(path, folder, family, weight_dtype)
@@ -288,9 +297,14 @@ def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_une
 
 
 def _file_text_encoders(path: Path, folder: Path, family: Family, dtype: torch.dtype) -> tuple[Any, ...]:
-    """The CLIP text encoders a UNet family's file holds, each configured by `folder`."""
+    """The text encoders the file holds (CLIP through diffusers' CLIP converter, T5 through its T5 one), each
+    configured by `folder`."""
     import transformers
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        create_diffusers_clip_model_from_ldm,
+        create_diffusers_t5_model_from_checkpoint,
+        load_single_file_checkpoint,
+    )
 
     prefixes = family.original_text_prefixes
     checkpoint = load_single_file_checkpoint(str(path))  # read once for every text encoder
@@ -298,7 +312,8 @@ def _file_text_encoders(path: Path, folder: Path, family: Family, dtype: torch.d
     # names and width, and when two encoders have the same width (a small custom base) it would fill the second one
     # from the first one's keys.
     return tuple(
-        create_diffusers_clip_model_from_ldm(
+        (create_diffusers_t5_model_from_checkpoint if part.encoder_class.startswith("T5")
+         else create_diffusers_clip_model_from_ldm)(
             getattr(transformers, part.encoder_class),
             {k: v for k, v in checkpoint.items() if not k.startswith(tuple(p for p in prefixes if p != own))},
             subfolder=part.encoder, torch_dtype=dtype, config=str(folder), local_files_only=True)

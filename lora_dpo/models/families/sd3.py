@@ -82,6 +82,9 @@ class SD3Family(FlowFamily):
     hub_ids = ("stabilityai/stable-diffusion-3.5-medium",)
     # its MMDiT's joint blocks in Stability's single files (sd3.5_medium.safetensors; ComfyUI's `SD3` model detection)
     checkpoint_markers = ("model.diffusion_model.joint_blocks.",)
+    # CLIP-L, CLIP-G and T5-XXL in the files that carry them (SAI's *_incl_clips_t5xxl*; diffusers' single_file_utils
+    # reads these prefixes); SAI's sd3.5_medium / _large files have none
+    original_text_prefixes = ("text_encoders.clip_l.", "text_encoders.clip_g.", "text_encoders.t5xxl.")
     metadata_markers = ("stable-diffusion-3", "5-medium", "5-large")  # modelspec.architecture, ss_base_model_version
     text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
                   TextPart("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),

@@ -84,7 +84,7 @@ def test_a_flow_single_file_loads_as_the_folder_base_and_trains(flavour: str, re
                                                                  tmp_path: Path, tiny_recipe: Any) -> None:
     from diffusers import DiffusionPipeline
 
-    from lora_dpo.export import merge_adapter, read_file
+    from lora_dpo.export import export_adapter, merge_adapter, read_file
     from lora_dpo.train import train
 
     arch, prefix = FLAVOURS[flavour]
@@ -105,6 +105,10 @@ def test_a_flow_single_file_loads_as_the_folder_base_and_trains(flavour: str, re
     adapter = train(tiny_recipe(model={"base": str(path)}, train={"max_steps": 2}))
     tensors, metadata = read_file(adapter)
     assert tensors and metadata["lora_dpo.base_model"] == str(path)
+    kohya = read_file(export_adapter(adapter, tmp_path / "kohya.safetensors", "kohya"))  # names: the file's config
+    assert kohya[1]["ss_base_model_version"] == {"sd3": "5-medium", "flux": "flux1"}[arch]
+    assert any(k.startswith({"sd3": "lora_unet_joint_blocks_", "flux": "lora_unet_double_blocks_"}[arch])
+               for k in kohya[0])
     merged = merge_adapter(adapter, str(path), 1.0, tmp_path / "merged")  # the stock pipeline from the file's parts
     assert type(DiffusionPipeline.from_pretrained(merged)).__name__ == loaded.family.pipeline_class
 

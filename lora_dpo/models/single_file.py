@@ -254,11 +254,13 @@ def _denoiser(path: Path, folder: Path, family: Family, dtype: torch.dtype) -> A
     except (KeyError, ValueError, RuntimeError) as err:
         if isinstance(err, ModelError):
             raise
-        where = f"the config folder beside it ({folder})" if _beside(path) else f"the shipped {family.label} config"
+        config_file = f"{family.denoiser_folder}/config.json"
+        where, fix = ((f"the config folder beside it ({folder})", f"correct its {config_file} or move the file out")
+                      if _beside(path) else
+                      (f"the shipped {family.label} config", f"put the base's diffusers config folder "
+                                                            f"(model_index.json, {config_file}, ...) beside the file"))
         raise ModelError(f"[model].base = {str(path)!r}: its {family.denoiser_folder} does not fit {where} "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); put the base's "
-                         f"diffusers config folder (model_index.json, {family.denoiser_folder}/config.json, ...) "
-                         "beside the file") from None
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {fix}") from None
 
 
 def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_unet: bool, with_encoders: bool,

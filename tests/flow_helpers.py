@@ -130,3 +130,108 @@ def back_to_diffusers(family: Any, transformer: Any, original: dict[str, torch.T
             continue
         state[key] = original[target] if rows is None else original[target].narrow(rows[0], rows[1], rows[2])
     return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole transformers in the original single-file layout: the inverse of diffusers' (0.42.1) loaders/
+# single_file_utils.py `convert_sd3_transformer_checkpoint_to_diffusers` and
+# `convert_flux_transformer_checkpoint_to_diffusers`, written from them key by key for any width (what SAI's
+# sd3.5_*.safetensors and BFL's flux1-*.safetensors hold).
+
+
+def _swap(tensor: torch.Tensor) -> torch.Tensor:
+    """diffusers' (scale, shift) <-> the original (shift, scale): the converters' `swap_scale_shift`."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _both(out: dict[str, torch.Tensor], state: dict[str, torch.Tensor], to: str, source: str) -> None:
+    out[f"{to}.weight"], out[f"{to}.bias"] = state[f"{source}.weight"], state[f"{source}.bias"]
+
+
+def _cat(out: dict[str, torch.Tensor], state: dict[str, torch.Tensor], to: str, sources: list[str]) -> None:
+    for leaf in ("weight", "bias"):
+        out[f"{to}.{leaf}"] = torch.cat([state[f"{s}.{leaf}"] for s in sources])
+
+
+def sd3_original_state(transformer: Any) -> dict[str, torch.Tensor]:
+    """An `SD3Transformer2DModel`'s weights as SAI's MMDiT names them, under `model.diffusion_model.`."""
+    state = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    layers, out = transformer.config.num_layers, {}
+    out["pos_embed"] = state["pos_embed.pos_embed"]
+    _both(out, state, "x_embedder.proj", "pos_embed.proj")
+    _both(out, state, "t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
+    _both(out, state, "t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
+    _both(out, state, "context_embedder", "context_embedder")
+    _both(out, state, "y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
+    _both(out, state, "y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
+    for i in range(layers):
+        d, o, last = f"transformer_blocks.{i}", f"joint_blocks.{i}", i == layers - 1
+        _cat(out, state, f"{o}.x_block.attn.qkv", [f"{d}.attn.to_{x}" for x in "qkv"])
+        _cat(out, state, f"{o}.context_block.attn.qkv", [f"{d}.attn.add_{x}_proj" for x in "qkv"])
+        for ours, theirs in (("norm_q", "x_block.attn.ln_q"), ("norm_k", "x_block.attn.ln_k"),
+                             ("norm_added_q", "context_block.attn.ln_q"), ("norm_added_k", "context_block.attn.ln_k")):
+            if f"{d}.attn.{ours}.weight" in state:
+                out[f"{o}.{theirs}.weight"] = state[f"{d}.attn.{ours}.weight"]
+        _both(out, state, f"{o}.x_block.attn.proj", f"{d}.attn.to_out.0")
+        if f"{d}.attn2.to_q.weight" in state:
+            _cat(out, state, f"{o}.x_block.attn2.qkv", [f"{d}.attn2.to_{x}" for x in "qkv"])
+            out[f"{o}.x_block.attn2.ln_q.weight"] = state[f"{d}.attn2.norm_q.weight"]
+            out[f"{o}.x_block.attn2.ln_k.weight"] = state[f"{d}.attn2.norm_k.weight"]
+            _both(out, state, f"{o}.x_block.attn2.proj", f"{d}.attn2.to_out.0")
+        _both(out, state, f"{o}.x_block.adaLN_modulation.1", f"{d}.norm1.linear")
+        _both(out, state, f"{o}.x_block.mlp.fc1", f"{d}.ff.net.0.proj")
+        _both(out, state, f"{o}.x_block.mlp.fc2", f"{d}.ff.net.2")
+        if last:
+            for leaf in ("weight", "bias"):
+                out[f"{o}.context_block.adaLN_modulation.1.{leaf}"] = _swap(state[f"{d}.norm1_context.linear.{leaf}"])
+            continue
+        _both(out, state, f"{o}.context_block.attn.proj", f"{d}.attn.to_add_out")
+        _both(out, state, f"{o}.context_block.adaLN_modulation.1", f"{d}.norm1_context.linear")
+        _both(out, state, f"{o}.context_block.mlp.fc1", f"{d}.ff_context.net.0.proj")
+        _both(out, state, f"{o}.context_block.mlp.fc2", f"{d}.ff_context.net.2")
+    _both(out, state, "final_layer.linear", "proj_out")
+    for leaf in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = _swap(state[f"norm_out.linear.{leaf}"])
+    return {"model.diffusion_model." + k: v.contiguous() for k, v in out.items()}
+
+
+def flux_original_state(transformer: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A `FluxTransformer2DModel`'s weights as BFL names them (bare, as flux1-dev.safetensors, or under
+    `prefix`, as ComfyUI's checkpoints)."""
+    state = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for theirs, ours in (("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                         ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+                         ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+                         ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+                         ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+                         ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+                         ("txt_in", "context_embedder"), ("img_in", "x_embedder"), ("final_layer.linear", "proj_out")):
+        if f"{ours}.weight" in state:
+            _both(out, state, theirs, ours)
+    for i in range(transformer.config.num_layers):
+        d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        _both(out, state, f"{o}.img_mod.lin", f"{d}.norm1.linear")
+        _both(out, state, f"{o}.txt_mod.lin", f"{d}.norm1_context.linear")
+        _cat(out, state, f"{o}.img_attn.qkv", [f"{d}.attn.to_{x}" for x in "qkv"])
+        _cat(out, state, f"{o}.txt_attn.qkv", [f"{d}.attn.add_{x}_proj" for x in "qkv"])
+        for ours, theirs in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                             ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"{o}.{theirs}.scale"] = state[f"{d}.attn.{ours}.weight"]
+        _both(out, state, f"{o}.img_mlp.0", f"{d}.ff.net.0.proj")
+        _both(out, state, f"{o}.img_mlp.2", f"{d}.ff.net.2")
+        _both(out, state, f"{o}.txt_mlp.0", f"{d}.ff_context.net.0.proj")
+        _both(out, state, f"{o}.txt_mlp.2", f"{d}.ff_context.net.2")
+        _both(out, state, f"{o}.img_attn.proj", f"{d}.attn.to_out.0")
+        _both(out, state, f"{o}.txt_attn.proj", f"{d}.attn.to_add_out")
+    for i in range(transformer.config.num_single_layers):
+        d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        _both(out, state, f"{o}.modulation.lin", f"{d}.norm.linear")
+        _cat(out, state, f"{o}.linear1", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"])
+        out[f"{o}.norm.query_norm.scale"] = state[f"{d}.attn.norm_q.weight"]
+        out[f"{o}.norm.key_norm.scale"] = state[f"{d}.attn.norm_k.weight"]
+        _both(out, state, f"{o}.linear2", f"{d}.proj_out")
+    for leaf in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = _swap(state[f"norm_out.linear.{leaf}"])
+    return {prefix + k: v.contiguous() for k, v in out.items()}

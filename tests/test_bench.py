@@ -124,6 +124,29 @@ def test_data_only_mode_prints_pairs_per_second_of_each_path(tiny_base_dir: Path
     assert {"parquet", "cache"} <= {word for row in rows for word in row[0].lower().split()}, rows
 
 
+def test_data_only_shapes_of_a_hub_id_come_from_its_family_or_refuse(tiny_sd3_base_dir: Path) -> None:
+    """`text_shapes` (what `bench --data-only` fills its latent cache with): a local flow base's own widths; a hub
+    id that is not cached here (the tests run offline) takes the shapes of the family its name says, and one that
+    names none is a one-line error naming [model].base instead of SDXL's shapes."""
+    from typer.testing import CliRunner
+
+    from lora_dpo.cache import text_shapes
+    from lora_dpo.cli import app
+    from lora_dpo.models import ModelError
+    from lora_dpo.recipe import ModelRecipe
+
+    assert text_shapes(ModelRecipe(base=str(tiny_sd3_base_dir))) == (333, 64, 64)
+    assert text_shapes(ModelRecipe(base="someone/my-flux1-finetune")) == (512, 4096, 768)
+    assert text_shapes(ModelRecipe(base="black-forest-labs/FLUX.1-schnell")) == (512, 4096, 768)
+    assert text_shapes(ModelRecipe(base="someone/stable-diffusion-3-5-large-tuned")) == (333, 4096, 2048)
+    with pytest.raises(ModelError, match=r"^\[model\]\.base = 'someone/finetune': its family .* not known here.*"
+                                         r"pass a local diffusers folder or a known hub id"):
+        text_shapes(ModelRecipe(base="someone/finetune"))
+    result = CliRunner().invoke(app, ["bench", "--data-only", "--pairs", "4", "--set", "model.base=someone/finetune"])
+    assert result.exit_code != 0 and "[model].base = 'someone/finetune'" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
 STATUS = re.compile(r"^(ok|pass|out of memory|fail: .+|error: \w+.*)$")
 
 

@@ -114,6 +114,19 @@ def test_metadata_names() -> None:
     assert FLUX.modelspec_architecture_for({"guidance_embeds": False}) == "flux-1-schnell"
 
 
+def test_sd35_large_is_told_from_medium_by_its_transformer_config() -> None:
+    """SD3.5 Large (38 layers of 38 heads, qk norm, no dual-attention layer, as diffusers'
+    convert_sd3_to_diffusers.py derives it) is "5-large" in both `modelspec.architecture` and sd-scripts'
+    `ss_base_model_version` (sd3_utils.py: qk norm without x_block attn2 layers), the shipped Medium "5-medium"."""
+    medium = SD3.shipped_config("transformer")
+    large = {**medium, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 38 * 64,
+             "pos_embed_max_size": 192, "dual_attention_layers": []}
+    for config, kind in ((medium, "5-medium"), (large, "5-large"), ({**large, "qk_norm": None}, "medium")):
+        spec = SD3.webui_spec(config)
+        assert (spec.architecture, spec.version("flow")) == (f"stable-diffusion-3-{kind}", kind)
+    assert SD3.webui_spec().version("flow") == "5-medium"  # no config: the shipped base
+
+
 # --------------------------------------------------------------------------------------------------
 # Prompts and the denoiser call, against the stock pipelines
 

@@ -18,20 +18,35 @@ import torch
 from lora_dpo import data, models, synthetic
 from lora_dpo.cache.layout import FORMAT, KINDS, MANIFEST, plan_shards, save_shard
 from lora_dpo.cache.read import CachedPairs, LatentCache, collate_encoded
+from lora_dpo.errors import LoraDpoError
 from lora_dpo.recipe import DataRecipe, ModelRecipe, Recipe
 
 
 def text_shapes(cfg: ModelRecipe) -> tuple[int, int, int | None]:
     """(tokens, embedding width, pooled width or None) of the base's prompt embeddings, as its family's denoiser
-    reads them: from the base's denoiser config (a tiny base, a known hub id, a local folder or file: no download),
-    else from the shipped architecture of the family the hub id names (`Family.metadata_markers`; the default
-    family when it names none)."""
-    if Path(models.resolve_base(cfg.base)).exists() or models.family_of_base_name(cfg.base):
+    reads them: from the base's denoiser config (a tiny base, a known hub id, a local folder or file: no download;
+    another hub id: its config JSON from the hub cache or the hub, KBs, as `lora-dpo plan` reads it), else, when
+    that cannot be read, from the shipped architecture of the family the hub id names (`Family.metadata_markers`).
+    A hub id whose config cannot be read and that names no family is a one-line error: guessing a family would
+    time a cache of another model's shapes."""
+    if not Path(models.resolve_base(cfg.base)).exists() and not models.family_of_base_name(cfg.base):
+        named = models.family_of_metadata(cfg.base.lower())
+        try:
+            config = models.base_denoiser_config(cfg.base, cfg.revision)
+        except LoraDpoError as err:
+            if named is None:
+                raise models.ModelError(
+                    f"[model].base = {cfg.base!r}: its family (and so its cache's shapes) is not known here: no "
+                    f"family's name is in the id and its config cannot be read ({str(err).splitlines()[0]}); pass "
+                    f"a local diffusers folder or a known hub id ({', '.join(models.KNOWN_BASES)})") from None
+            config = named.shipped_config(named.denoiser_folder)
+        family = models.family_of_denoiser(config) or named
+        if family is None:
+            raise models.ModelError(f"[model].base = {cfg.base!r}: its denoiser config is no known family's (known: "
+                                    f"{', '.join(f.label for f in models.FAMILIES)}); pass a base of one of them")
+    else:
         config = models.base_denoiser_config(cfg.base)
         family = models.denoiser_family(config)
-    else:
-        family = models.family_of_metadata(cfg.base.lower()) or models.DEFAULT_FAMILY
-        config = family.shipped_config(family.denoiser_folder)
     tokens = family.shipped_config("text")["max_length"]
     return tokens, family.text_width(config), family.pooled_width(config)
 

@@ -32,6 +32,7 @@ from lora_dpo.models.single_file import (
     is_single_file,
     load_single_file_parts,
     scheduler_overrides,
+    single_file_denoiser_config,
     single_file_family,
     tokenizer_source,
 )
@@ -229,6 +230,8 @@ def base_denoiser_config(name: str, revision: str | None = None) -> dict[str, An
         return KNOWN_BASES[name].shipped_config(KNOWN_BASES[name].denoiser_folder)
     if name in TINY_BASES:  # a constant, as the planner reads it: never a build (minutes) just for the blocks
         return TINY_BASES[name].tiny_denoiser_config()
+    if is_single_file(name):  # its config folder's, with what the file's weights fix (SD3.5 Large, FLUX schnell)
+        return single_file_denoiser_config(Path(name))
     source, folder = (str(config_folder(Path(name))) if is_single_file(name) else resolve_base(name)), "unet"
     index_here = not Path(source).exists() or (Path(source) / "model_index.json").is_file()
     if not (Path(source) / folder).is_dir() and index_here:  # a transformer base, or a hub id: its model_index says

@@ -27,9 +27,8 @@ from torch import Tensor
 from lora_dpo import files, kohya, webui
 from lora_dpo.models.families import pipeline_family
 from lora_dpo.models.parts import ModelError
-from lora_dpo.models.single_file import UNET_PREFIX, V_PRED, ZTSNR
+from lora_dpo.models.single_file import UNET_PREFIX, V_PRED, VAE_PREFIX, ZTSNR
 
-VAE_PREFIX = "first_stage_model."
 RESNET_LDM = {**kohya.RESNET_SGM, "norm1": "in_layers.0", "norm2": "out_layers.0"}  # kohya's table + the norms
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 

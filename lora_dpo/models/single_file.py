@@ -9,6 +9,12 @@ The shipped configs carry no tokenizer vocabulary: with the shipped folder the t
 family's hub repo (its first hub id, cached after the first time); a UNet-only load (training from a latent cache)
 never needs them.
 
+SD3.5 and FLUX.1 files (SAI's MMDiT and VAE; BFL's transformer alone) mostly hold no text encoders: the
+transformer comes from the file (its config, with the shipped folder, completed from the weights' shapes by the
+family: SD3.5 Large vs Medium, FLUX schnell), the VAE from the file when it has one, the text encoders (unless the
+file has every one of them) and a missing VAE from the folder beside the file when it holds them, else from the
+family's hub repo (`parts_source`); a cached run loads the transformer alone.
+
 The header also says what was trained into the file: ComfyUI's marker keys set the noise schedule (`v_pred`:
 v-prediction, with `ztsnr`: zero terminal SNR) for training and sampling alike, and the kinds lora-dpo cannot
 train (EDM such as Playground v2.5, the SDXL refiner, inpainting, SD 2.x) are refused by name instead of being
@@ -25,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lora_dpo import hub
 from lora_dpo.files import cache_home
 from lora_dpo.models.families import FAMILIES, Family, family_of_checkpoint, family_of_pipeline
 from lora_dpo.models.parts import ModelError
@@ -36,6 +43,7 @@ UNET_PREFIX = "model.diffusion_model."  # every original-layout checkpoint keeps
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"  # (320, 4, 3, 3); 9 input channels: an inpainting UNet
 REFINER_MARKER = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP-bigG alone, as the first embedder
 EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")  # Playground v2.5, EDM v-pred
+VAE_PREFIX = "first_stage_model."  # a full checkpoint's VAE
 V_PRED, ZTSNR = "v_pred", "ztsnr"  # v-prediction and zero-terminal-SNR marker keys (empty tensors)
 
 
@@ -100,6 +108,33 @@ def found(keys: list[str], shown: int = 4) -> str:
                                   for k in sorted(keys)))
     listed = ", ".join(prefixes[:shown]) + (f" and {len(prefixes) - shown} more" if len(prefixes) > shown else "")
     return f"{len(keys)} key{'s' if len(keys) > 1 else ''}: {listed}" if keys else "no keys at all"
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the header alone (what a family reads its variant from)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        keys = list(handle.keys())
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+
+
+def _beside(path: Path) -> bool:
+    """A diffusers folder (`model_index.json`) lies beside the file: its configs are the base's own."""
+    return (path.parent / "model_index.json").is_file()
+
+
+def denoiser_overrides(path: Path, family: Family) -> dict[str, Any]:
+    """What the file's weights fix of its denoiser config over the shipped one (`Family.original_denoiser_config`:
+    SD3.5 Large vs Medium, FLUX schnell vs dev); {} with a config folder beside the file (its config is the base's)."""
+    return {} if _beside(path) else family.original_denoiser_config(_shapes(path))
+
+
+def single_file_denoiser_config(path: Path) -> dict[str, Any]:
+    """The denoiser config of a single-file base: its config folder's, with `denoiser_overrides`."""
+    family = single_file_family(path)
+    config = json.loads((config_folder(path) / family.denoiser_folder / "config.json").read_text())
+    return {**config, **denoiser_overrides(path, family)}
 
 
 def scheduler_overrides(path: Path) -> dict[str, Any]:
@@ -169,40 +204,122 @@ def tokenizer_source(path: Path, folder: Path) -> str:
     (with the shipped configs there is no vocabulary on disk)."""
     if (folder / "tokenizer").is_dir():
         return str(folder)
-    return single_file_family(path).hub_ids[0]
+    family = single_file_family(path)
+    return _hub_source(path, family, f"its {family.label} tokenizers (no vocabulary is shipped)")
+
+
+def parts_source(path: Path, folder: Path, family: Family) -> str:
+    """Where the parts a file's family does not read from the file (a flow base's text encoders; its VAE when the
+    file has none) load from: the diffusers folder beside it when that holds the encoders' weights, else the
+    family's hub repo (its first hub id: cached after the first time). Offline and not cached: a one-line error
+    naming `[model].base` and what to do."""
+    def has_weights(part: Any) -> bool:
+        return any(next((folder / part.encoder).glob(f"*{ext}"), None) is not None for ext in (SUFFIX, ".bin"))
+
+    if all(has_weights(part) for part in family.text_parts):
+        return str(folder)
+    return _hub_source(path, family, f"the file holds no {family.label} text encoders; they")
+
+
+def _hub_source(path: Path, family: Family, what: str) -> str:
+    """The family's hub repo (its first hub id), for `what` a single file lacks; offline with nothing cached, a
+    one-line error naming `[model].base` and what to do instead."""
+    source = family.hub_ids[0]
+    if not hub.prepare():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+            raise ModelError(f"[model].base = {str(path)!r}: {what} come from {source}, which is not cached here and "
+                             "the hub is offline: connect once (cached after), put a diffusers folder of the base "
+                             "(model_index.json, text encoders, tokenizers) beside the file, or train from a latent "
+                             "cache ([data].cache)")
+    return source
+
+
+def _denoiser(path: Path, folder: Path, family: Family, dtype: torch.dtype) -> Any:
+    """The denoiser from the file: diffusers' `from_single_file` on the file's tensors (or, for a family that
+    converts its original layout itself, on the converted ones), configured by `folder` and `denoiser_overrides`."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    denoiser = getattr(diffusers, family.denoiser_class)
+    overrides = denoiser_overrides(path, family)
+    checkpoint = load_single_file_checkpoint(str(path))
+    config = {**denoiser.load_config(str(folder), subfolder=family.denoiser_folder), **overrides}
+    try:
+        converted = family.original_denoiser_state(checkpoint, config)
+        return denoiser.from_single_file(checkpoint if converted is None else converted, config=str(folder),
+                                         subfolder=family.denoiser_folder, torch_dtype=dtype, local_files_only=True,
+                                         **overrides)
+    except (KeyError, ValueError, RuntimeError) as err:
+        if isinstance(err, ModelError):
+            raise
+        config_file = f"{family.denoiser_folder}/config.json"
+        where, fix = ((f"the config folder beside it ({folder})", f"correct its {config_file} or move the file out")
+                      if _beside(path) else
+                      (f"the shipped {family.label} config", f"put the base's diffusers config folder "
+                                                            f"(model_index.json, {config_file}, ...) beside the file"))
+        raise ModelError(f"[model].base = {str(path)!r}: its {family.denoiser_folder} does not fit {where} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {fix}") from None
 
 
 def load_single_file_parts(path: Path, folder: Path, family: Family, *, with_unet: bool, with_encoders: bool,
                            vae: bool, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """The UNet, VAE and text encoders from the checkpoint (diffusers converts the original layout), each
-    configured by `folder`: {"unet", "vae", "text_encoders"} (absent parts are None or ())."""
-    import diffusers
-    import transformers
+    """The UNet (or transformer), VAE and text encoders of a single-file base, each configured by `folder`:
+    {"unet", "vae", "text_encoders"} (absent parts are None or ()). diffusers converts the original layout; a
+    file without its family's text encoders (under every `original_text_prefixes`: SAI's sd3.5 files, FLUX.1's
+    always) takes them, and a VAE it lacks (`first_stage_model.*`: BFL's FLUX files), from `parts_source`."""
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
 
     common = {"config": str(folder), "local_files_only": True}
     parts: dict[str, Any] = {"unet": None, "vae": None, "text_encoders": ()}
+    keys = _header(path)[0]
+    in_file = bool(family.original_text_prefixes) and all(any(k.startswith(prefix) for k in keys)
+                                                         for prefix in family.original_text_prefixes)
+    # where the other parts come from is settled (offline and not cached: refused) before the denoiser's GBs load
+    source = None if in_file or not with_encoders else parts_source(path, folder, family)
     if with_unet:
-        denoiser = getattr(diffusers, family.denoiser_class)
-        parts["unet"] = denoiser.from_single_file(str(path), subfolder=family.denoiser_folder, torch_dtype=weight_dtype,
-                                                  **common)
+        parts["unet"] = _denoiser(path, folder, family, weight_dtype)
     if not with_encoders:
         return parts
-    if vae:
+    if vae and (source is None or any(k.startswith(VAE_PREFIX) for k in keys)):
         parts["vae"] = AutoencoderKL.from_single_file(str(path), subfolder="vae", torch_dtype=vae_dtype, **common)
+    if source is None:
+        parts["text_encoders"] = _file_text_encoders(path, folder, family, weight_dtype)
+        return parts
+    try:
+        if vae and parts["vae"] is None:
+            parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
+        parts["text_encoders"] = family.load_text_parts(source, torch_dtype=weight_dtype)[1]
+    except OSError as err:  # a gated repo (FLUX.1-dev) without a login, a folder without some part
+        raise ModelError(f"[model].base = {str(path)!r}: the parts the file lacks (text encoders, VAE) come from "
+                         f"{source} and could not be loaded ({str(err).splitlines()[0]}); log in to the hub (`hf "
+                         "auth login`) or put a diffusers folder of the base beside the file") from None
+    return parts
+
+
+def _file_text_encoders(path: Path, folder: Path, family: Family, dtype: torch.dtype) -> tuple[Any, ...]:
+    """The text encoders the file holds (CLIP through diffusers' CLIP converter, T5 through its T5 one), each
+    configured by `folder`."""
+    import transformers
+    from diffusers.loaders.single_file_utils import (
+        create_diffusers_clip_model_from_ldm,
+        create_diffusers_t5_model_from_checkpoint,
+        load_single_file_checkpoint,
+    )
+
+    prefixes = family.original_text_prefixes
     checkpoint = load_single_file_checkpoint(str(path))  # read once for every text encoder
     # Each encoder sees only its own keys (none of the other encoders' prefixes): diffusers picks the source by key
     # names and width, and when two encoders have the same width (a small custom base) it would fill the second one
     # from the first one's keys.
-    prefixes = family.original_text_prefixes
-    parts["text_encoders"] = tuple(
-        create_diffusers_clip_model_from_ldm(
+    return tuple(
+        (create_diffusers_t5_model_from_checkpoint if part.encoder_class.startswith("T5")
+         else create_diffusers_clip_model_from_ldm)(
             getattr(transformers, part.encoder_class),
             {k: v for k, v in checkpoint.items() if not k.startswith(tuple(p for p in prefixes if p != own))},
-            subfolder=part.encoder, torch_dtype=weight_dtype, **common)
+            subfolder=part.encoder, torch_dtype=dtype, config=str(folder), local_files_only=True)
         for part, own in zip(family.text_parts, prefixes, strict=True))
-    return parts
 
 
 def single_file_pipeline(path: Path, dtype: torch.dtype) -> Any:

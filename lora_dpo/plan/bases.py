@@ -73,7 +73,8 @@ def _architecture(model: ModelRecipe) -> Architecture:
                             family.shipped_config("scheduler"), tuple(text["encoder_params"]), text["max_length"])
     if models.is_single_file(model.base):  # its configs: the local config folder (shipped or beside the file)
         folder = str(models.config_folder(Path(model.base)))
-        return dataclasses.replace(_read_architecture(dataclasses.replace(model, base=folder)), name=model.base)
+        return dataclasses.replace(_read_architecture(dataclasses.replace(model, base=folder)), name=model.base,
+                                   unet=models.base_denoiser_config(model.base))
     return _read_architecture(model)
 
 

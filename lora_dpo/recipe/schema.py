@@ -49,8 +49,9 @@ class ModelRecipe:
         "Hub id or local diffusers folder of the base pipeline (SDXL, SD 1.5, SD3.5, FLUX.1 or FLUX.2 klein), a "
         "single-file "
         "checkpoint "
-        "(`model.safetensors`, what A1111/ComfyUI load; configs from a diffusers config folder beside it, else the "
-        "shipped SDXL / SD 1.5 ones), or a built-in tiny base, built "
+        "(`model.safetensors`, what A1111/ComfyUI load, or SAI's / BFL's SD3.5 and FLUX.1 files; configs from a "
+        "diffusers config folder beside it, else the shipped ones of the family its keys show), or a built-in tiny "
+        "base, built "
         "and cached on first use (offline demo and tests): `tiny` (SDXL architecture), `tiny-sd15` (SD 1.5 "
         "architecture: one text encoder, no micro-conditioning), `tiny-sd3`, `tiny-flux` or `tiny-flux2` (random "
         "weights).",

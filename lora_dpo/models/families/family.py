@@ -158,6 +158,18 @@ class Family(ABC):
         raise ModelError(f"{self.label}: no original single-file layout is known here; merge with --format "
                          "diffusers instead")
 
+    def original_denoiser_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """What an original-layout file's own weights (key -> shape, from its header) fix of its denoiser's config,
+        over the shipped one (a variant of the family: SD3.5 Large's depth, FLUX schnell's missing guidance
+        embedding); {}: the shipped config as it is (the UNet families: diffusers reads theirs from the file)."""
+        return {}
+
+    def original_denoiser_state(self, checkpoint: Mapping[str, Tensor],
+                                config: Mapping[str, Any]) -> dict[str, Tensor] | None:
+        """The denoiser's weights of an original-layout file in diffusers' names when the family converts them
+        itself (diffusers' converter cannot read every width of it); None: diffusers' `from_single_file` converts."""
+        return None
+
     # ---- prompts and the denoiser's call -----------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],

@@ -79,6 +79,20 @@ _DOUBLE = {
 _SINGLE = {"attn.to_q": "linear1", "attn.to_k": "linear1", "attn.to_v": "linear1", "proj_mlp": "linear1",
            "proj_out": "linear2", "norm.linear": "modulation.lin"}
 _FUSED = {"to_q": 0, "to_k": 1, "to_v": 2, "add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2, "proj_mlp": 3}
+# BFL names outside the blocks -> diffusers' (convert_flux_transformer_checkpoint_to_diffusers); the final layer's
+# modulation stores (shift, scale), diffusers' (scale, shift)
+_TOP = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+        "txt_in": "context_embedder", "img_in": "x_embedder", "final_layer.linear": "proj_out",
+        "final_layer.adaLN_modulation.1": "norm_out.linear"}
+# the qk RMS norms' `scale` in a double block and in a single block -> diffusers' norm modules (their `weight`)
+_NORMS = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+          "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
+_SINGLE_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
 
 
 def image_ids(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -102,7 +116,7 @@ class FluxFamily(FlowFamily):
     hub_ids = ("black-forest-labs/FLUX.1-dev",)
     # its double blocks: BFL's flux1-dev.safetensors keeps them bare, ComfyUI's checkpoints under the UNet prefix
     checkpoint_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")
-    metadata_markers = ("flux-1", "flux1")  # modelspec.architecture, ss_base_model_version
+    metadata_markers = ("flux-1", "flux1", "flux.1")  # modelspec.architecture, ss_base_model_version; hub ids
     text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),
                   TextPart("tokenizer_2", "text_encoder_2", "T5EncoderModel", "T5TokenizerFast"))
     default_resolution = 1024
@@ -132,6 +146,43 @@ class FluxFamily(FlowFamily):
         from diffusers import FluxPipeline
 
         return FluxPipeline._unpack_latents(latents, height, width, 8)
+
+    def original_denoiser_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """The block counts and the guidance embedding from the file's keys (a schnell file has no `guidance_in`,
+        a pruned one fewer blocks); the widths stay FLUX.1's (the rope axes cannot be read from the weights)."""
+        names = [k.removeprefix("model.diffusion_model.") for k in shapes]
+        double = {int(k.split(".")[1]) for k in names if k.startswith("double_blocks.")}
+        single = {int(k.split(".")[1]) for k in names if k.startswith("single_blocks.")}
+        if not double or not single:
+            return {}
+        return {"num_layers": max(double) + 1, "num_single_layers": max(single) + 1,
+                "guidance_embeds": any(k.startswith("guidance_in.") for k in names)}
+
+    def original_denoiser_state(self, checkpoint: Mapping[str, Tensor],
+                                config: Mapping[str, Any]) -> dict[str, Tensor]:
+        """BFL's transformer weights (bare or under `model.diffusion_model.`) in diffusers' names, for any width:
+        diffusers' own converter assumes FLUX.1's 3072 (its single-block split). The fused weights split as
+        `fused_slice` places each module's rows (q, k, v at 0, H, 2H; a single block's MLP input at 3H, 4H rows),
+        the final modulation's halves swapped; keys of other parts (a VAE, text encoders) are left out."""
+        out: dict[str, Tensor] = {}
+        for key, tensor in checkpoint.items():
+            module, leaf = key.removeprefix("model.diffusion_model.").rsplit(".", 1)
+            leaf = "weight" if leaf == "scale" else leaf
+            match = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", module)
+            if match is None:
+                if module in _TOP:
+                    value = torch.cat(tensor.chunk(2)[::-1]) if module == "final_layer.adaLN_modulation.1" else tensor
+                    out[f"{_TOP[module]}.{leaf}"] = value
+                continue
+            double = match.group(1) == "double_blocks"
+            prefix = f"{'transformer_blocks' if double else 'single_transformer_blocks'}.{match.group(2)}."
+            norms, names = (_NORMS, _DOUBLE) if double else (_SINGLE_NORMS, _SINGLE)
+            if match.group(3) in norms:
+                out[f"{prefix}{norms[match.group(3)]}.{leaf}"] = tensor
+            for name in (name for name, native in names.items() if native == match.group(3)):
+                rows = self.fused_slice(prefix + name, config)
+                out[f"{prefix}{name}.{leaf}"] = tensor if rows is None else tensor.narrow(*rows)
+        return out
 
     # ---- prompts and the denoiser ------------------------------------------------------------------------
     def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],

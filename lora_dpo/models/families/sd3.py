@@ -29,6 +29,8 @@ Where the numbers come from:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +45,7 @@ from lora_dpo.models.families.flow import (
     tiny_t5_config,
     tiny_t5_tokenizer,
 )
+from lora_dpo.webui import BaseSpec
 
 # The tiny base's transformer: SD3.5-style (qk RMS norm, a dual-attention first block), 2 blocks of 2 heads x 16.
 # joint_attention_dim: the T5's width (64), which CLIP-L + CLIP-G hidden states (32 + 32) are padded to;
@@ -80,6 +83,9 @@ class SD3Family(FlowFamily):
     hub_ids = ("stabilityai/stable-diffusion-3.5-medium",)
     # its MMDiT's joint blocks in Stability's single files (sd3.5_medium.safetensors; ComfyUI's `SD3` model detection)
     checkpoint_markers = ("model.diffusion_model.joint_blocks.",)
+    # CLIP-L, CLIP-G and T5-XXL in the files that carry them (SAI's *_incl_clips_t5xxl*; diffusers' single_file_utils
+    # reads these prefixes); SAI's sd3.5_medium / _large files have none
+    original_text_prefixes = ("text_encoders.clip_l.", "text_encoders.clip_g.", "text_encoders.t5xxl.")
     metadata_markers = ("stable-diffusion-3", "5-medium", "5-large")  # modelspec.architecture, ss_base_model_version
     text_parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
                   TextPart("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
@@ -96,6 +102,28 @@ class SD3Family(FlowFamily):
     denoiser_keys = ("caption_projection_dim", "pooled_projection_dim", "joint_attention_dim")
     tiny_transformer = TINY_SD3_TRANSFORMER
     tiny_builder = "build_tiny_sd3_pipeline"
+
+    def original_denoiser_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """The MMDiT's size from its weights, as sd-scripts' sd3_utils.analyze_state_dict_state and diffusers'
+        convert_sd3_to_diffusers.py read it: blocks = joint blocks, hidden = x_embedder rows (64 x depth), heads of
+        the qk-norm width (64 without qk norm), pos_embed_max_size = sqrt(pos_embed tokens), dual-attention layers
+        = blocks with `x_block.attn2`. SD3.5 Large (38 x 64, no attn2, 192) and Medium (24 x 64, attn2 in 0..12,
+        384) load offline from the one shipped config."""
+        sizes = {k.removeprefix("model.diffusion_model."): v for k, v in shapes.items()}
+        blocks = {int(k.split(".")[1]) for k in sizes if k.startswith("joint_blocks.")}
+        if not blocks or "x_embedder.proj.weight" not in sizes:
+            return {}
+        hidden, channels, patch = sizes["x_embedder.proj.weight"][:3]
+        norm = sizes.get("joint_blocks.0.x_block.attn.ln_q.weight")
+        head = norm[0] if norm else 64
+        return {"num_layers": max(blocks) + 1, "attention_head_dim": head, "num_attention_heads": hidden // head,
+                "caption_projection_dim": hidden, "in_channels": channels, "patch_size": patch,
+                "out_channels": sizes["final_layer.linear.weight"][0] // (patch * patch),
+                "joint_attention_dim": sizes["context_embedder.weight"][1],
+                "pooled_projection_dim": sizes["y_embedder.mlp.0.weight"][1],
+                "pos_embed_max_size": math.isqrt(sizes["pos_embed"][1]), "qk_norm": "rms_norm" if norm else None,
+                "dual_attention_layers": tuple(sorted(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight"
+                                                      in sizes))}
 
     # ---- prompts and the denoiser ------------------------------------------------------------------------
     def encode_prompts(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str],
@@ -159,8 +187,18 @@ class SD3Family(FlowFamily):
         return "stable-diffusion-3-" + self.model_type(config)
 
     def base_model_version(self, prediction_type: str) -> str:
-        """ss_base_model_version of the shipped base (SD3.5 Medium); `model_type(config)` for another SD3."""
+        """ss_base_model_version of the shipped base (SD3.5 Medium); `webui_spec(config)` answers for another SD3."""
         return "5-medium"
+
+    def webui_spec(self, config: Mapping[str, Any] | None = None) -> BaseSpec:
+        """For one transformer config, its own model type as sd-scripts' `ss_base_model_version` too (sd-scripts
+        writes the model type it reads from the weights, sd3_train_network.py L144): SD3.5 Large (38 layers, qk
+        norm, no dual-attention layer) says "5-large", not the shipped Medium's "5-medium"."""
+        spec = super().webui_spec(config)
+        if config is None:
+            return spec
+        model_type = self.model_type(config)
+        return dataclasses.replace(spec, version=lambda prediction_type: model_type)
 
 
 FAMILY = SD3Family()

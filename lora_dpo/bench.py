@@ -184,13 +184,13 @@ def default_arch(recipe_given: bool) -> str:
 def _random_encoders(family: models.Family, weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
     """VAE and text encoders of a family's shipped architecture with random weights, for `encode = live`. Prompts
     are tokenised with the tiny base's tokenizer: tokenising costs the same, the ids are valid for any CLIP."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL
 
     encoders = [getattr(transformers, part.encoder_class)(
         transformers.CLIPTextConfig(**family.shipped_config(part.encoder))).to(weight_dtype)
         for part in family.text_parts]
-    vae = AutoencoderKL.from_config(family.shipped_config("vae")).to(vae_dtype)
+    vae = getattr(diffusers, family.vae_class).from_config(family.shipped_config("vae")).to(vae_dtype)
     tokenizer = models.tiny_tokenizer()
     return {"vae": vae, "text_encoders": tuple(encoders), "tokenizers": (tokenizer,) * len(encoders)}
 
@@ -397,6 +397,12 @@ def run_bench(arch: str, cases: list[Case], steps: int = 5, warmup: int = 2) -> 
         raise RecipeError(f"--arch {arch!r}: choose from {', '.join(ARCHS)}")
     if steps < 1 or warmup < 0:
         raise RecipeError(f"--steps {steps} / --warmup {warmup}: need at least one timed step")
+    family = models.family_named(arch) if arch not in ("recipe", "tiny") else None
+    if family and any(c.encode == "live" for c in cases) and any(
+            not part.encoder_class.startswith("CLIP") for part in family.text_parts):
+        raise RecipeError(f"--compare encode=live on {family.label}: its text encoders are not CLIP (T5, Qwen), "
+                          "which this benchmark does not build with random weights; measure encode=cache, or a "
+                          "recipe's own base (--arch recipe)")
     recipe = cases[0].recipe
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)

@@ -94,6 +94,17 @@ def test_cli_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert f"{overhead:.3f}" in row and overhead > 0
 
 
+@pytest.mark.parametrize("arch", ["sd3", "flux", "flux2"])
+def test_live_encoding_of_a_t5_or_qwen_family_is_one_line_before_anything_builds(arch: str) -> None:
+    """The benchmark builds random CLIP encoders only: a family with T5 or Qwen is refused at once, before its
+    (billions of parameters) transformer is built."""
+    result = subprocess.run([sys.executable, "-m", "lora_dpo", "bench", "--arch", arch, "--compare",
+                             "encode=cache,live"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert re.fullmatch(r"lora-dpo: error: --compare encode=live on .*: its text encoders are not CLIP .*\n",
+                        result.stderr)
+
+
 def test_bench_measures_a_recipes_own_model(tiny_recipe) -> None:
     recipe = tiny_recipe(train={"num_threads": 1, "batch_size": 2})
     report = bench.run_bench("recipe", bench.make_cases(recipe, bench.default_resolutions("recipe", recipe), []),

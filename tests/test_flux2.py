@@ -72,6 +72,23 @@ def test_class_less_configs_files_and_headers_are_told_from_flux1s() -> None:
     assert models.family_of_checkpoint(["double_blocks.0.img_attn.qkv.weight"]) is FLUX
     assert models.family_of_metadata("flux-2-klein-4b/lora") is FLUX2
     assert models.family_of_metadata("flux-1-dev/lora") is FLUX and models.family_of_metadata("flux1") is FLUX
+    assert models.family_of_metadata("someone/flux.2-klein-4b-ft") is FLUX2  # a hub id names it too
+
+
+def test_a_flux2_single_file_is_named_and_refused_in_one_line(tmp_path: Path) -> None:
+    """Recognised by its keys, not loaded yet (diffusers loads no FLUX.2 VAE from a single file): one line naming
+    `[model].base` and what to pass instead, before anything loads."""
+    from safetensors.torch import save_file
+
+    from lora_dpo.models.single_file import single_file_family
+
+    path = tmp_path / "flux-2-klein-4b.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1), "single_stream_modulation.lin.weight":
+               torch.zeros(1)}, str(path))
+    with pytest.raises(models.ModelError, match=r"^\[model\].base = .*: a FLUX.2 klein single file, which lora-dpo "
+                                                r"recognises but does not load yet; pass its diffusers folder or hub "
+                                                r"id \(black-forest-labs/FLUX.2-klein-4B\)$"):
+        single_file_family(path)
 
 
 def test_shipped_configs_build_the_real_klein_4b() -> None:

@@ -351,12 +351,15 @@ def test_an_online_recipe_prices_its_generation_beside_the_training() -> None:
 
 def test_generation_asks_the_family_and_counts_only_local_prompts() -> None:
     """FLUX dev's pipeline guides through an input of one pass; a prompt set on the hub is not downloaded to count
-    it: priced per 1,000 prompts, and said so. PickScore's CLIP ViT-H/14 stays on the card the whole run."""
+    it: priced per 1,000 prompts, and said so. PickScore's CLIP ViT-H/14 is on the card while a round scores; the
+    VAE decoding is the family's class (FLUX.2's batch-norm VAE)."""
     for family in models.FAMILIES:  # each family module says whether its pipeline doubles the batch
         assert isinstance(family.cfg_doubles_batch, bool) and family.denoiser_passes(1.0) == 1
         assert family.denoiser_passes(family.pipeline_guidance_scale()) == (2 if family.cfg_doubles_batch else 1)
     flux = _online(base="tiny-flux").generation
     assert flux.passes == 1 and flux.guidance_scale == 3.5
+    klein = _online(base="tiny-flux2").generation
+    assert klein.decode.flops > 0 and klein.passes == 2
     hub = _online(prompts="parti", heldout_prompts=None).generation
     assert (hub.counts.train, hub.counts.per_round, hub.counts.heldout) == (1000, 1000, 16)
     assert "per 1,000 training prompts" in hub.counts.note and "'parti'" in hub.counts.note

@@ -98,6 +98,9 @@ def single_file_family(path: Path) -> Family:
     if family is None:
         raise ModelError(f"[model].base = {str(path)!r}: no known base family ({', '.join(f.label for f in FAMILIES)}) "
                          f"has these keys ({found(keys)}); pass a diffusers folder instead")
+    if not family.single_file_loadable:
+        raise ModelError(f"[model].base = {str(path)!r}: a {family.label} single file, which lora-dpo recognises but "
+                         f"does not load yet; pass its diffusers folder or hub id ({family.hub_ids[0]})")
     return family
 
 

@@ -239,15 +239,15 @@ def measure_denoise(arch: Architecture, key: StepKey, images: int) -> InferenceM
 
 
 def measure_decode(arch: Architecture, resolution: int, images: int, vae_dtype: str) -> InferenceMeasure:
-    """The VAE decoding `images` latents at once (`evaluate.decode_latents`: a prompt's images together) on fake
-    tensors; cached."""
-    from diffusers import AutoencoderKL
+    """The VAE (the family's class) decoding `images` latents at once on fake tensors (the online trainer decodes
+    one image a call: `online.generate`); cached."""
+    import diffusers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cache_key = ("decode", arch.name, resolution, images, vae_dtype)
     if cache_key not in _INFERENCE:
         with torch.device("meta"):
-            vae = AutoencoderKL.from_config(arch.vae)
+            vae = getattr(diffusers, arch.family.vae_class).from_config(arch.vae)
         dtype = models.DTYPES[vae_dtype]
         vae = vae.to(dtype).requires_grad_(False).eval()
         size = resolution // arch.latent_factor

@@ -1,6 +1,6 @@
 """The `[online]` section: online (iterated, on-policy) Diffusion-DPO. Each round generates images with the adapter
-being trained (the base at round 0), scores them, pairs them and trains `steps_per_round` optimizer steps on those
-pairs; the reference stays the frozen base with the adapters off. `rounds = 0` (the default) is offline training
+being trained (the base itself in round 1), scores them, pairs them and trains `steps_per_round` optimizer steps on
+those pairs; the reference stays the frozen base with the adapters off. `rounds = 0` (the default) is offline training
 on `[data].source`.
 
 The round's images are drawn at `[data].resolution`, in the training precision, and trained on as the latents the

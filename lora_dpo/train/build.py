@@ -162,7 +162,7 @@ def _finish_setup(run: Run, resuming: Resume | None, start_pairs: int, prompts: 
         log.info("[sample].every: no [sample].prompts, so no training grids; each online round draws its own "
                  "(rounds/round-NNN/grid.png)")
     elif recipe.sample.every and accelerator.is_main_process:
-        # grids from the UNet being trained, no copy (an online run without [sample].prompts: its rounds' grids)
+        # grids from the UNet being trained, no copy
         prompts = list(recipe.sample.prompts) or samples.default_sample_prompts(prompts)
         run.sampler = samples.TrainingSampler(run.base, step.unwrap(run.unet), recipe, prompts,
                                               run.run_dir / "samples")

@@ -12,7 +12,6 @@ complete once `round.json` is written; a round measured once is not measured aga
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from pathlib import Path
@@ -56,9 +55,7 @@ def fit_rounds(run: Run, prompts: online.Prompts) -> dict[str, Any]:
     images with the checkpoint's adapter); returns the last `fit`'s summary with every round's record."""
     recipe, cfg = run.recipe, run.recipe.online
     pipe = pipeline_from_parts(run.base, unwrap(run.unet), recipe.model.revision)
-    guidance = cfg.guidance_scale
-    if guidance is None:
-        guidance = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+    guidance = run.base.family.pipeline_guidance_scale() if cfg.guidance_scale is None else cfg.guidance_scale
     settings = dict(steps=cfg.steps, guidance_scale=float(guidance), resolution=recipe.data.resolution)
     per_step = recipe.train.batch_size * recipe.train.gradient_accumulation * run.accelerator.num_processes
     started, first = time.perf_counter(), run.start_step // cfg.steps_per_round

@@ -71,6 +71,7 @@ class Family(ABC):
     def owns_denoiser(self, config: Mapping[str, Any]) -> bool:
         """This family's denoiser, from its config alone (`unet/config.json` or `transformer/config.json`)."""
 
+    single_file_loadable: bool = True  # its original-layout files load (False: recognised, refused in one line)
     checkpoint_markers: tuple[str, ...] = ()  # key prefixes of its original-layout single files (`owns_checkpoint`)
     original_text_prefixes: tuple[str, ...] = ()  # each text encoder's key prefix in its original-layout files
     metadata_markers: tuple[str, ...] = ()  # what its adapters' `modelspec.architecture` / `ss_base_model_version` hold

@@ -77,6 +77,9 @@ class Flux2Family(FlowFamily):
     # do_classifier_free_guidance: guidance_scale > 1 and not is_distilled (a step-distilled klein runs one pass;
     # the plan, which reads no model_index.json, prices two)
     cfg_doubles_batch = True
+    # BFL's files are recognised (`checkpoint_markers`) but not loaded: diffusers 0.42.1 loads no AutoencoderKLFlux2
+    # from a single file, and its original layout's model_index (is_distilled) is not in the file
+    single_file_loadable = False
     denoiser_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
     pipeline_config_keys = ("is_distilled",)  # klein-4B: step-distilled, sampled without CFG; klein-base-4B: not
@@ -84,7 +87,8 @@ class Flux2Family(FlowFamily):
     # BFL's FLUX.2 files: the shared modulation FLUX.1 has not (its double blocks would match FLUX.1's markers too),
     # the key diffusers tells FLUX.2 files by (0.42.1 loaders/single_file_utils.py L152, CHECKPOINT_KEY_NAMES)
     checkpoint_markers = ("single_stream_modulation.lin.", "model.diffusion_model.single_stream_modulation.lin.")
-    metadata_markers = ("flux-2", "flux2")  # modelspec.architecture, ss_base_model_version
+    # modelspec.architecture, ss_base_model_version, and hub ids (`FLUX.2-klein-...`)
+    metadata_markers = ("flux-2", "flux2", "flux.2")
     text_parts = (TextPart("tokenizer", "text_encoder", "Qwen3ForCausalLM", "Qwen2TokenizerFast"),)
     default_resolution = 1024
     max_sequence_length = 512  # Qwen3 tokens (Flux2KleinPipeline.encode_prompt's default)

@@ -1,5 +1,5 @@
-"""Shared tiny fixtures: tiny SDXL-, SD 1.5-, SD3- and FLUX-architecture bases with random weights and a generated
-preference set. Everything is built offline; nothing touches a hub."""
+"""Shared tiny fixtures: tiny SDXL-, SD 1.5-, SD3-, FLUX.1- and FLUX.2-architecture bases with random weights and a
+generated preference set. Everything is built offline; nothing touches a hub."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ for noisy in ("bitsandbytes", "kernels"):  # as the CLI's _quiet_imports: CPU-on
 
 # The files that take minutes, in the order `make test`'s two pytest-xdist workers should start them: the demo
 # (600 steps of the shipped tiny base, cut to 50) on one worker, the subprocess-heavy ones on the other.
-SLOW_FILES = ("test_demo.py", "test_shipped_recipes.py", "test_distributed.py")
+SLOW_FILES = ("test_demo.py", "test_shipped_recipes.py", "test_distributed.py", "test_train_flow.py", "test_online.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

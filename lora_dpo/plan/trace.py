@@ -170,28 +170,35 @@ class EncodeMeasure:
 _ENCODES: dict[tuple, EncodeMeasure] = {}
 
 
-def measure_encode(arch: Architecture, resolution: int, batch_size: int, vae_dtype: str) -> EncodeMeasure:
-    """`models.encode_images` of a batch's 2B images on fake tensors: what an uncached step adds (the family's VAE
-    class and latent scaling)."""
+def _fake_vae(arch: Architecture, vae_dtype: str, phase: str) -> tuple[Any, Any, StepProbe, int]:
+    """The family's VAE (its class) frozen in `vae_dtype`, built on the meta device and given fake weights: (the
+    `FakeTensorMode` to trace in, the VAE, a probe of `phase` tracking its weights, their bytes)."""
     import diffusers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    with torch.device("meta"):
+        vae = getattr(diffusers, arch.family.vae_class).from_config(arch.vae)
+    vae = vae.to(models.DTYPES[vae_dtype]).requires_grad_(False).eval()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        vae._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
+        probe = StepProbe(phase=phase)
+        for param in vae.parameters():
+            probe.track(param)
+    return mode, vae, probe, probe.live
+
+
+def measure_encode(arch: Architecture, resolution: int, batch_size: int, vae_dtype: str) -> EncodeMeasure:
+    """`models.encode_images` of a batch's 2B images on fake tensors: what an uncached step adds (the family's VAE
+    class and latent scaling)."""
     cache_key = (arch.name, resolution, batch_size, vae_dtype)
     if cache_key not in _ENCODES:
-        family = arch.family
-        with torch.device("meta"):
-            vae = getattr(diffusers, family.vae_class).from_config(arch.vae)
-        vae = vae.to(models.DTYPES[vae_dtype]).requires_grad_(False).eval()
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            vae._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
-            probe = StepProbe(phase="encode")
-            for param in vae.parameters():
-                probe.track(param)
-            weights = probe.live
+        mode, vae, probe, weights = _fake_vae(arch, vae_dtype, "encode")
+        with mode:
             pixels = torch.empty(2 * batch_size, 3, resolution, resolution)
             probe.track(pixels)
             with probe, _uncached():
-                models.encode_images(vae, pixels, family)
+                models.encode_images(vae, pixels, arch.family)
         _ENCODES[cache_key] = EncodeMeasure(sum(probe.flops.values()), weights, probe.peak - weights)
     return _ENCODES[cache_key]
 
@@ -241,23 +248,12 @@ def measure_denoise(arch: Architecture, key: StepKey, images: int) -> InferenceM
 def measure_decode(arch: Architecture, resolution: int, images: int, vae_dtype: str) -> InferenceMeasure:
     """The VAE (the family's class) decoding `images` latents at once on fake tensors (the online trainer decodes
     one image a call: `online.generate`); cached."""
-    import diffusers
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     cache_key = ("decode", arch.name, resolution, images, vae_dtype)
     if cache_key not in _INFERENCE:
-        with torch.device("meta"):
-            vae = getattr(diffusers, arch.family.vae_class).from_config(arch.vae)
-        dtype = models.DTYPES[vae_dtype]
-        vae = vae.to(dtype).requires_grad_(False).eval()
         size = resolution // arch.latent_factor
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            vae._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
-            probe = StepProbe(phase="decode")
-            for param in vae.parameters():
-                probe.track(param)
-            weights = probe.live
-            latents = torch.empty(images, arch.vae["latent_channels"], size, size, dtype=dtype)
+        mode, vae, probe, weights = _fake_vae(arch, vae_dtype, "decode")
+        with mode:
+            latents = torch.empty(images, arch.vae["latent_channels"], size, size, dtype=models.DTYPES[vae_dtype])
             probe.track(latents)
             with probe, _uncached(), torch.no_grad():
                 vae.decode(latents)

@@ -1,5 +1,6 @@
-"""Test helpers for the flow families' adapter files: a re-implementation of the key maps ComfyUI builds for their
-models (ComfyUI itself cannot be installed here).
+"""Test helpers for the flow families: one DPO step with a fresh adapter (`fresh_adapter_dpo_step`), and for their
+adapter files a re-implementation of the key maps ComfyUI builds for their models (ComfyUI itself cannot be
+installed here).
 
 ComfyUI (github.com/comfyanonymous/ComfyUI, read at 41444b5 and the index's later copies of the same files):
 - comfy/lora.py `model_lora_keys_unet`: for every `diffusion_model.<k>.weight` of the model's state dict, the key
@@ -25,8 +26,11 @@ ComfyUI (github.com/comfyanonymous/ComfyUI, read at 41444b5 and the index's late
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from lora_dpo.models.families import sd3
@@ -41,6 +45,45 @@ FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.pr
                "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
 FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+
+
+def fresh_adapter_dpo_step(family: Any, pipe: Any, base_dir: Path, prompt: str) -> set[str]:
+    """The family's pieces in the order the step runs them, on a pair with the same sigma and noise for both images,
+    with a fresh adapter (lora_B = 0, the family's targets) on `pipe`'s transformer: the policy ties the reference
+    (adapters off), so the loss is ln 2 exactly (asserted); returns the parameters the backward reached."""
+    from peft import LoraConfig
+
+    from lora_dpo.objectives import diffusion_dpo_loss
+
+    cpu = torch.device("cpu")
+    tokenizers, encoders = family.load_text_parts(str(base_dir))
+    with torch.no_grad():
+        embeds, pooled = family.encode_prompts(tokenizers, encoders, [prompt], cpu)
+    transformer = pipe.transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_target_modules)))
+    schedule = family.training_scheduler(pipe.scheduler.config, {})
+    generator = torch.Generator().manual_seed(0)
+    channels = family.latent_channels(transformer.config)
+    latents = torch.randn(2, channels, 8, 8, generator=generator)  # winner, loser
+    noise = torch.randn(1, channels, 8, 8, generator=generator).repeat(2, 1, 1, 1)
+    timesteps = family.sample_timesteps(schedule, 1, generator).repeat(2)
+    noisy = family.add_noise(schedule, latents, noise, timesteps)
+    target = family.target(schedule, latents, noise, timesteps)
+    pooled = None if pooled is None else pooled.repeat(2, 1)
+
+    def errors() -> torch.Tensor:
+        prediction = family.denoise(transformer, noisy, timesteps, embeds.repeat(2, 1, 1), pooled, None)
+        return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+    transformer.disable_adapters()
+    with torch.no_grad():
+        ref_w, ref_l = errors()
+    transformer.enable_adapters()
+    model_w, model_l = errors()
+    loss = diffusion_dpo_loss(model_w[None], model_l[None], ref_w[None], ref_l[None], beta=5000.0).mean()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss.backward()
+    return {n for n, p in transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
 def _qkv(prefix: str, fused: str, names: tuple[str, ...], hidden: int) -> dict[str, Target]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flow_helpers import fresh_adapter_dpo_step
 
 from lora_dpo.models.families import flow
 from lora_dpo.models.families.flux import FAMILY as FLUX
@@ -279,38 +280,9 @@ def test_dpo_loss_on_velocity_errors_by_hand() -> None:
 
 @pytest.mark.parametrize("name", BUILDERS)
 def test_one_dpo_step_with_a_fresh_adapter(name: str, tiny_dirs: dict[str, Path]) -> None:
-    """The family's pieces in the order the step runs them, on a pair with the same sigma and noise for both images:
-    a fresh adapter (lora_B = 0) ties the policy with the reference (adapters off), loss ln 2 exactly; gradients
-    reach only the adapter."""
-    from peft import LoraConfig
-
-    family, pipe = BUILDERS[name][0], _load(name, tiny_dirs)
-    tokenizers, encoders = family.load_text_parts(str(tiny_dirs[name]))
-    with torch.no_grad():
-        embeds, pooled = family.encode_prompts(tokenizers, encoders, PROMPTS[:1], CPU)
-    transformer = pipe.transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_target_modules)))
-    schedule = family.training_scheduler(pipe.scheduler.config, {})
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 16, 8, 8, generator=generator)  # winner, loser
-    noise = torch.randn(1, 16, 8, 8, generator=generator).repeat(2, 1, 1, 1)
-    timesteps = family.sample_timesteps(schedule, 1, generator).repeat(2)
-    noisy = family.add_noise(schedule, latents, noise, timesteps)
-    target = family.target(schedule, latents, noise, timesteps)
-
-    def errors() -> torch.Tensor:
-        prediction = family.denoise(transformer, noisy, timesteps, embeds.repeat(2, 1, 1), pooled.repeat(2, 1), None)
-        return (prediction - target).pow(2).mean(dim=(1, 2, 3))
-
-    transformer.disable_adapters()
-    with torch.no_grad():
-        ref_w, ref_l = errors()
-    transformer.enable_adapters()
-    model_w, model_l = errors()
-    loss = diffusion_dpo_loss(model_w[None], model_l[None], ref_w[None], ref_l[None], beta=5000.0).mean()
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    loss.backward()
-    trained = {n for n, p in transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    """A fresh adapter (lora_B = 0) ties the policy with the reference (adapters off), loss ln 2 exactly, on a pair
+    with the same sigma and noise for both images (`fresh_adapter_dpo_step`); gradients reach only the adapter."""
+    trained = fresh_adapter_dpo_step(BUILDERS[name][0], _load(name, tiny_dirs), tiny_dirs[name], PROMPTS[0])
     assert trained and all("lora_" in n for n in trained)
 
 

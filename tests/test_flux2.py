@@ -6,20 +6,19 @@ loads in a fresh stock pipeline and changes its image; a kohya export is refused
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from flow_helpers import fresh_adapter_dpo_step
 
 from lora_dpo import models
 from lora_dpo.models.families.flux import FAMILY as FLUX
 from lora_dpo.models.families.flux2 import FAMILY as FLUX2
 from lora_dpo.models.families.flux2 import latent_ids, text_ids
 from lora_dpo.models.families.sd3 import FAMILY as SD3
-from lora_dpo.objectives import diffusion_dpo_loss
 
 CPU = torch.device("cpu")
 PROMPTS = ["a red circle on blue background", "a photo of a green square"]
@@ -179,36 +178,9 @@ def test_training_sigmas_are_the_klein_examples(tiny_flux2_base_dir: Path) -> No
 
 
 def test_one_dpo_step_with_a_fresh_adapter(tiny_flux2_base_dir: Path) -> None:
-    """A fresh adapter (lora_B = 0) ties policy and reference: loss ln 2; gradients reach only the adapter."""
-    from peft import LoraConfig
-
-    pipe = _load(tiny_flux2_base_dir)
-    tokenizers, encoders = FLUX2.load_text_parts(str(tiny_flux2_base_dir))
-    with torch.no_grad():
-        embeds, _ = FLUX2.encode_prompts(tokenizers, encoders, PROMPTS[:1], CPU)
-    transformer = pipe.transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(FLUX2.default_target_modules)))
-    schedule = FLUX2.training_scheduler(pipe.scheduler.config, {})
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 32, 8, 8, generator=generator)
-    noise = torch.randn(1, 32, 8, 8, generator=generator).repeat(2, 1, 1, 1)
-    timesteps = FLUX2.sample_timesteps(schedule, 1, generator).repeat(2)
-    noisy = FLUX2.add_noise(schedule, latents, noise, timesteps)
-    target = FLUX2.target(schedule, latents, noise, timesteps)
-
-    def errors() -> torch.Tensor:
-        prediction = FLUX2.denoise(transformer, noisy, timesteps, embeds.repeat(2, 1, 1), None, None)
-        return (prediction - target).pow(2).mean(dim=(1, 2, 3))
-
-    transformer.disable_adapters()
-    with torch.no_grad():
-        ref_w, ref_l = errors()
-    transformer.enable_adapters()
-    model_w, model_l = errors()
-    loss = diffusion_dpo_loss(model_w[None], model_l[None], ref_w[None], ref_l[None], beta=5000.0).mean()
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    loss.backward()
-    trained = {n for n, p in transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    """A fresh adapter (lora_B = 0) ties policy and reference: loss ln 2 (`fresh_adapter_dpo_step`); gradients
+    reach only the adapter, its fused and single-block targets among them."""
+    trained = fresh_adapter_dpo_step(FLUX2, _load(tiny_flux2_base_dir), tiny_flux2_base_dir, PROMPTS[0])
     assert trained and all("lora_" in n for n in trained)
     assert any("to_qkv_mlp_proj" in n for n in trained) and any("single_transformer_blocks.0.attn.to_out" in n
                                                                  for n in trained)

@@ -35,6 +35,24 @@ def _generate(pipe: Any, output_type: str = "np", **kwargs: Any) -> Any:
                 generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
+def _random_adapter_file(transformer: Any, folder: Path, std: float = 0.5) -> dict[str, torch.Tensor]:
+    """A LoRA on the family's targets with random B (std `std`, seed 0), written by the stock writer into `folder`;
+    returns its state (peft names)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=list(FLUX2.default_target_modules)))
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+    state = get_peft_model_state_dict(transformer)
+    FLUX2.lora_writer().save_lora_weights(folder, transformer_lora_layers=state)
+    return state
+
+
 def _tokens_to_latents(tokens: torch.Tensor) -> torch.Tensor:
     """The pipeline's packed (B, 16, 128) tokens of a 64 px image -> our (B, 32, 8, 8) latents."""
     from diffusers import Flux2KleinPipeline
@@ -188,7 +206,6 @@ def test_one_dpo_step_with_a_fresh_adapter(tiny_flux2_base_dir: Path) -> None:
 
 def test_lora_file_loads_in_a_fresh_stock_pipeline_and_kohya_is_refused(tiny_flux2_base_dir: Path,
                                                                        tmp_path: Path) -> None:
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from lora_dpo import export
@@ -196,15 +213,7 @@ def test_lora_file_loads_in_a_fresh_stock_pipeline_and_kohya_is_refused(tiny_flu
     pipe = _load(tiny_flux2_base_dir)
     base_images = _generate(pipe)
     transformer = pipe.transformer
-    torch.manual_seed(0)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=list(FLUX2.default_target_modules)))
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)
-    state = get_peft_model_state_dict(transformer)
-    FLUX2.lora_writer().save_lora_weights(tmp_path, transformer_lora_layers=state)
+    state = _random_adapter_file(transformer, tmp_path)
 
     fresh = _load(tiny_flux2_base_dir)
     fresh.load_lora_weights(tmp_path)
@@ -225,22 +234,13 @@ def test_card_push_folder_export_merge_and_inspect(tiny_flux2_base_dir: Path, tm
     """A run folder of a klein adapter (the stock writer's file, lora-dpo's header): inspect names the family,
     `export --format diffusers` keeps `transformer.` keys, the card and the push folder carry the diffusers file
     alone (no kohya layout: said on the card), merge equals base + adapter and refuses a single file."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from lora_dpo import card, export, publish
 
     pipe = _load(tiny_flux2_base_dir)
-    torch.manual_seed(0)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                            target_modules=list(FLUX2.default_target_modules)))
-    with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.3)
     folder = tmp_path / "run"
-    FLUX2.lora_writer().save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    _random_adapter_file(pipe.transformer, folder, std=0.3)
     tensors, meta = export.read_file(folder / export.ADAPTER_FILE)
     meta |= {"lora_dpo.base_model": str(tiny_flux2_base_dir), "modelspec.architecture": "flux-2-klein-4b/lora"}
     save_file(tensors, str(folder / export.ADAPTER_FILE), metadata=meta)
@@ -270,21 +270,11 @@ def test_card_push_folder_export_merge_and_inspect(tiny_flux2_base_dir: Path, tm
 def test_eval_generation_with_the_klein_pipeline(tiny_flux2_base_dir: Path, tmp_path: Path) -> None:
     """`evaluate.open_generation` on the klein base: its pipeline, its own default guidance (4.0), the adapter on
     and off (the prompt goes by keyword: the klein pipeline takes an image first)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from lora_dpo import evaluate
     from lora_dpo.evaluate.generation import _use_scale
 
-    transformer = _load(tiny_flux2_base_dir).transformer
-    torch.manual_seed(0)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=list(FLUX2.default_target_modules)))
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)
-    FLUX2.lora_writer().save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    _random_adapter_file(_load(tiny_flux2_base_dir).transformer, tmp_path)
     pipe, gen = evaluate.open_generation(str(tiny_flux2_base_dir), tmp_path / "pytorch_lora_weights.safetensors",
                                          steps=2, guidance_scale=None, resolution=64, precision="no")
     assert type(pipe).__name__ == "Flux2KleinPipeline" and gen.guidance_scale == 4.0

@@ -122,7 +122,7 @@ def _generate(prompts: Sequence[str], seeds: Sequence[int], base: str, adapter: 
 
 
 def score_folder(prompts: Sequence[str], seeds: Sequence[int], variant: str, folder: Path,
-           scorers: Sequence[tuple[Scorer, float]]) -> torch.Tensor:
+                 scorers: Sequence[tuple[Scorer, float]]) -> torch.Tensor:
     """scores [K, P, N]: every scorer on every image, read a chunk at a time."""
     keys = [(index, seed) for index in range(len(prompts)) for seed in seeds]
     out = torch.empty(len(scorers), len(keys), dtype=torch.float64)
